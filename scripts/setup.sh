@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with pinned versions (CPU torch). Idempotent; ~1 min on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# Every pip call takes the constraints: a bare `torch` would pull a CUDA build and GBs of nvidia wheels.
+.venv/bin/pip install -q -c constraints.txt --upgrade pip >/dev/null
+.venv/bin/pip install -q -c constraints.txt -e ".[dev,train]"

@@ -1,0 +1,36 @@
+"""Shared fixtures: one tiny random model suite per test session, built in the real file layouts."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports huggingface_hub: no network, ever (a miss would otherwise retry the hub for ~20 s).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from ltu_as import load_model
+from ltu_as.testing import TinyModels, build_tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    return build_tiny_models(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny: TinyModels):
+    torch.manual_seed(0)
+    return load_model(tiny.checkpoint, whisper=tiny.whisper, llm=tiny.llm, device="cpu", dtype="fp32", progress=False)
+
+
+@pytest.fixture()
+def clip() -> torch.Tensor:
+    """6 s of a 440 Hz tone with a noise burst, 16 kHz float32."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.arange(6 * 16000) / 16000
+    x = 0.3 * torch.sin(2 * torch.pi * 440 * t) + 0.02 * torch.randn(t.shape, generator=g)
+    x[32000:40000] += 0.3 * torch.randn(8000, generator=g)
+    return x.float()

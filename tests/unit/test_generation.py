@@ -1,0 +1,125 @@
+"""Generation: cached == uncached, alone == in a left-padded batch, == transformers' own generate, EOS, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ltu_as import GenerationOptions
+
+GREEDY = GenerationOptions(max_new_tokens=24).greedy()
+QUESTIONS = [("What sound is this?", "hello there"), ("Is the dog barking?", ""),
+             ("Describe the sound scene in detail, please.", "we need to check the kitchen router now")]
+
+
+@pytest.fixture()
+def batch(loaded, clip):
+    p = loaded.processor
+    mels = torch.stack([p.mel(clip), p.mel(clip[:16000 * 3]), p.mel(clip.flip(0))])
+    feats = loaded.model.audio_features(mels)
+    prompts = [p.encode(q, t) for q, t in QUESTIONS]
+    assert len({len(x) for x in prompts}) == 3  # different lengths, so the batch really is padded
+    return feats, prompts
+
+
+def test_cache_and_no_cache_give_same_greedy_tokens(loaded, batch) -> None:
+    feats, prompts = batch
+    for i in range(3):
+        cached = loaded.model.generate(feats[i:i + 1], [prompts[i]], GREEDY)
+        uncached = loaded.model.generate(feats[i:i + 1], [prompts[i]], GREEDY.replace(use_cache=False))
+        assert cached == uncached and len(cached[0]) == 24
+
+
+def test_alone_and_in_left_padded_batch_give_same_greedy_tokens(loaded, batch) -> None:
+    feats, prompts = batch
+    batched = loaded.model.generate(feats, prompts, GREEDY)
+    alone = [loaded.model.generate(feats[i:i + 1], [prompts[i]], GREEDY)[0] for i in range(3)]
+    assert batched == alone
+    assert len({tuple(x) for x in alone}) == 3  # the three requests really differ
+
+
+def test_reference_mask_layout_breaks_padded_batches(loaded, batch) -> None:
+    """The reference appends the audio mask after the text mask; with padding that masks the wrong positions."""
+    model = loaded.model
+    feats, prompts = batch
+    embeds, mask, pos = model.assemble(model.audio_embeddings(feats), prompts)
+    t = model.config.n_audio_tokens
+    text_mask = mask[:, t:].clone()
+    # Reference: [text mask of the padded text][ones for audio] while the embeddings are [audio][text].
+    ref_mask = torch.cat([text_mask, torch.ones_like(mask[:, :t])], dim=1)
+    with torch.no_grad():
+        ours = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, -1]
+        ref = model.llm(inputs_embeds=embeds, attention_mask=ref_mask).logits[:, -1]
+        alone = model.llm(inputs_embeds=embeds[2:3, -(t + len(prompts[2])):]).logits[:, -1]
+    assert mask[0, 0] == 0 and mask[2].all()  # row 2 is the longest: unpadded
+    torch.testing.assert_close(ours[2:3], alone, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours[0], ref[0], atol=1e-3)  # padded row: the reference layout differs
+
+
+def test_matches_transformers_generate(loaded, batch) -> None:
+    """Independent decoder: transformers' own greedy `generate` over the same inputs_embeds."""
+    feats, prompts = batch
+    model = loaded.model
+    opts = GREEDY.replace(repetition_penalty=1.0)  # HF generate cannot see the text ids when given embeds only
+    embeds, mask, _ = model.assemble(model.audio_embeddings(feats), prompts)
+    with torch.no_grad():
+        hf = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                                eos_token_id=2, pad_token_id=0, min_new_tokens=24)
+    ours = model.generate(feats, prompts, opts.replace(max_new_tokens=24))
+    assert [row[: len(ours[i])] for i, row in enumerate(hf.tolist())] == ours
+
+
+def test_stops_on_eos(loaded, batch) -> None:
+    feats, prompts = batch
+    free = loaded.model.generate(feats[:1], prompts[:1], GREEDY)[0]
+    assert loaded.model.generate(feats[:1], prompts[:1], GREEDY, eos_token_id=free[0]) == [[]]
+    stop_at = next(i for i, tok in enumerate(free) if tok not in free[:i] and i >= 2)
+    assert loaded.model.generate(feats[:1], prompts[:1], GREEDY, eos_token_id=free[stop_at]) == [free[:stop_at]]
+
+
+def test_sampling_is_seeded_and_options_validated(loaded, batch) -> None:
+    feats, prompts = batch
+    opts = GenerationOptions(max_new_tokens=16, temperature=1.5, top_k=50, top_p=0.99, seed=7)
+    a = loaded.model.generate(feats[:1], prompts[:1], opts)
+    assert a == loaded.model.generate(feats[:1], prompts[:1], opts)
+    assert a != loaded.model.generate(feats[:1], prompts[:1], opts.replace(seed=8))
+    for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"max_new_tokens": 0}, {"repetition_penalty": 0}):
+        with pytest.raises(ValueError):
+            GenerationOptions(**bad)
+
+
+def test_stream_yields_the_generated_tokens_step_by_step(loaded, batch) -> None:
+    feats, prompts = batch
+    steps = list(loaded.model.stream(feats, prompts, GREEDY))
+    per_row = [[s[i] for s in steps if s[i] is not None] for i in range(3)]
+    assert per_row == loaded.model.generate(feats, prompts, GREEDY)
+    assert all(len(s) == 3 for s in steps)
+
+
+def test_text_stream_never_splits_a_character(loaded) -> None:
+    p = loaded.processor
+    text = "A dog barks ☕ near the café."  # byte-fallback tokens for the non-ASCII characters
+    ids = p.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = list(p.stream_text(ids))
+    assert len(pieces) > 5 and "".join(pieces) == text.strip() == p.decode(ids)
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_closing_the_stream_stops_decoding(loaded, batch) -> None:
+    feats, prompts = batch
+    calls = 0
+    original = loaded.model.llm.forward
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    loaded.model.llm.forward = counting
+    try:
+        stream = loaded.model.stream(feats[:1], prompts[:1], GREEDY)
+        next(stream), next(stream)
+        stream.close()
+    finally:
+        del loaded.model.llm.forward
+    assert calls == 2
