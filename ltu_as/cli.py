@@ -33,6 +33,8 @@ def _ask_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--llm", help="LLM: HF folder, hub id or authors:vicuna_ltuas (the default)")
     m.add_argument("--asr-model", default=None, help="faster-whisper model: size name, hub id or CT2 folder "
                                                      "(default large-v2)")
+    m.add_argument("--asr-beam-size", type=int, default=5)
+    m.add_argument("--asr-max-new-tokens", type=int, default=None, help="cap on transcript tokens per segment")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
     g = p.add_argument_group("generation (defaults: the reference demo)")
@@ -63,7 +65,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     from .generation import GenerationOptions
     from .loading import load_model
     from .pipeline import ask_stream
-    from .transcribe import DEFAULT_ASR_MODEL, load_asr, transcribe
+    from .transcribe import DEFAULT_ASR_MODEL, AsrOptions, load_asr, transcribe
 
     try:
         options = GenerationOptions(
@@ -90,7 +92,8 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         transcript = args.transcript
     else:
         asr = load_asr(args.asr_model or DEFAULT_ASR_MODEL, device="cpu" if args.device == "cpu" else "auto")
-        transcript = transcribe(asr, audio)
+        transcript = transcribe(asr, audio, AsrOptions(beam_size=args.asr_beam_size,
+                                                       max_new_tokens=args.asr_max_new_tokens))
         log.info("transcript: %r", transcript)
     loaded = load_model(args.checkpoint, whisper=args.whisper, llm=args.llm, device=args.device, dtype=args.dtype)
     for piece in ask_stream(loaded, audio, args.question, transcript, options):
