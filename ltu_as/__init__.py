@@ -12,6 +12,7 @@ from .generation import GenerationOptions
 from .loading import LoadedModel, load_components, load_model
 from .model import LtuAsForConditionalGeneration
 from .processor import LtuAsProcessor
+from . import testing  # tiny random models, public as ltu_as.testing
 
 __all__ = [
     "CheckpointError",
@@ -28,5 +29,6 @@ __all__ = [
     "load_official_checkpoint",
     "official_state_dict",
     "save_official_checkpoint",
+    "testing",
     "trainable_parameter_counts",
 ]

@@ -112,5 +112,6 @@ def load_model(
         path = resolve(ckpt, "LTU-AS checkpoint", progress=progress)
         counts = load_official_checkpoint(model, path)
         log.info("loaded %d tensors (%d parameters) from %s", counts["tensors"], counts["parameters"], path)
-    processor = LtuAsProcessor.from_pretrained(resolve(model.config.llm_source, "LLM", progress=False), model.config)
+    # The LLM folder was resolved while loading; transformers records it as the model's name_or_path.
+    processor = LtuAsProcessor.from_pretrained(model.llm.name_or_path, model.config)
     return LoadedModel(model, processor)

@@ -210,7 +210,7 @@ class LtuAsForConditionalGeneration(nn.Module):
         """Generate for a batch: `features` `[B, L, T, D]`, B prompts → B lists of new token ids (EOS excluded)."""
         out: list[list[int]] = [[] for _ in input_ids]
         for step in self.stream(features, input_ids, options, eos_token_id):
-            for row, tok in zip(out, step):
+            for row, tok in zip(out, step, strict=True):
                 if tok is not None:
                     row.append(tok)
         return out
