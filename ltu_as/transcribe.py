@@ -48,12 +48,14 @@ def is_hallucination(text: str) -> bool:
     return norm in HALLUCINATIONS
 
 
-def load_asr(model: str | Path = DEFAULT_ASR_MODEL, device: str = "auto", compute_type: str = "default"):  # type: ignore[no-untyped-def]
-    """A `faster_whisper.WhisperModel` from a size name (`large-v2`), hub id or CTranslate2 folder."""
+def load_asr(model: str | Path = DEFAULT_ASR_MODEL, device: str = "auto", compute_type: str = "default",  # type: ignore[no-untyped-def]
+             cpu_threads: int = 0):
+    """A `faster_whisper.WhisperModel` from a size name (`large-v2`), hub id or CTranslate2 folder.
+    `cpu_threads` 0 lets CTranslate2 choose."""
     from faster_whisper import WhisperModel
 
     try:
-        return WhisperModel(str(model), device=device, compute_type=compute_type)
+        return WhisperModel(str(model), device=device, compute_type=compute_type, cpu_threads=cpu_threads)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelNotFoundError(
             f"cannot load the ASR model {model!r}: {e}. Give a CTranslate2 Whisper folder, or run once online "
@@ -61,8 +63,22 @@ def load_asr(model: str | Path = DEFAULT_ASR_MODEL, device: str = "auto", comput
         ) from e
 
 
+@dataclass(frozen=True)
+class Transcript:
+    """What `transcribe_detailed` kept: `text`, and how many segments were kept or dropped by the defences."""
+
+    text: str
+    kept: int
+    dropped: int
+
+
 def transcribe(asr, audio: np.ndarray, options: AsrOptions | None = None) -> str:  # type: ignore[no-untyped-def]
     """Transcribe one clip (`[samples]` float32 at 16 kHz) to a single line of text."""
+    return transcribe_detailed(asr, audio, options).text
+
+
+def transcribe_detailed(asr, audio: np.ndarray, options: AsrOptions | None = None) -> Transcript:  # type: ignore[no-untyped-def]
+    """`transcribe`, also saying how many segments the hallucination defences dropped."""
     o = options or AsrOptions()
     language = o.language if asr.model.is_multilingual else None
     segments, _info = asr.transcribe(
@@ -77,12 +93,16 @@ def transcribe(asr, audio: np.ndarray, options: AsrOptions | None = None) -> str
         without_timestamps=True,
         max_new_tokens=o.max_new_tokens,
     )
-    kept = []
+    kept: list[str] = []
+    dropped = 0
     for seg in segments:
         text = seg.text.strip()
-        if not text or is_hallucination(text):
+        if not text:
             continue
-        if seg.no_speech_prob > o.no_speech_threshold and seg.avg_logprob < o.logprob_threshold:
+        # faster-whisper keeps its best attempt even when every temperature failed the compression test.
+        if (is_hallucination(text) or seg.compression_ratio > o.compression_ratio_threshold
+                or (seg.no_speech_prob > o.no_speech_threshold and seg.avg_logprob < o.logprob_threshold)):
+            dropped += 1
             continue
         kept.append(text)
-    return " ".join(kept)
+    return Transcript(" ".join(kept), len(kept), dropped)

@@ -34,3 +34,23 @@ def clip() -> torch.Tensor:
     x = 0.3 * torch.sin(2 * torch.pi * 440 * t) + 0.02 * torch.randn(t.shape, generator=g)
     x[32000:40000] += 0.3 * torch.randn(8000, generator=g)
     return x.float()
+
+
+ASSET = __import__("pathlib").Path(__file__).resolve().parents[1] / "daemon" / "assets" / "demo_speech.ogg"
+
+# Where speech is in the demo asset (s): espeak-ng sentences laid out by sox; a 880 Hz tone at 6.0-7.5 and a
+# noise burst at 14.1-15.1 sit between them (see tests/unit/test_vad.py for the energy-based check of these).
+ASSET_SPEECH = [(1.5, 4.0), (9.0, 12.14), (16.64, 19.32)]
+
+
+@pytest.fixture(scope="session")
+def speech():
+    """The demo asset decoded to [n] float32 at 16 kHz (PyAV, independent of the daemon's file source)."""
+    import av
+    import numpy as np
+
+    with av.open(str(ASSET)) as c:
+        r = av.AudioResampler(format="flt", layout="mono", rate=16000)
+        parts = [o.to_ndarray().reshape(-1) for f in c.decode(audio=0) for o in r.resample(f)]
+        parts += [o.to_ndarray().reshape(-1) for o in r.resample(None)]
+    return np.concatenate(parts).astype(np.float32)

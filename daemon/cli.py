@@ -1,0 +1,187 @@
+"""`ltu-daemon`: run the service and inspect its setup.
+
+    ltu-daemon start [--config F] [--demo] [--set key=value ...]
+    ltu-daemon devices             # audio input devices (for `device = ...` in a mic stream)
+    ltu-daemon check [--config F]  # config and model availability, with what to do about each problem
+    ltu-daemon schema              # the protocol's JSON schema
+
+Exit status: 0 done (including a SIGTERM/SIGINT shutdown), 1 `check` found problems, 2 bad configuration,
+3 a model could not be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .config import ConfigError, DaemonConfig, FileStream, MicStream, demo_config_path, load_config
+
+log = logging.getLogger("daemon.cli")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML file (default: built-in defaults; see config/default.toml)")
+    p.add_argument("--demo", action="store_true",
+                   help="the demo profile (config/demo.toml): tiny random models, a file source, no weights needed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set server.port=9000 (repeatable; TOML literal values)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltu-daemon", description="real-time audio understanding daemon")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (overrides log.level)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _config_args(sub.add_parser("start", help="run the daemon until SIGTERM/SIGINT"))
+    sub.add_parser("devices", help="list audio input devices")
+    _config_args(sub.add_parser("check", help="check the configuration and model availability"))
+    sub.add_parser("schema", help="print the websocket protocol's JSON schema")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> DaemonConfig:
+    path = args.config
+    overrides = list(args.set)
+    if args.demo:
+        path = path or demo_config_path()
+        overrides.insert(0, "demo.enabled=true")
+    return load_config(path, overrides=overrides)
+
+
+def _setup_logging(level: str, verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:  # one line per decode and per connection is noise at info level
+        for noisy in ("faster_whisper", "websockets.server"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from .demo import BANNER, prepare_demo
+    from .service import ModelLoadError, Service
+
+    config = _load(args)
+    _setup_logging(config.log.level, args.verbose)
+    if config.demo.enabled:
+        print(BANNER, file=sys.stderr, flush=True)
+    config = prepare_demo(config)
+    if not config.streams:
+        log.warning("no streams configured: only remote satellites can feed this daemon ([[streams]] in the config)")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if stop.is_set():
+                log.warning("second %s: exiting without a clean shutdown", sig.name)
+                raise SystemExit(1)
+            log.info("%s received", sig.name)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        await Service(config).run(stop)
+
+    try:
+        asyncio.run(main())
+    except ModelLoadError as e:
+        log.error("%s\n  `ltu-daemon check` says what is missing; `ltu-daemon start --demo` runs without weights", e)
+        return 3
+    except OSError as e:  # the port is taken, typically
+        log.error("cannot serve on %s:%d: %s", config.server.host, config.server.port, e)
+        return 2
+    return 0
+
+
+def cmd_devices(_args: argparse.Namespace) -> int:
+    import sounddevice as sd
+
+    devices = sd.query_devices()
+    default_in = sd.default.device[0]
+    inputs = [(i, d) for i, d in enumerate(devices) if d["max_input_channels"] > 0]
+    if not inputs:
+        print("no input devices found (is PortAudio installed, and is a sound server running?)")
+        return 1
+    print(f"{'index':>5}  {'channels':>8}  {'rate':>7}  name")
+    for i, d in inputs:
+        mark = "*" if i == default_in else " "
+        print(f"{i:>4}{mark}  {d['max_input_channels']:>8}  {int(d['default_samplerate']):>7}  {d['name']}")
+    print("\n* default input. Use the index or (part of) the name as `device` in a mic stream.")
+    return 0
+
+
+def _check_asr(config: DaemonConfig) -> str | None:
+    model = config.asr.model
+    if config.demo.enabled:
+        return None  # built on start
+    p = Path(model)
+    if p.exists():
+        missing = [f for f in ("model.bin", "config.json") if not (p / f).is_file()]
+        return f"asr.model {p}: not a CTranslate2 Whisper folder (missing {', '.join(missing)})" if missing else None
+    try:
+        from faster_whisper.utils import download_model
+
+        download_model(model, local_files_only=True)
+        return None
+    except Exception as e:
+        return (f"asr.model {model!r} is not in the local cache ({type(e).__name__}). Run once with network access "
+                "(it downloads on start), or set asr.model to a CTranslate2 folder")
+
+
+def _check_stream(s: object) -> str | None:
+    if isinstance(s, FileStream):
+        import av
+
+        try:
+            with av.open(str(s.path)) as c:
+                if not c.streams.audio:
+                    return f"stream {s.name}: {s.path} has no audio stream"
+        except (OSError, av.error.FFmpegError) as e:
+            return f"stream {s.name}: cannot decode {s.path}: {e}"
+    if isinstance(s, MicStream):
+        try:
+            import sounddevice as sd
+
+            sd.query_devices(s.device, "input")
+        except (ValueError, OSError) as e:
+            return f"stream {s.name}: input device {s.device!r} not found ({e}); `ltu-daemon devices` lists them"
+    return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    problems = [p for p in [_check_asr(config), *(_check_stream(s) for s in config.streams)] if p]
+    print(f"configuration: ok ({len(config.streams)} stream(s); server {config.server.host}:{config.server.port}"
+          f"{', token set' if config.server.resolved_token() else ''})")
+    print(f"asr model: {'demo (tiny, built on start)' if config.demo.enabled else config.asr.model}")
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    print("all checks passed" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "start":
+            return cmd_start(args)
+        if args.command == "devices":
+            return cmd_devices(args)
+        if args.command == "check":
+            return cmd_check(args)
+        from .protocol import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    except ConfigError as e:
+        print(f"ltu-daemon: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""The daemon's one typed configuration tree: TOML file → environment overrides → `--set` overrides → validation.
+
+Everything is validated here, once: unknown keys and wrong types are `ConfigError`s that name the key
+(`vad.min_speech_ms: Input should be a valid integer, got "x"`). Each component receives only its own section.
+
+Override syntax (both take TOML literals, falling back to a bare string):
+
+    LTU_DAEMON__SERVER__PORT=9000              # environment: LTU_DAEMON__ + the key path joined by "__"
+    ltu-daemon start --set vad.aggressiveness=3 --set 'streams.0.path="talk.flac"'
+
+Relative paths in a config file are relative to that file's folder; `config/default.toml` documents every key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "LTU_DAEMON__"
+SAMPLE_RATE = 16000  # Hz: what every stage after a source sees (Whisper's rate)
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
+
+# TOML strings become paths; strict mode would otherwise insist on a Path object.
+PathField = Annotated[Path, Field(strict=False)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names every bad key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    token: SecretStr | None = None
+    token_file: PathField | None = None
+    allowed_origins: list[str] = []
+    allow_loopback_origins: bool = True
+    max_message_bytes: int = Field(1 << 20, ge=1024)
+    max_control_bytes: int = Field(64 << 10, ge=256)
+    client_queue: int = Field(512, ge=8)
+    send_timeout_s: float = Field(10.0, gt=0)
+    hello_timeout_s: float = Field(10.0, gt=0)
+    ping_interval_s: float = Field(20.0, gt=0)
+    ping_timeout_s: float = Field(20.0, gt=0)
+    max_clients: int = Field(64, ge=1)
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def resolved_token(self) -> str | None:
+        """The token from `token` or `token_file` (first line), or None."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text().strip() or None
+            except OSError as e:
+                raise ConfigError(f"server.token_file: cannot read {self.token_file}: {e}") from e
+        return None
+
+
+class AudioConfig(_Section):
+    ring_seconds: float = Field(300.0, gt=0)
+    level_interval_ms: int = Field(250, ge=10)
+    source_queue: int = Field(256, ge=4)
+
+
+class VadConfig(_Section):
+    aggressiveness: int = Field(2, ge=0, le=3)
+    frame_ms: Literal[10, 20, 30] = 30
+    start_ms: int = Field(90, ge=10)
+    pre_roll_ms: int = Field(300, ge=0)
+    hangover_ms: int = Field(450, ge=30)
+    min_speech_ms: int = Field(250, ge=0)
+    max_utterance_s: float = Field(20.0, ge=1)
+
+
+class AsrConfig(_Section):
+    model: str = "large-v2"
+    device: str = "auto"
+    compute_type: str = "default"
+    language: str | None = "en"
+    beam_size: int = Field(5, ge=1)
+    cpu_threads: int = Field(0, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    partials: bool = True
+    partial_interval_ms: int = Field(700, ge=100)
+    no_speech_threshold: float = Field(0.6, ge=0, le=1)
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = Field(2.4, gt=0)
+    final_queue: int = Field(64, ge=1)
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class DemoConfig(_Section):
+    enabled: bool = False
+    models_dir: PathField = Path(".cache/demo")
+
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class _Stream(_Section):
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use 1-32 of a-z 0-9 _ - (starting with a letter or digit)")
+        return v
+
+
+class MicStream(_Stream):
+    source: Literal["mic"]
+    device: str | int | None = None
+    samplerate: int | None = Field(None, ge=8000, le=384000)
+    channels: int = Field(1, ge=1, le=32)
+    block_ms: int = Field(30, ge=5, le=500)
+    stall_s: float = Field(2.0, gt=0)
+    reopen_min_s: float = Field(0.5, gt=0)
+    reopen_max_s: float = Field(10.0, gt=0)
+
+
+class FileStream(_Stream):
+    source: Literal["file"]
+    path: PathField
+    realtime: bool = True
+    loop: bool = False
+    chunk_ms: int = Field(100, ge=10, le=2000)
+
+
+class RemoteStream(_Stream):
+    source: Literal["remote"]
+
+
+StreamConfig = Annotated[MicStream | FileStream | RemoteStream, Field(discriminator="source")]
+
+
+class DaemonConfig(_Section):
+    server: ServerConfig = ServerConfig()
+    audio: AudioConfig = AudioConfig()
+    vad: VadConfig = VadConfig()
+    asr: AsrConfig = AsrConfig()
+    log: LogConfig = LogConfig()
+    demo: DemoConfig = DemoConfig()
+    streams: list[StreamConfig] = []
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> DaemonConfig:
+        names = [s.name for s in self.streams]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"streams: duplicate names {dup}")
+        need = self.vad.max_utterance_s + self.vad.pre_roll_ms / 1000 + 5
+        if self.audio.ring_seconds < need:
+            raise ValueError(f"audio.ring_seconds must be at least vad.max_utterance_s + pre-roll + 5 s = {need:g}")
+        if not self.server.is_loopback and self.server.resolved_token() is None:
+            raise ValueError(
+                f"server.host {self.server.host!r} is not loopback: set server.token or server.token_file "
+                "(clients send it as 'Authorization: Bearer <token>'), or bind to 127.0.0.1")
+        return self
+
+    def stream(self, name: str) -> MicStream | FileStream | RemoteStream:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def parse_value(text: str) -> Any:
+    """A TOML literal (`3`, `true`, `"x"`, `[1, 2]`), or the text itself when it is not one."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any, origin: str) -> None:
+    node: Any = tree
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{origin}: {'.'.join(path[:i + 1])}: no such list entry")
+            key: Any = int(part)
+        else:
+            key = part
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"{origin}: {'.'.join(path[:i + 1])} is a value, not a section")
+
+
+def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
+    """Make the file's relative paths relative to its folder (before overrides, which are relative to the cwd)."""
+    demo = tree.get("demo")
+    if isinstance(demo, dict) and isinstance(demo.get("models_dir"), str):
+        demo["models_dir"] = str(base / demo["models_dir"])
+    server = tree.get("server")
+    if isinstance(server, dict) and isinstance(server.get("token_file"), str):
+        server["token_file"] = str(base / server["token_file"])
+    for s in tree.get("streams", []) if isinstance(tree.get("streams"), list) else []:
+        if isinstance(s, dict) and s.get("source") == "file" and isinstance(s.get("path"), str):
+            s["path"] = str(base / Path(s["path"]).expanduser())
+
+
+def _format_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        parts: list[str] = []
+        for p in err["loc"]:
+            if isinstance(p, int):
+                parts.append(f"[{p}]")
+            elif parts and parts[-1].startswith("[") and p in ("mic", "file", "remote"):
+                continue  # the union tag pydantic inserts after a list index
+            else:
+                parts.append(("." if parts else "") + str(p))
+        key = "".join(parts) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (a typo?)"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict | list):
+            msg += f", got {err['input']!r}"
+        lines.append(f"{key}: {msg}")
+    return "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, *, overrides: list[str] = (),  # type: ignore[assignment]
+                environ: dict[str, str] | None = None) -> DaemonConfig:
+    """Read `path` (TOML; None: built-in defaults), apply `LTU_DAEMON__*` variables and `key=value` overrides.
+
+    Raises `ConfigError` naming each bad key.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            tree = tomllib.loads(p.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {p} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from e
+        _resolve_paths(tree, p.resolve().parent)
+    env = os.environ if environ is None else environ
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX):
+            keys = name[len(ENV_PREFIX):].lower().split("__")
+            _set_path(tree, keys, parse_value(env[name]), f"environment {name}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set vad.aggressiveness=3")
+        _set_path(tree, key.strip().split("."), parse_value(value.strip()), f"--set {key}")
+    try:
+        return DaemonConfig.model_validate(tree)
+    except ValidationError as e:
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n  {_format_errors(e)}") from None
+
+
+def demo_config_path() -> Path:
+    """`config/demo.toml` of this checkout."""
+    p = REPO_CONFIG / "demo.toml"
+    if not p.is_file():
+        raise ConfigError(f"the demo profile {p} is missing; run from a checkout of ltu-daemon or pass --config")
+    return p

@@ -1,0 +1,118 @@
+"""VAD: webrtcvad on real synthesized speech, silence and noise; the segmenter's state machine on exact patterns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ASSET_SPEECH
+
+from daemon.config import VadConfig
+from daemon.vad import Segmenter, SpeechEnd, SpeechStart
+
+SR = 16000
+
+
+def energy_regions(x: np.ndarray, floor_db: float = -45.0) -> list[tuple[float, float]]:
+    """Independent ground truth: runs of 30 ms frames above `floor_db`, merged across gaps under 0.5 s."""
+    fr = x[: len(x) // 480 * 480].reshape(-1, 480)
+    active = 10 * np.log10((fr.astype(np.float64) ** 2).mean(1) + 1e-12) > floor_db
+    regions: list[list[float]] = []
+    for i in np.flatnonzero(active):
+        t = i * 0.03
+        if regions and t - regions[-1][1] < 0.5:
+            regions[-1][1] = t + 0.03
+        else:
+            regions.append([t, t + 0.03])
+    return [(a, b) for a, b in regions]
+
+
+def run(x: np.ndarray, block: int = 1600, **opts: object) -> list[SpeechStart | SpeechEnd]:
+    seg = Segmenter(VadConfig(**opts))
+    events: list[SpeechStart | SpeechEnd] = []
+    for i in range(0, len(x), block):
+        events += seg.push(x[i:i + block])
+    return events + seg.flush()
+
+
+def test_asset_layout_matches_energy(speech: np.ndarray) -> None:
+    regions = energy_regions(speech)
+    for a, b in ASSET_SPEECH:  # every sentence is one energy region that starts where the layout says
+        assert any(abs(ra - a) < 0.1 and rb <= b + 0.1 for ra, rb in regions), (a, b, regions)
+
+
+@pytest.mark.parametrize("aggressiveness", [1, 2, 3])
+def test_speech_edges_are_kept(speech: np.ndarray, aggressiveness: int) -> None:
+    pre, hang = 300, 450
+    ends = [e for e in run(speech, aggressiveness=aggressiveness, pre_roll_ms=pre, hangover_ms=hang)
+            if isinstance(e, SpeechEnd)]
+    regions = energy_regions(speech)
+    for a, _b in ASSET_SPEECH:
+        ra, rb = next((ra, rb) for ra, rb in regions if abs(ra - a) < 0.1)
+        utt = next(u for u in ends if u.start / SR <= ra + 0.05 and u.end / SR >= ra)
+        # first word: the utterance starts before the first energetic frame, by about the pre-roll
+        assert ra - utt.start / SR >= 0.15, (ra, utt)
+        assert ra - utt.start / SR <= pre / 1000 + 0.15
+        # last word: it ends after the last energetic frame, and keeps the hangover after the last voiced frame
+        assert utt.end / SR >= rb
+        assert utt.end - utt.speech_end == pytest.approx(hang * SR / 1000, abs=480)
+        assert utt.reason == "silence"
+
+
+def test_silence_and_quiet_noise_give_nothing() -> None:
+    rng = np.random.default_rng(0)
+    assert run(np.zeros(10 * SR, dtype=np.float32)) == []
+    noise = (0.01 * rng.standard_normal(10 * SR)).astype(np.float32)  # -40 dBFS background hiss
+    assert run(noise, aggressiveness=3) == []
+
+
+def test_ids_and_order(speech: np.ndarray) -> None:
+    events = run(speech)
+    starts = [e for e in events if isinstance(e, SpeechStart)]
+    ends = [e for e in events if isinstance(e, SpeechEnd)]
+    assert [e.index for e in starts] == [e.index for e in ends] == list(range(1, len(starts) + 1))
+    for s, e in zip(starts, ends):
+        assert s.start == e.start < e.speech_end < e.end
+    assert all(a.end <= b.start for a, b in zip(ends, ends[1:]))
+
+
+def test_block_size_does_not_matter(speech: np.ndarray) -> None:
+    assert run(speech, block=160) == run(speech, block=16000) == run(speech, block=4801)
+
+
+def pattern_classifier(voiced: list[int]):  # noqa: ANN201
+    frames = iter(voiced)
+    return lambda _frame: bool(next(frames, 0))
+
+
+def feed_pattern(voiced: list[int], **opts: object) -> list[SpeechStart | SpeechEnd]:
+    cfg = VadConfig(**{"frame_ms": 30, "start_ms": 90, "pre_roll_ms": 60, "hangover_ms": 90, "min_speech_ms": 150,
+                       **opts})
+    seg = Segmenter(cfg, is_speech=pattern_classifier(voiced))
+    return seg.push(np.zeros(len(voiced) * 480, dtype=np.float32)) + seg.flush()
+
+
+def test_short_blip_is_discarded() -> None:
+    # 4 voiced frames = 120 ms < min_speech 150 ms
+    assert feed_pattern([0] * 5 + [1] * 4 + [0] * 10) == []
+
+
+def test_exact_boundaries() -> None:
+    events = feed_pattern([0] * 5 + [1] * 10 + [0] * 10)
+    F = 480
+    # onset at frame 5, pre-roll 2 frames; last voiced frame ends at frame 15; hangover 3 frames
+    assert events == [SpeechStart(1, 3 * F), SpeechEnd(1, 3 * F, 18 * F, 15 * F, "silence")]
+
+
+def test_max_length_cuts_and_continues() -> None:
+    events = feed_pattern([0] * 2 + [1] * 190 + [0] * 10, max_utterance_s=1.0)
+    ends = [e for e in events if isinstance(e, SpeechEnd)]
+    assert ends[0].reason == "max_length"
+    assert ends[0].end - ends[0].start == pytest.approx(SR, abs=480)
+    assert ends[1].start == ends[0].end  # the next one starts where the cut was
+    assert ends[-1].reason == "silence"
+    assert sum(e.end - e.start for e in ends) >= 190 * 480
+
+
+def test_flush_closes_open_utterance() -> None:
+    events = feed_pattern([0] * 2 + [1] * 20)
+    assert events[-1] == SpeechEnd(1, 0, 22 * 480, 22 * 480, "flush")
