@@ -184,6 +184,11 @@ def save_tiny_whisper(folder: Path, *, seed: int = 0, init_std: float = 0.2) -> 
         begin_suppress_tokens=[ids["<|endoftext|>"]],
     )
     model = WhisperForConditionalGeneration(cfg)
+    # Random decoders collapse onto one special (timestamp) token and so transcribe everything as "". With the
+    # special tokens' embeddings (tied to the output layer) at zero, text tokens win: the tiny model emits
+    # meaningless but non-empty text, which exercises partial and final transcripts for real.
+    with torch.no_grad():
+        model.model.decoder.embed_tokens.weight[ids["<|endoftext|>"] + 1:] = 0.0
     model.generation_config = GenerationConfig(
         decoder_start_token_id=cfg.decoder_start_token_id, eos_token_id=cfg.eos_token_id,
         pad_token_id=cfg.pad_token_id, suppress_tokens=[], begin_suppress_tokens=cfg.begin_suppress_tokens,

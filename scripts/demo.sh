@@ -1,29 +1,26 @@
 #!/usr/bin/env bash
-# Set up and run the demo on a machine without weights: tiny random models are built locally, a test clip is
-# synthesized, and `ltu-as ask` answers a question about it end to end (faster-whisper transcript included).
-# The answer is meaningless: the weights are random. Usage: scripts/demo.sh ["your question"]
+# Set up and run the demo daemon on a machine without weights or a microphone, with a listener attached:
+# tiny random models are built locally and a committed speech clip plays in a loop as if live. Transcripts are
+# meaningless (random weights); capture, VAD, streaming and the protocol are real. Ctrl-C stops both.
+#   scripts/demo.sh                 # until Ctrl-C
+#   DEMO_SECONDS=30 scripts/demo.sh # stop by itself after 30 s
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-demo=.cache/demo
-[ -f "$demo/tiny/ltuas_tiny.bin" ] || .venv/bin/ltu-as make-tiny "$demo/tiny"
-if [ ! -f "$demo/clip.wav" ]; then
-    if command -v espeak-ng >/dev/null && command -v sox >/dev/null; then
-        espeak-ng -w "$demo/speech.wav" "Someone says they will check the router while a tone beeps."
-        sox -n -r 16000 "$demo/tone.wav" synth 2 sine 880 vol 0.3
-        sox "$demo/speech.wav" -r 16000 -c 1 "$demo/speech16.wav"
-        sox "$demo/speech16.wav" "$demo/tone.wav" "$demo/clip.wav"
-    else
-        .venv/bin/python -c "
-import wave, numpy as np
-t = np.arange(16000 * 6) / 16000
-x = (0.3 * np.sin(2 * np.pi * 880 * t) * (t % 1 < 0.3) * 32767).astype('<i2')
-w = wave.open('$demo/clip.wav', 'wb'); w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000)
-w.writeframes(x.tobytes())"
-    fi
+port=${LTU_DAEMON__SERVER__PORT:-8765}
+.venv/bin/ltu-daemon start --demo --set "server.port=$port" &
+daemon=$!
+trap 'kill -TERM $daemon 2>/dev/null; wait $daemon' EXIT
+for _ in $(seq 600); do  # first start builds the tiny models (~5 s)
+    .venv/bin/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=1)" \
+        2>/dev/null && break
+    kill -0 $daemon 2>/dev/null || { echo "the daemon exited; see its log above" >&2; exit 1; }
+    sleep 0.1
+done
+echo "== daemon ready on ws://127.0.0.1:$port; listening (Ctrl-C to stop) =="
+if [ -n "${DEMO_SECONDS:-}" ]; then
+    timeout "$DEMO_SECONDS" .venv/bin/ltu-listen --url "ws://127.0.0.1:$port" || true
+else
+    .venv/bin/ltu-listen --url "ws://127.0.0.1:$port" || true
 fi
-echo "== demo: tiny RANDOM models, so the transcript and the answer are meaningless =="
-.venv/bin/ltu-as ask --audio "$demo/clip.wav" --question "${1:-What can be inferred from the audio?}" \
-    --checkpoint "$demo/tiny/ltuas_tiny.bin" --whisper "$demo/tiny/whisper" --llm "$demo/tiny/llm" \
-    --asr-model "$demo/tiny/whisper-ct2" --asr-beam-size 1 --asr-max-new-tokens 24 --device cpu --max-new-tokens 40

@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.config import VadConfig
 from daemon.vad import Segmenter, SpeechEnd
+from ltu_as.transcribe import AsrOptions, load_asr, transcribe_detailed
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +138,8 @@ def test_health_and_welcome(daemon: Daemon) -> None:
     assert "transcript.final" in welcome["events"]
 
 
-def test_clients_get_the_same_ordered_events(daemon: Daemon, expected_utterances) -> None:  # noqa: ANN001
+def test_clients_get_the_same_ordered_events(daemon: Daemon, expected_utterances, tiny,  # noqa: ANN001
+                                             speech: np.ndarray) -> None:
     async def go() -> list[list[dict[str, Any]]]:
         kinds = ["speech.start", "transcript.*"]
         return await asyncio.gather(*(collect(daemon.url, finals=3, events=kinds, streams=["talk"])
@@ -146,6 +148,16 @@ def test_clients_get_the_same_ordered_events(daemon: Daemon, expected_utterances
     for events in runs:
         assert check_transcript_order(events, expected_utterances) >= 2
         assert {e["stream"] for e in events} == {"talk"}
+    # the ASR got exactly the utterance's audio: the same text as faster-whisper on our own decode of the file
+    asr = load_asr(tiny.whisper_ct2, device="cpu", compute_type="float32")
+    options = AsrOptions(beam_size=1, max_new_tokens=24)
+    finals = [e for e in runs[0] if e["type"] == "transcript.final"]
+    period = len(speech) / SR
+    for f in finals:
+        k = int(f["start"] // period)
+        a, b = round((f["start"] - k * period) * SR), round((f["end"] - k * period) * SR)
+        assert f["text"] == transcribe_detailed(asr, speech[a:b], options).text
+    assert any(f["text"] for f in finals)  # the tiny model writes (meaningless) text
     # the same event (stream, type, seq) is the same everywhere
     seen: dict[tuple[str, str, int], dict[str, Any]] = {}
     shared = 0
