@@ -132,6 +132,8 @@ class AsrWorker:
     def _run(self) -> None:
         try:
             t0 = time.monotonic()
+            log.info("loading ASR model %s on %s (a hub model downloads once, with progress bars)",
+                     self.config.model, self.config.device)
             model = load_asr(self.config.model, self.config.device, self.config.compute_type, self.config.cpu_threads)
             # One decode of silence warms CTranslate2's kernels and allocator, so the first real final is not slow.
             transcribe_detailed(model, np.zeros(16000, dtype=np.float32), self.options)

@@ -151,3 +151,14 @@ def test_daemon_transcribes_the_microphone(pulse: Pulse, tiny, tmp_path: Path, s
     durations = [e["end"] - e["start"] for e in finals]
     assert durations == pytest.approx([2.91, 2.40, 3.63, 1.86, 3.18], abs=0.2)
     assert [e["id"] for e in finals] == [f"room/{i}" for i in range(1, 6)]
+
+
+def test_devices_lists_the_virtual_microphone(pulse: Pulse) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "daemon.cli", "devices"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, **pulse.env})
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:] if line.strip() and line.strip()[0].isdigit()]
+    assert any(r[-1] == "pulse" for r in rows), out.stdout

@@ -322,6 +322,7 @@ def test_satellite_feeds_a_remote_stream(daemon: Daemon, expected_utterances) ->
     assert len(finals) == len(one_pass)
     for f, (start, speech_end, end) in zip(finals, one_pass):
         assert f["start"] - offset == pytest.approx(start, abs=0.1)
+        assert f["speech_end"] - offset == pytest.approx(speech_end, abs=0.1)
         assert f["end"] - offset == pytest.approx(end, abs=0.1)
     assert finals[-1]["reason"] in ("silence", "flush")
 
