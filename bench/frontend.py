@@ -96,7 +96,7 @@ def run_daemon(args: argparse.Namespace, n_streams: int, tmp: Path) -> tuple[lis
     streams = "".join(f'\n[[streams]]\nname = "s{i}"\nsource = "file"\npath = "{ASSET}"\nrealtime = true\nloop = true\n'
                       for i in range(n_streams))
     cfg = tmp / f"bench-{n_streams}.toml"
-    cfg.write_text(f'[server]\nport = {port}\n[asr]\nmodel = "{args.asr_model}"\ndevice = "{args.device}"\n'
+    cfg.write_text(f'[server]\nport = {port}\n[model]\nenabled = false\n[asr]\nmodel = "{args.asr_model}"\ndevice = "{args.device}"\n'
                    f'compute_type = "{args.compute_type}"\nbeam_size = {args.beam_size}\n'
                    + (f"max_new_tokens = {args.max_new_tokens}\n" if args.max_new_tokens else "") + streams)
     proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "start", "--config", str(cfg)], cwd=REPO,

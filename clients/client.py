@@ -60,6 +60,11 @@ class DaemonClient:
         if self.ws is not None:
             await self.ws.close()
 
+    @property
+    def last_id(self) -> str:
+        """The id of the last message sent (`c<n>`): what `cancel` takes for a question."""
+        return f"c{self._next_id}"
+
     async def _send(self, message: dict[str, Any]) -> str:
         assert self.ws is not None, "connect() first"
         self._next_id += 1
@@ -82,6 +87,28 @@ class DaemonClient:
 
     async def stop_audio(self) -> str:
         return await self._send({"type": "audio.stop"})
+
+    async def ask(self, question: str, *, stream: str | None = None, window: str | None = None,
+                  at: float | None = None, **options: Any) -> AsyncIterator[dict[str, Any]]:
+        """Ask about a window (default: the newest) and yield this question's events: `answer.start`, then
+        `answer.delta`s, then `answer.done`, or a single `error` (e.g. `busy` with `retry_after_s`). Other events
+        arriving meanwhile are skipped (use a client subscribed to nothing, or iterate it separately).
+        `options`: max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed."""
+        message: dict[str, Any] = {"type": "ask", "question": question, **options}
+        for key, value in (("stream", stream), ("window", window), ("at", at)):
+            if value is not None:
+                message[key] = value
+        qid = await self._send(message)
+        while True:
+            event = await self.recv()
+            if event.get("re") != qid:
+                continue
+            yield event
+            if event["type"] in ("answer.done", "error"):
+                return
+
+    async def cancel(self, question_id: str) -> str:
+        return await self._send({"type": "cancel", "target": question_id})
 
     async def recv(self) -> dict[str, Any]:
         """The next message from the daemon (events, replies and errors alike)."""

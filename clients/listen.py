@@ -33,13 +33,19 @@ def format_event(e: dict[str, Any]) -> str:
         return f"{where} status  {e['state']}: {e['detail']}"
     if t == "stream.gap":
         return f"{where} GAP     {e['duration_s']:.2f}s at {e['at']:.2f}s ({e['reason']})"
+    if t == "window":
+        return f"{where} window  {e['id']} {e['start']:8.2f}-{e['end']:8.2f}s  transcript {e['transcript']!r}"
+    if t == "scene":
+        w = e["window"]
+        return (f"{where} SCENE   {w['id']} {w['start']:8.2f}-{w['end']:8.2f}s  {e['text']!r}"
+                f"  ({e['timings'].get('generate_ms', 0):.0f} ms, {e['skipped']} skipped)")
     if t == "dropped":
         return f"[-] dropped {e['counts']} (this client was too slow)"
     return json.dumps(e)
 
 
 async def listen(args: argparse.Namespace) -> int:
-    events = args.events or ["speech.start", "transcript.*", "stream.*"]
+    events = args.events or ["speech.start", "transcript.*", "stream.*", "window", "scene"]
     client = DaemonClient(args.url, token=args.token or os.environ.get("LTU_DAEMON_TOKEN"),
                           streams=args.stream or ["*"], events=events, name="ltu-listen")
     try:

@@ -107,6 +107,50 @@ class AsrConfig(_Section):
     final_queue: int = Field(64, ge=1)
 
 
+class ModelConfig(_Section):
+    """LTU-AS: where each component comes from (hub id, local path, URL or `authors:NAME`, see `ltu_as.sources`)."""
+
+    enabled: bool = True
+    checkpoint: str = "authors:ltuas_long_noqa_a6.bin"
+    whisper: str | None = None  # None: the checkpoint's config (openai/whisper-large)
+    llm: str | None = None  # None: the checkpoint's config (authors:vicuna_ltuas)
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+class WindowsConfig(_Section):
+    hop_s: float = Field(10.0, ge=1.0, le=10.0)
+    settle_max_s: float = Field(30.0, ge=0)
+    keep: int = Field(1000, ge=1)
+
+
+class FeaturesConfig(_Section):
+    cache_windows: int = Field(64, ge=1)
+    cache_mb: float = Field(512.0, gt=0)
+    max_batch: int = Field(8, ge=1)
+
+
+class SceneConfig(_Section):
+    enabled: bool = True
+    prompt: str = "Describe the audio scene: what sounds are there and what is said?"
+    every: int = Field(1, ge=1)
+    max_new_tokens: int = Field(96, ge=1, le=1024)
+
+
+class SchedulerConfig(_Section):
+    max_queue: int = Field(32, ge=1)
+    max_batch: int = Field(8, ge=1)
+    question_deadline_s: float = Field(60.0, gt=0)
+    scene_deadline_s: float = Field(120.0, gt=0)
+    retry_after_s: float = Field(2.0, gt=0)
+
+
+class QuestionsConfig(_Section):
+    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens_limit: int = Field(512, ge=1)
+    max_question_chars: int = Field(1000, ge=1)
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -161,6 +205,12 @@ class DaemonConfig(_Section):
     audio: AudioConfig = AudioConfig()
     vad: VadConfig = VadConfig()
     asr: AsrConfig = AsrConfig()
+    model: ModelConfig = ModelConfig()
+    windows: WindowsConfig = WindowsConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    scene: SceneConfig = SceneConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    questions: QuestionsConfig = QuestionsConfig()
     log: LogConfig = LogConfig()
     demo: DemoConfig = DemoConfig()
     streams: list[StreamConfig] = []

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 PROTOCOL_VERSION = 1
 
-EVENT_TYPES = ("level", "speech.start", "transcript.partial", "transcript.final", "stream.status", "stream.gap")
+EVENT_TYPES = ("level", "speech.start", "transcript.partial", "transcript.final", "stream.status", "stream.gap",
+               "window", "scene")
 
 
 class CloseCode(IntEnum):
@@ -39,6 +40,13 @@ class ErrorCode:
     UNSUPPORTED_VERSION = "unsupported_version"
     UNKNOWN_STREAM = "unknown_stream"
     STREAM_BUSY = "stream_busy"
+    BUSY = "busy"
+    NO_WINDOW = "no_window"
+    UNKNOWN_WINDOW = "unknown_window"
+    WINDOW_EXPIRED = "window_expired"
+    MODEL_DISABLED = "model_disabled"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    UNKNOWN_QUESTION = "unknown_question"
     BAD_AUDIO = "bad_audio"
     NOT_STARTED = "not_started"
 
@@ -88,18 +96,40 @@ class Ping(_Msg):
     type: Literal["ping"]
 
 
-ClientMessage = Annotated[Hello | Subscribe | AudioStart | AudioStop | Ping, Field(discriminator="type")]
+class Ask(_Msg):
+    type: Literal["ask"]
+    id: str | int = Field(description="required: names the question in its answer events and in cancel")
+    question: str = Field(min_length=1, max_length=4000)
+    stream: str | None = Field(None, max_length=32, description="default: the first stream that has a window")
+    window: str | None = Field(None, max_length=64, description="a window id (`<stream>:w<n>`)")
+    at: float | None = Field(None, ge=0, description="a time on the stream clock, s: the window holding it")
+    max_new_tokens: int | None = Field(None, ge=1, description="capped by questions.max_new_tokens_limit")
+    greedy: bool = Field(False, description="argmax decoding instead of the reference's sampling")
+    temperature: float = Field(0.1, gt=0, le=2)
+    top_p: float = Field(0.95, gt=0, le=1)
+    top_k: int = Field(500, ge=0, le=1000)
+    repetition_penalty: float = Field(1.1, ge=1, le=2)
+    seed: int | None = None
+
+
+class Cancel(_Msg):
+    type: Literal["cancel"]
+    target: str | int = Field(description="the id of the question to cancel")
+
+
+ClientMessage = Annotated[Hello | Subscribe | AudioStart | AudioStop | Ping | Ask | Cancel,
+                          Field(discriminator="type")]
 _client_adapter: TypeAdapter[Any] = TypeAdapter(ClientMessage)
-CLIENT_TYPES = ("hello", "subscribe", "audio.start", "audio.stop", "ping")
+CLIENT_TYPES = ("hello", "subscribe", "audio.start", "audio.stop", "ping", "ask", "cancel")
 
 
 class ProtocolError(ValueError):
-    def __init__(self, code: str, message: str, re: object = None) -> None:
+    def __init__(self, code: str, message: str, re: object = None, **extra: object) -> None:
         super().__init__(message)
-        self.code, self.message, self.re = code, message, re
+        self.code, self.message, self.re, self.extra = code, message, re, extra
 
 
-def parse_client_message(text: str) -> Hello | Subscribe | AudioStart | AudioStop | Ping:
+def parse_client_message(text: str) -> Hello | Subscribe | AudioStart | AudioStop | Ping | Ask | Cancel:
     """Validate one text frame. Raises `ProtocolError` with `bad_json`, `unknown_type` or `bad_message`."""
     try:
         raw = json.loads(text)
@@ -183,6 +213,58 @@ class GapEvent(_StreamEvent):
     reason: str
 
 
+class WindowEvent(_StreamEvent):
+    type: Literal["window"]
+    id: str = Field(description="`<stream>:w<n>`, n = 1, 2, …")
+    start: float
+    end: float = Field(description="start + 10 s")
+    wall_start: float | None
+    wall_end: float | None
+    transcript: str = Field(description="texts of the finals that overlap the window: the LTU-AS input")
+
+
+class WindowRef(_Out):
+    id: str
+    stream: str
+    start: float
+    end: float
+    transcript: str
+
+
+class SceneEvent(_StreamEvent):
+    type: Literal["scene"]
+    window: WindowRef
+    text: str
+    tokens: int
+    skipped: int = Field(description="older windows of this stream not described because the model was behind")
+    timings: dict[str, float]
+
+
+class AnswerStart(_Out):
+    type: Literal["answer.start"]
+    re: str | int = Field(description="the question's id")
+    window: WindowRef
+    batch: int = Field(description="questions answered together, sharing one prefill")
+    queue_ms: float
+
+
+class AnswerDelta(_Out):
+    type: Literal["answer.delta"]
+    re: str | int
+    text: str
+
+
+class AnswerDone(_Out):
+    type: Literal["answer.done"]
+    re: str | int
+    text: str
+    tokens: int
+    token_ids: list[int]
+    reason: Literal["eos", "length", "cancelled"]
+    window: WindowRef
+    timings: dict[str, float | None] = Field(description="queue_ms, ttft_ms (from the ask), tokens_per_s, total_ms")
+
+
 class StreamInfo(_Out):
     name: str
     kind: Literal["mic", "file", "remote"]
@@ -200,7 +282,8 @@ class Welcome(_Out):
 
 
 class Reply(_Out):
-    type: Literal["subscribed", "audio.ready", "audio.stopped", "pong"]
+    model_config = ConfigDict(extra="allow")  # subscribed echoes the lists, audio.ready the stream, cancelled its target
+    type: Literal["subscribed", "audio.ready", "audio.stopped", "pong", "cancelled"]
     re: str | int | None = None
     time: float | None = None
 
@@ -211,6 +294,7 @@ class ErrorEvent(_Out):
     message: str
     re: str | int | None = None
     time: float | None = None
+    retry_after_s: float | None = Field(None, description="with code busy")
 
 
 class Dropped(_Out):
@@ -220,8 +304,8 @@ class Dropped(_Out):
 
 
 ServerMessage = Annotated[
-    LevelEvent | SpeechStartEvent | PartialEvent | FinalEvent | StatusEvent | GapEvent | Welcome | Reply | ErrorEvent
-    | Dropped, Field(discriminator="type")]
+    LevelEvent | SpeechStartEvent | PartialEvent | FinalEvent | StatusEvent | GapEvent | WindowEvent | SceneEvent
+    | Welcome | Reply | ErrorEvent | Dropped | AnswerStart | AnswerDelta | AnswerDone, Field(discriminator="type")]
 
 
 def json_schema() -> dict[str, Any]:

@@ -25,8 +25,8 @@ from . import __version__
 from .audio import AudioFormatError
 from .bus import Filter, Subscriber
 from .config import ServerConfig
-from .protocol import (PROTOCOL_VERSION, AudioStart, AudioStop, CloseCode, ErrorCode, Hello, Ping, ProtocolError,
-                       Subscribe, parse_client_message)
+from .protocol import (PROTOCOL_VERSION, Ask, AudioStart, AudioStop, Cancel, CloseCode, ErrorCode, Hello, Ping,
+                       ProtocolError, Subscribe, parse_client_message)
 from .sources import RemoteSource
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ class WebsocketServer:
         finally:
             self.connections.discard(conn)
             self._authed.discard(conn)
+            self.service.disconnected(conn)
             for remote in self.service.remotes.values():
                 await remote.release(conn)
 
@@ -185,12 +186,20 @@ class WebsocketServer:
                 msg = parse_client_message(message)
                 reply = await self._dispatch(conn, sub, msg)
             except ProtocolError as e:
-                sub.offer(_error(e.code, e.message, e.re), force=True)
+                sub.offer({**_error(e.code, e.message, e.re), **e.extra}, force=True)
                 continue
-            sub.offer({**reply, "re": msg.id, "time": time.time()}, force=True)
+            if reply is not None:
+                sub.offer({**reply, "re": msg.id, "time": time.time()}, force=True)
 
     async def _dispatch(self, conn: ServerConnection, sub: Subscriber,
-                        msg: Hello | Subscribe | AudioStart | AudioStop | Ping) -> dict[str, Any]:
+                        msg: Hello | Subscribe | AudioStart | AudioStop | Ping | Ask | Cancel) -> dict[str, Any] | None:
+        if isinstance(msg, Ask):  # answer events follow from the model worker, to this client only
+            self.service.ask(conn, lambda event: sub.offer(event, force=True), msg)
+            return None
+        if isinstance(msg, Cancel):
+            if not self.service.cancel(conn, msg.target):
+                raise ProtocolError(ErrorCode.UNKNOWN_QUESTION, f"no question {msg.target!r} in progress", msg.id)
+            return {"type": "cancelled", "target": msg.target}
         if isinstance(msg, Hello):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, "hello was already received", msg.id)
         if isinstance(msg, Subscribe):

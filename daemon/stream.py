@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 
 from .asr import AsrJob, AsrResult, AsrWorker
 from .audio import AudioChunk, Gap, Status
@@ -20,6 +21,7 @@ from .config import SAMPLE_RATE, DaemonConfig
 from .level import LevelMeter
 from .ring import AudioRing
 from .vad import Segmenter, SpeechEnd, SpeechStart
+from .windows import Window, Windower
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +33,21 @@ def seconds(samples: int) -> float:
 
 
 class StreamPipeline:
-    def __init__(self, name: str, kind: str, config: DaemonConfig, bus: EventBus, asr: AsrWorker) -> None:
+    def __init__(self, name: str, kind: str, config: DaemonConfig, bus: EventBus, asr: AsrWorker,
+                 on_window: Callable[[StreamPipeline, Window], None] | None = None) -> None:
         self.name, self.kind = name, kind
+        self.on_window = on_window
         self.config, self.bus, self.asr = config, bus, asr
         self.queue: asyncio.Queue[object] = asyncio.Queue(maxsize=config.audio.source_queue)
         self.ring = AudioRing(int(config.audio.ring_seconds * SAMPLE_RATE))
         self.level = LevelMeter(config.audio.level_interval_ms * SAMPLE_RATE // 1000, config.audio.level_interval_ms / 1000)
         self.vad = Segmenter(config.vad)
+        v = config.vad
+        self.windower = Windower(name, int(config.windows.hop_s * SAMPLE_RATE),
+                                 int(config.windows.settle_max_s * SAMPLE_RATE),
+                                 (v.pre_roll_ms + v.start_ms + v.min_speech_ms + v.frame_ms) * SAMPLE_RATE // 1000)
+        self.windows: collections.OrderedDict[str, Window] = collections.OrderedDict()  # newest last, bounded
+        self._unresolved: dict[int, int] = {}  # utterance index → start, until its final result is back
         self.state = "starting"
         # (first sample index, wall time) of recent chunks, to put wall-clock times on stream positions
         self._anchors: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
@@ -86,9 +96,36 @@ class StreamPipeline:
         for ev in self.vad.push(chunk.samples):
             await self._vad_event(ev)
         self._maybe_partial()
+        self._close_windows()
+
+    def _close_windows(self) -> None:
+        starts = list(self._unresolved.values())
+        if self.vad.open_start is not None:
+            starts.append(self.vad.open_start)
+        for w in self.windower.ready(self.ring.end, min(starts) if starts else None):
+            self.windows[w.id] = w
+            while len(self.windows) > self.config.windows.keep:
+                self.windows.popitem(last=False)
+            self.publish("window", id=w.id, start=seconds(w.start), end=seconds(w.end),
+                         wall_start=self.wall_at(w.start), wall_end=self.wall_at(w.end), transcript=w.transcript)
+            if self.on_window is not None:
+                self.on_window(self, w)
+
+    def window_audio(self, w: Window):  # noqa: ANN201
+        """[160000] float32 of the window, or None once the ring has overwritten it."""
+        try:
+            return self.ring.read(w.start, w.end)
+        except IndexError:
+            return None
+
+    def window_at(self, t: float) -> Window | None:
+        """The newest window whose range holds stream time `t` (s)."""
+        i = int(t * SAMPLE_RATE)
+        return next((w for w in reversed(self.windows.values()) if w.start <= i < w.end), None)
 
     async def _vad_event(self, ev: SpeechStart | SpeechEnd) -> None:
         if isinstance(ev, SpeechStart):
+            self._unresolved[ev.index] = ev.start
             self.utterances += 1
             self._partial_at = ev.start + self.config.asr.partial_interval_ms * SAMPLE_RATE // 1000
             self.publish("speech.start", id=self.utterance_id(ev.index), start=seconds(ev.start),
@@ -130,6 +167,8 @@ class StreamPipeline:
         self._revision.pop(job.index, None)
         ev = job.context
         assert isinstance(ev, SpeechEnd)
+        self._unresolved.pop(job.index, None)
+        self.windower.add_final(ev.start, ev.end, r.text)
         wall_end = self.wall_at(ev.speech_end)
         self.finals += 1
         if wall_end is not None:
@@ -139,8 +178,9 @@ class StreamPipeline:
                      wall_start=self.wall_at(ev.start), wall_end=wall_end,
                      dropped_segments=r.dropped_segments,
                      asr_ms=round(r.decode_s * 1000, 1), queue_ms=round(r.wait_s * 1000, 1))
+        self._close_windows()  # a window may have waited for this final
 
     def health(self) -> dict[str, object]:
         return {"kind": self.kind, "state": self.state, "seconds": seconds(self.ring.end),
                 "utterances": self.utterances, "finals": self.finals, "queue": self.queue.qsize(),
-                "last_final_latency_s": self.last_latency_s}
+                "last_final_latency_s": self.last_latency_s, "windows": self.windower.index}

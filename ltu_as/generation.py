@@ -85,6 +85,7 @@ def generate_tokens(
     prompt_ids: list[list[int]],
     eos_token_id: int,
     options: GenerationOptions,
+    cache: DynamicCache | None = None,
 ) -> Iterator[list[int | None]]:
     """Decode from assembled inputs (see `LtuAsForConditionalGeneration.assemble`).
 
@@ -93,6 +94,8 @@ def generate_tokens(
     llm: a `LlamaForCausalLM`-like model taking `inputs_embeds`.
     inputs_embeds `[B, S, d]`, attention_mask `[B, S]`, position_ids `[B, S]`: left-padded rows.
     prompt_ids: each row's text token ids, the history the repetition penalty sees.
+    cache: optional KV cache already holding the first `attention_mask.shape[1] - S` positions of every row (a
+        shared prefix, see `LtuAsForConditionalGeneration.stream_shared`); `attention_mask` then covers both.
 
     Yields
     ------
@@ -108,7 +111,10 @@ def generate_tokens(
         generator = torch.Generator(device=device).manual_seed(options.seed)
     history = [torch.tensor(ids, dtype=torch.long, device=device).reshape(1, -1) for ids in prompt_ids]
     finished = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = DynamicCache() if options.use_cache else None
+    if cache is None and options.use_cache:
+        cache = DynamicCache()
+    elif cache is not None and not options.use_cache:
+        raise ValueError("a prefilled cache needs options.use_cache=True")
     cache_kw = _cache_kwarg(type(llm))
     step_embeds, step_positions = inputs_embeds, position_ids
     for _ in range(options.max_new_tokens):

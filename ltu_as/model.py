@@ -17,13 +17,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from .config import LtuAsConfig
 from .encoder import build_whisper_encoder, pooled_layer_states
 from .errors import CheckpointError, ModelNotFoundError
-from .generation import GenerationOptions, generate_tokens
+from .generation import GenerationOptions, _cache_kwarg, generate_tokens
 from .tltr import TLTR, build_projector
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,54 @@ class LtuAsForConditionalGeneration(nn.Module):
         eos = int(self.llm.config.eos_token_id if eos_token_id is None else eos_token_id)
         embeds, mask, positions = self.assemble(self.audio_embeddings(features), input_ids)
         yield from generate_tokens(self.llm, embeds, mask, positions, [list(map(int, r)) for r in input_ids], eos, options)
+
+    @torch.no_grad()
+    def stream_shared(
+        self,
+        features: torch.Tensor,
+        input_ids: Sequence[Sequence[int] | torch.Tensor],
+        options: GenerationOptions | None = None,
+        eos_token_id: int | None = None,
+    ) -> Iterator[list[int | None]]:
+        """`stream` for several prompts about ONE clip (`features` `[1, L, T, D]`): the audio tokens and the
+        prompts' common text prefix are prefilled once and their KV cache is shared by every row.
+
+        Rows are laid out `[audio][common prefix][pads][own suffix]`; the result equals `stream` on each prompt
+        alone (greedy decoding gives the same tokens). With the reference template the question precedes the
+        transcript, so the shared text is the prompt header up to the question.
+        """
+        options = options or GenerationOptions()
+        if features.shape[0] != 1:
+            raise ValueError(f"stream_shared takes one clip, got features for {features.shape[0]}")
+        if not options.use_cache:
+            raise ValueError("sharing a prefix needs options.use_cache=True")
+        eos = int(self.llm.config.eos_token_id if eos_token_id is None else eos_token_id)
+        rows = [list(map(int, r)) for r in input_ids]
+        b = len(rows)
+        p = 0  # common prefix, leaving every row at least one token of its own to start decoding from
+        while p < min(len(r) for r in rows) - 1 and all(r[p] == rows[0][p] for r in rows):
+            p += 1
+        audio = self.audio_embeddings(features)  # [1, T, d]
+        t = audio.shape[1]
+        prefix_ids = torch.tensor([rows[0][:p]], dtype=torch.long, device=self.device)
+        prefix = torch.cat([audio.to(self.dtype), self.embed_tokens(prefix_ids)], dim=1)  # [1, T + p, d]
+        cache = DynamicCache()
+        positions = torch.arange(t + p, device=self.device).unsqueeze(0)
+        self.llm(inputs_embeds=prefix, attention_mask=torch.ones((1, t + p), dtype=torch.long, device=self.device),
+                 position_ids=positions, use_cache=True, logits_to_keep=1, **{_cache_kwarg(type(self.llm)): cache})
+        cache.batch_repeat_interleave(b)
+        suffixes = [r[p:] for r in rows]
+        s = max(len(x) for x in suffixes)
+        pad_id = int(self.llm.config.pad_token_id or 0)
+        ids = torch.full((b, s), pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((b, t + p + s), dtype=torch.long, device=self.device)
+        mask[:, : t + p] = 1
+        pos = torch.zeros((b, s), dtype=torch.long, device=self.device)
+        for i, x in enumerate(suffixes):
+            ids[i, s - len(x):] = torch.tensor(x, dtype=torch.long, device=self.device)
+            mask[i, t + p + s - len(x):] = 1
+            pos[i, s - len(x):] = torch.arange(t + p, t + p + len(x), device=self.device)
+        yield from generate_tokens(self.llm, self.embed_tokens(ids), mask, pos, rows, eos, options, cache=cache)
 
     @torch.no_grad()
     def generate(

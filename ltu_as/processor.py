@@ -72,23 +72,38 @@ class LtuAsProcessor:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def stream_text(self, tokens: Iterable[int | None]) -> Iterator[str]:
-        """Turn a stream of token ids into text pieces as they become printable.
-
-        Each new piece is the decoding of a short window of recent tokens minus the decoding of its already
-        printed part, so SentencePiece word-initial spaces come out right and the cost stays constant per token.
-        A piece is held back while it ends in an incomplete UTF-8 sequence (byte-fallback tokens).
-        """
-        ids: list[int] = []
-        prefix, read = 0, 0  # ids[prefix:read] were printed and give the context for the next piece
+        """Turn a stream of token ids into text pieces as they become printable (see `TextStreamer`)."""
+        streamer = TextStreamer(self.decode)
         for tok in tokens:
-            if tok is None:
-                continue
-            ids.append(tok)
-            printed = self.decode(ids[prefix:read])
-            text = self.decode(ids[prefix:])
-            if len(text) > len(printed) and not text.endswith("\ufffd"):
-                yield text[len(printed):]
-                prefix, read = read, len(ids)
-        printed, text = self.decode(ids[prefix:read]), self.decode(ids[prefix:])
-        if len(text) > len(printed):
-            yield text[len(printed):]
+            if tok is not None and (piece := streamer.push(tok)):
+                yield piece
+        if piece := streamer.finish():
+            yield piece
+
+
+class TextStreamer:
+    """Incremental detokenisation of one row: `push` each new id and get the newly printable text (maybe "").
+
+    Each new piece is the decoding of a short window of recent tokens minus the decoding of its already printed
+    part, so SentencePiece word-initial spaces come out right and the cost stays constant per token. A piece is
+    held back while it ends in an incomplete UTF-8 sequence (byte-fallback tokens).
+    """
+
+    def __init__(self, decode: Any) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self._prefix = self._read = 0  # ids[prefix:read] were printed and give the context for the next piece
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        printed = self.decode(self.ids[self._prefix:self._read])
+        text = self.decode(self.ids[self._prefix:])
+        if len(text) > len(printed) and not text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return text[len(printed):]
+        return ""
+
+    def finish(self) -> str:
+        printed, text = self.decode(self.ids[self._prefix:self._read]), self.decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return text[len(printed):] if len(text) > len(printed) else ""

@@ -23,8 +23,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def tiny_asr_config(tiny: Any) -> str:
+def tiny_asr_config(tiny: Any, *, model: bool = False) -> str:
+    """faster-whisper on the tiny CT2 model; LTU-AS (the tiny checkpoint) only when `model`."""
     return f"""
+[model]
+enabled = {str(model).lower()}
+checkpoint = "{tiny.checkpoint}"
+whisper = "{tiny.whisper}"
+llm = "{tiny.llm}"
+device = "cpu"
+dtype = "fp32"
+
 [asr]
 model = "{tiny.whisper_ct2}"
 device = "cpu"

@@ -123,3 +123,25 @@ def test_closing_the_stream_stops_decoding(loaded, batch) -> None:
     finally:
         del loaded.model.llm.forward
     assert calls == 2
+
+
+def test_shared_prefix_batch_equals_one_by_one(loaded) -> None:  # noqa: ANN001
+    """Several questions about one clip: one prefill of audio + common prefix, the KV cache shared by every row,
+    and the same greedy tokens as asking each alone."""
+    model, processor = loaded.model, loaded.processor
+    torch.manual_seed(3)
+    features = torch.randn(1, *model.config.feature_shape)
+    questions = ["What can be inferred from the audio?", "Is the dog barking?", "What did they say?", "Why?"]
+    rows = [processor.encode(q, "the router needs a restart") for q in questions]
+    options = GenerationOptions(max_new_tokens=12).greedy()
+    alone = [model.generate(features, [r], options)[0] for r in rows]
+    shared: list[list[int]] = [[] for _ in rows]
+    for step in model.stream_shared(features, rows, options):
+        for out, tok in zip(shared, step, strict=True):
+            if tok is not None:
+                out.append(tok)
+    assert shared == alone
+    assert all(len(a) > 0 for a in alone)
+    # identical prompts too (the prefix then stops one token short of the end)
+    same = list(model.stream_shared(features, [rows[0], rows[0]], options))
+    assert [s[0] for s in same if s[0] is not None] == alone[0][: len(same)]

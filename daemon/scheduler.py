@@ -1,0 +1,154 @@
+"""The one queue in front of the model worker.
+
+- Priorities: questions, then scene descriptions. (ASR runs on its own worker; on a shared GPU its finals would
+  come first, then questions.) A scene job being generated yields to a waiting question between tokens.
+- Scene jobs coalesce per stream: at most one waits per stream. A newer one replaces it and counts it as skipped,
+  so a stream that is behind gets its newest window described.
+- Questions on the same window with the same generation options are taken together (up to `max_batch`), so they
+  share one prefill of the audio and the common prompt prefix.
+- Bounded: at most `max_queue` questions wait. Beyond that `submit` raises `Busy` with a retry hint instead of
+  growing. Jobs past their deadline when they reach the front are failed, not run; cancelled jobs are dropped.
+
+Thread-safe: the event loop submits and cancels, the worker thread pops.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .windows import Window
+
+
+class Busy(Exception):
+    def __init__(self, retry_after_s: float, depth: int) -> None:
+        super().__init__(f"the model queue is full ({depth} questions waiting); retry in {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """Work for the model worker. `window` and its `audio` ([160000] float32, or None when its features are
+    cached); `deadline` is a time.monotonic() value."""
+
+    kind: str  # "question" | "scene"
+    window: Window
+    audio: Any
+    deadline: float
+    question: str = ""
+    options: Any = None  # ltu_as.GenerationOptions
+    owner: object = None  # the connection that asked (questions)
+    tag: object = None  # the client's id for the question
+    on_event: Callable[[dict[str, Any]], None] | None = None  # called in the worker thread
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    skipped: int = 0  # scene jobs this one replaced
+    seq: int = field(default_factory=lambda: next(_ids))
+
+
+class Scheduler:
+    def __init__(self, max_queue: int, max_batch: int, retry_after_s: float) -> None:
+        self.max_queue, self.max_batch, self.retry_after_s = max_queue, max_batch, retry_after_s
+        self._questions: collections.deque[Job] = collections.deque()
+        self._scenes: dict[str, Job] = {}  # stream → the one waiting scene job
+        self._cv = threading.Condition()
+        self._closed = False
+        self.expired: list[Job] = []  # failed for their deadline; the worker reports them
+        self.skipped_scenes = 0
+
+    @property
+    def depth(self) -> dict[str, int]:
+        with self._cv:
+            return {"questions": len(self._questions), "scenes": len(self._scenes)}
+
+    def has_questions(self) -> bool:
+        with self._cv:
+            return any(not j.cancelled for j in self._questions)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`. Raises `Busy` when `max_queue` questions already wait."""
+        with self._cv:
+            if self._closed:
+                raise Busy(self.retry_after_s, 0)
+            if job.kind == "question":
+                live = sum(not j.cancelled for j in self._questions)
+                if live >= self.max_queue:
+                    raise Busy(self.retry_after_s, live)
+                self._questions.append(job)
+            else:
+                old = self._scenes.get(job.window.stream)
+                if old is not None:
+                    job.skipped = old.skipped + 1
+                    self.skipped_scenes += 1
+                self._scenes[job.window.stream] = job
+            self._cv.notify()
+
+    def requeue_scene(self, job: Job) -> None:
+        """Put back a scene job that yielded to a question, unless a newer one for its stream is waiting."""
+        with self._cv:
+            if job.window.stream not in self._scenes and not self._closed:
+                self._scenes[job.window.stream] = job
+                self._cv.notify()
+
+    def cancel(self, predicate: Callable[[Job], bool]) -> int:
+        """Mark matching waiting questions cancelled (running ones see the flag between tokens)."""
+        with self._cv:
+            n = 0
+            for j in self._questions:
+                if predicate(j) and not j.cancelled:
+                    j.cancelled = True
+                    n += 1
+            return n
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def pop(self, timeout: float | None = None) -> list[Job] | None:
+        """The next batch: questions on one window (same options), else the oldest waiting scene jobs of several
+        streams (batched feature extraction). None when closed, [] on timeout."""
+        with self._cv:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                self._expire()
+                if self._questions:
+                    head = self._questions.popleft()
+                    batch = [head]
+                    for j in list(self._questions):
+                        if len(batch) >= self.max_batch:
+                            break
+                        if j.window.id == head.window.id and j.options == head.options:
+                            self._questions.remove(j)
+                            batch.append(j)
+                    return batch
+                if self._scenes:
+                    jobs = sorted(self._scenes.values(), key=lambda j: j.seq)[: self.max_batch]
+                    for j in jobs:
+                        del self._scenes[j.window.stream]
+                    return jobs
+                if self._closed:
+                    return None
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return []
+                self._cv.wait(left)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for j in [j for j in self._questions if j.cancelled or j.deadline < now]:
+            self._questions.remove(j)
+            if not j.cancelled:
+                self.expired.append(j)
+        for stream, j in list(self._scenes.items()):
+            if j.deadline < now:
+                del self._scenes[stream]
+                self.expired.append(j)
