@@ -7,7 +7,7 @@
 - Questions on the same window with the same generation options are taken together (up to `max_batch`), so they
   share one prefill of the audio and the common prompt prefix.
 - Bounded: at most `max_queue` questions wait. Beyond that `submit` raises `Busy` with a retry hint instead of
-  growing. Jobs past their deadline when they reach the front are failed, not run; cancelled jobs are dropped.
+  growing. Jobs past their deadline when they reach the front are failed, not run; cancelled ones end at once.
 
 Thread-safe: the event loop submits and cancels, the worker thread pops.
 """
@@ -119,7 +119,8 @@ class Scheduler:
         with self._cv:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                self._expire()
+                if self._expire():
+                    return []  # let the worker report them now
                 if self._questions:
                     head = self._questions.popleft()
                     batch = [head]
@@ -142,13 +143,15 @@ class Scheduler:
                     return []
                 self._cv.wait(left)
 
-    def _expire(self) -> None:
+    def _expire(self) -> bool:
+        """Move cancelled and overdue jobs to `expired` (the worker ends each with the right event)."""
         now = time.monotonic()
+        n = len(self.expired)
         for j in [j for j in self._questions if j.cancelled or j.deadline < now]:
             self._questions.remove(j)
-            if not j.cancelled:
-                self.expired.append(j)
+            self.expired.append(j)
         for stream, j in list(self._scenes.items()):
             if j.deadline < now:
                 del self._scenes[stream]
                 self.expired.append(j)
+        return len(self.expired) > n

@@ -92,6 +92,12 @@ class ModelWorker:
     def _report_expired(self) -> None:
         expired, self.scheduler.expired = self.scheduler.expired, []
         for job in expired:
+            if job.cancelled:  # cancelled while waiting: it ends like any cancelled answer
+                self._emit(job, {"type": "answer.done", "re": job.tag, "text": "", "tokens": 0, "token_ids": [],
+                                 "reason": "cancelled", "window": _window_ref(job),
+                                 "timings": {"queue_ms": round((time.monotonic() - job.submitted) * 1000, 1),
+                                             "ttft_ms": None, "tokens_per_s": None, "total_ms": None}})
+                continue
             self.counts["expired"] += 1
             if job.kind == "question":
                 self._emit(job, {"type": "error", "code": "deadline_exceeded", "re": job.tag,
@@ -163,6 +169,7 @@ class ModelWorker:
             self._emit(j, {"type": "answer.start", "re": j.tag, "window": _window_ref(j),
                            "batch": len(jobs), "queue_ms": round((t0 - j.submitted) * 1000, 1)})
         streamers = [TextStreamer(processor.decode) for _ in jobs]
+        texts: list[list[str]] = [[] for _ in jobs]
         first: list[float | None] = [None] * len(jobs)
         last: list[float] = [t0] * len(jobs)
         finished = [False] * len(jobs)
@@ -177,11 +184,12 @@ class ModelWorker:
                     continue
                 if j.cancelled or tok is None:
                     finished[i] = True
-                    self._done(j, streamers[i], first[i], last[i], "cancelled" if j.cancelled else "eos", t0)
+                    self._done(j, streamers[i], texts[i], first[i], last[i], "cancelled" if j.cancelled else "eos", t0)
                     continue
                 first[i] = first[i] or now
                 last[i] = now
                 if piece := streamers[i].push(tok):
+                    texts[i].append(piece)
                     self._emit(j, {"type": "answer.delta", "re": j.tag, "text": piece})
             if all(finished):
                 steps.close()
@@ -189,11 +197,12 @@ class ModelWorker:
         for i, j in enumerate(jobs):
             if not finished[i]:
                 reason = "length" if n_steps >= options.max_new_tokens else "eos"
-                self._done(j, streamers[i], first[i], last[i], reason, t0)
+                self._done(j, streamers[i], texts[i], first[i], last[i], reason, t0)
 
-    def _done(self, job: Job, streamer: TextStreamer, first: float | None, last: float, reason: str,
-              t0: float) -> None:
+    def _done(self, job: Job, streamer: TextStreamer, text: list[str], first: float | None, last: float,
+              reason: str, t0: float) -> None:
         if piece := streamer.finish():
+            text.append(piece)
             self._emit(job, {"type": "answer.delta", "re": job.tag, "text": piece})
         n = len(streamer.ids)
         ttft = (first - job.submitted) * 1000 if first else None
@@ -204,7 +213,7 @@ class ModelWorker:
                    "tokens_per_s": round(rate, 2) if rate else None,
                    "total_ms": round((time.monotonic() - job.submitted) * 1000, 1)}
         self.stats.update({k: v for k, v in timings.items() if v is not None})
-        self._emit(job, {"type": "answer.done", "re": job.tag, "text": self.loaded.processor.decode(streamer.ids),
+        self._emit(job, {"type": "answer.done", "re": job.tag, "text": "".join(text),
                          "tokens": n, "token_ids": list(streamer.ids), "reason": reason, "window": _window_ref(job),
                          "timings": timings})
 
