@@ -133,6 +133,21 @@ def _check_asr(config: DaemonConfig) -> str | None:
                 "(it downloads on start), or set asr.model to a CTranslate2 folder")
 
 
+def _check_model(config: DaemonConfig) -> list[str]:
+    """Local LTU-AS paths must exist; hub ids, URLs and authors' names are fetched (once) on start."""
+    m = config.model
+    if not m.enabled or config.demo.enabled:
+        return []
+    problems = []
+    for key in ("checkpoint", "whisper", "llm"):
+        value = getattr(m, key)
+        if value and not value.startswith(("authors:", "http://", "https://")) and (
+                value.startswith((".", "/", "~")) or Path(value).suffix == ".bin") and not Path(value).expanduser().exists():
+            problems.append(f"model.{key} {value} does not exist (a path, hub id, URL or authors:NAME; "
+                            "or model.enabled = false for transcripts only)")
+    return problems
+
+
 def _check_stream(s: object) -> str | None:
     if isinstance(s, FileStream):
         import av
@@ -155,10 +170,12 @@ def _check_stream(s: object) -> str | None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
-    problems = [p for p in [_check_asr(config), *(_check_stream(s) for s in config.streams)] if p]
+    problems = [p for p in [_check_asr(config), *_check_model(config), *(_check_stream(s) for s in config.streams)]
+                if p]
     print(f"configuration: ok ({len(config.streams)} stream(s); server {config.server.host}:{config.server.port}"
           f"{', token set' if config.server.resolved_token() else ''})")
     print(f"asr model: {'demo (tiny, built on start)' if config.demo.enabled else config.asr.model}")
+    print(f"LTU-AS: {'off' if not config.model.enabled else 'demo (tiny)' if config.demo.enabled else config.model.checkpoint}")
     for p in problems:
         print(f"PROBLEM: {p}")
     print("all checks passed" if not problems else f"{len(problems)} problem(s)")

@@ -392,7 +392,9 @@ def test_config_typo_and_check(tiny, tmp_path: Path) -> None:  # noqa: ANN001
     assert run("check", "--config", str(good)).returncode == 0
     missing = tmp_path / "missing.toml"
     missing.write_text(config(tiny).replace(str(ASSET), str(tmp_path / "gone.ogg"))
-                       .replace(str(tiny.whisper_ct2), str(tmp_path)))
+                       .replace(str(tiny.whisper_ct2), str(tmp_path)).replace("enabled = false", "enabled = true")
+                       .replace(str(tiny.checkpoint), str(tmp_path / "nope.bin")))
     checked = run("check", "--config", str(missing))
     assert checked.returncode == 1
     assert "gone.ogg" in checked.stdout and "not a CTranslate2 Whisper folder" in checked.stdout
+    assert "model.checkpoint" in checked.stdout and "nope.bin" in checked.stdout
