@@ -154,6 +154,9 @@ class ModelWorker:
                             "features_ms": round((t_gen - t0) * 1000, 1),
                             "generate_ms": round((t1 - t_gen) * 1000, 1), "batch": len(jobs)}})
         self.stats["scene_ms"] = round((t1 - t0) * 1000, 1)
+        log.info("described %s in %.0f ms (features %.0f, generate %.0f; batch %d; queue %s)",
+                 ", ".join(j.window.id for j in jobs), (t1 - t0) * 1000, (t_gen - t0) * 1000, (t1 - t_gen) * 1000,
+                 len(jobs), self.scheduler.depth)
 
     def _questions(self, jobs: list[Job]) -> None:
         model, processor = self.loaded.model, self.loaded.processor
@@ -213,6 +216,8 @@ class ModelWorker:
                    "tokens_per_s": round(rate, 2) if rate else None,
                    "total_ms": round((time.monotonic() - job.submitted) * 1000, 1)}
         self.stats.update({k: v for k, v in timings.items() if v is not None})
+        log.info("answered %r on %s: %d tokens (%s), queue %s ms, first token %s ms, %s tokens/s", job.tag,
+                 job.window.id, n, reason, timings["queue_ms"], timings["ttft_ms"], timings["tokens_per_s"])
         self._emit(job, {"type": "answer.done", "re": job.tag, "text": "".join(text),
                          "tokens": n, "token_ids": list(streamer.ids), "reason": reason, "window": _window_ref(job),
                          "timings": timings})
