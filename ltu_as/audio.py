@@ -87,3 +87,18 @@ def pad_or_trim_mel(mel: torch.Tensor, n_frames: int) -> torch.Tensor:
     if frames >= n_frames:
         return mel[..., :n_frames]
     return torch.nn.functional.pad(mel, (0, n_frames - frames))
+
+
+def load_audio(path: str, sampling_rate: int = 16000) -> np.ndarray:
+    """Decode any file PyAV reads to `[samples]` float32 mono at `sampling_rate`. Raises on unreadable files and
+    on files with no audio stream. (faster-whisper's `decode_audio` does the same but runs a full garbage
+    collection per call, which dominates on short files.)"""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{path} has no audio stream")
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)
+        parts = [o.to_ndarray().reshape(-1) for f in container.decode(audio=0) for o in resampler.resample(f)]
+        parts += [o.to_ndarray().reshape(-1) for o in resampler.resample(None)]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)

@@ -10,6 +10,7 @@ Exit status: 0 done, 2 bad input (arguments, audio), 3 a model or checkpoint is 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -56,7 +57,145 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     sub.add_parser("params", help="trainable parameter counts of the real-size model, from its dims")
+    _training_parsers(sub)
     return parser
+
+
+def _training_parsers(sub: argparse._SubParsersAction) -> None:
+    ex = sub.add_parser("extract-features", help="precompute [L, T, D] Whisper features for every audio file")
+    ex.add_argument("--data", required=True, type=Path, help="Open-ASQA-format .json or .jsonl")
+    ex.add_argument("--audio-root", required=True, type=Path, help="folder the audio ids are relative to")
+    ex.add_argument("--out", required=True, type=Path)
+    ex.add_argument("--whisper", default="openai/whisper-large", help="HF Whisper folder or hub id (large-v1)")
+    ex.add_argument("--device", default="auto")
+    ex.add_argument("--dtype", default="auto")
+    ex.add_argument("--batch-size", type=int, default=8)
+    tr = sub.add_parser("train", help="one stage of the LTU-AS curriculum")
+    tr.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
+    tr.add_argument("--config", type=Path, help="stage config (default: config/train/stage<N>.toml)")
+    tr.add_argument("--data", required=True, type=Path)
+    tr.add_argument("--features", required=True, type=Path)
+    tr.add_argument("--out", required=True, type=Path)
+    tr.add_argument("--init", help="the previous stage's output folder, or an authors' .bin (stage 1: optional)")
+    tr.add_argument("--whisper", help="Whisper folder/hub id (default: recorded in --init, else openai/whisper-large)")
+    tr.add_argument("--llm", help="LLM folder/hub id (default: recorded in --init, else authors:vicuna_ltuas)")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--dtype", default="auto")
+    ev = sub.add_parser("eval", help="closed-ended evaluation, scored as in the paper")
+    ev.add_argument("--data", required=True, type=Path, help="benchmark records (.json/.jsonl)")
+    ev.add_argument("--features", required=True, type=Path)
+    ev.add_argument("--checkpoint", required=True, help="save_pretrained folder or authors' .bin")
+    ev.add_argument("--whisper")
+    ev.add_argument("--llm")
+    ev.add_argument("--out", required=True, type=Path, help="report path; .json and .md are written")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="auto")
+
+
+def _read_data(path: Path) -> list:  # type: ignore[type-arg]
+    from .data import read_records
+
+    records, bad = read_records(path)
+    for b in bad[:20]:
+        log.warning("%s %s: %s", path, b.where, b.reason)
+    if bad:
+        log.warning("%d bad record(s) in %s skipped (listed above, first 20)", len(bad), path)
+    log.info("%d records from %s", len(records), path)
+    return records
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .featurestore import FeatureEncoder, extract_features
+
+    records = _read_data(args.data)
+    store = extract_features(FeatureEncoder(args.whisper, args.device, args.dtype), [r.audio_id for r in records],
+                             args.audio_root, args.out, batch_size=args.batch_size)
+    print(f"{len(store.manifest['files'])} feature files in {args.out}; {len(store.failed)} failed"
+          + (f" (see {args.out}/manifest.json)" if store.failed else ""))
+    return 1 if store.failed else 0
+
+
+def _model_for(args: argparse.Namespace, init: str | None, seed: int):  # type: ignore[no-untyped-def]
+    import torch
+
+    from .loading import LoadedModel, load_components, load_model
+    from .model import LtuAsForConditionalGeneration
+    from .processor import LtuAsProcessor
+
+    if init and Path(init).is_dir():
+        model = LtuAsForConditionalGeneration.from_pretrained(init, whisper=args.whisper, llm=args.llm,
+                                                              device=args.device, dtype=args.dtype)
+    elif init:
+        model = load_model(init, whisper=args.whisper, llm=args.llm, device=args.device, dtype=args.dtype).model
+    else:
+        torch.manual_seed(seed)  # the fresh TLTR and projector
+        model = load_components(whisper=args.whisper, llm=args.llm, device=args.device, dtype=args.dtype)
+    return LoadedModel(model, LtuAsProcessor.from_pretrained(model.llm.name_or_path, model.config))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .featurestore import FeatureStore
+    from .training import REPO_STAGES, Trainer, TrainConfig, make_examples
+
+    path = args.config or REPO_STAGES / f"stage{args.stage}.toml"
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        import tomllib
+
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = value
+    try:
+        cfg = TrainConfig.load(path if path.is_file() else None, {"stage": args.stage, **overrides})
+    except (ValueError, TypeError) as e:
+        print(f"ltu-as train: {e}", file=sys.stderr)
+        return 2
+    records = _read_data(args.data)
+    store = FeatureStore(args.features)
+    loaded = _model_for(args, args.init, cfg.seed)
+    examples, missing = make_examples(loaded.processor, records, store, cfg.cutoff_len, cfg.loss)
+    if missing:
+        log.warning("%d record(s) without features left out (failed or not extracted), e.g. %s", len(missing),
+                    missing[:3])
+    trainer = Trainer(loaded.model, loaded.processor, examples, store, cfg, args.out)
+    log.info("stage %d: training %s (%s parameters); %d examples, %d steps of %d", cfg.stage,
+             ", ".join(trainer.counts), f"{sum(trainer.counts.values()):,}", len(examples), trainer.total_steps,
+             trainer.rows_per_step)
+    if args.resume and not trainer.resume():
+        log.info("no checkpoint in %s: starting from the beginning", args.out)
+    losses = trainer.train()
+    folder, official = trainer.finish()
+    if losses:
+        log.info("final loss %.4f", losses[-1])
+    print(f"stage {cfg.stage} done: {folder} (ltu_as) and {official} (authors' layout)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import generate_answers, score, write_report
+    from .featurestore import FeatureStore
+
+    records = _read_data(args.data)
+    store = FeatureStore(args.features)
+    kept = [r for r in records if r.audio_id in store]
+    if len(kept) < len(records):
+        log.warning("%d record(s) without features are not scored", len(records) - len(kept))
+    loaded = _model_for(args, args.checkpoint, 0)
+    answers = generate_answers(loaded, kept, store, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    results = score(kept, answers)
+    js, md = write_report(results, args.out)
+    with open(js.with_name(js.stem + ".answers.jsonl"), "w") as f:
+        for r, a in zip(kept, answers, strict=True):
+            f.write(json.dumps({"audio_id": r.audio_id, "dataset": r.dataset, "answer": a, "reference": r.output})
+                    + "\n")
+    print(md.read_text(), end="")
+    return 0
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
@@ -124,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    commands = {"ask": _cmd_ask, "make-tiny": _cmd_make_tiny, "params": _cmd_params}
+    commands = {"ask": _cmd_ask, "make-tiny": _cmd_make_tiny, "params": _cmd_params,
+                "extract-features": _cmd_extract, "train": _cmd_train, "eval": _cmd_eval}
     try:
         return commands[args.command](args)
     except (ModelNotFoundError, CheckpointError) as e:

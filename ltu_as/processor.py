@@ -60,6 +60,14 @@ class LtuAsProcessor:
         ids = list(self.tokenizer(self.build_prompt(question, transcript), add_special_tokens=False)["input_ids"])
         return [self.bos_token_id, *ids]
 
+    def encode_example(self, question: str, transcript: str | None, answer: str) -> tuple[list[int], int]:
+        """A training sequence: BOS + prompt + answer tokenized together (as the reference does, so the answer's
+        first word gets its SentencePiece space), and the length of the prompt part (for response-only loss).
+        No EOS is appended (the reference's add_eos_token=False)."""
+        full = [self.bos_token_id, *self.tokenizer(self.build_prompt(question, transcript) + answer,
+                                                   add_special_tokens=False)["input_ids"]]
+        return full, len(self.encode(question, transcript))
+
     @property
     def bos_token_id(self) -> int:
         return int(self.tokenizer.bos_token_id)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import json
+
+import numpy as np
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +69,8 @@ CORPUS = [
     "male female happy sad angry neutral yes no one two three four five six seven eight nine ten",
     "Someone says they will check the router in the kitchen, then a smoke alarm beeps three times.",
     "0123456789 .,;:!?'\"()-_/ ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz",
+    # the learning test's class names, often enough to become single tokens (as real labels mostly are)
+    "\n".join(["tone", "chirp", "noise", "clicks", "silence"] * 8),
 ]
 
 
@@ -235,3 +239,59 @@ def build_tiny_models(root: str | Path, *, seed: int = 0, ct2: bool = True) -> T
     randomize_trainable_(model, seed=seed + 2)
     checkpoint = save_official_checkpoint(model, root / "ltuas_tiny.bin")
     return TinyModels(root, whisper, whisper_ct2, llm, checkpoint, model.config)
+
+
+SOUND_CLASSES = ("tone", "chirp", "noise", "clicks", "silence")
+SOUND_QUESTION = "What sound is this?"
+
+
+def _sound(kind: str, rng: np.random.Generator, sr: int = 16000) -> np.ndarray:
+    """10 s of one synthetic class with light background noise; parameters random per clip."""
+    n = 10 * sr
+    t = np.arange(n) / sr
+    x = 0.003 * rng.standard_normal(n)
+    if kind == "tone":
+        a = rng.uniform(0, 4)
+        b = a + rng.uniform(4, 6)
+        x += 0.3 * np.sin(2 * np.pi * rng.uniform(300, 3000) * t) * ((t >= a) & (t < b))
+    elif kind == "chirp":
+        f0 = rng.uniform(200, 3500)
+        f1 = f0 + rng.choice([-1, 1]) * rng.uniform(800, 2500)
+        f1 = float(np.clip(f1, 100, 7000))
+        x += 0.3 * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / 20))
+    elif kind == "noise":
+        for _ in range(rng.integers(2, 9)):
+            s, d = rng.uniform(0, 9), rng.uniform(0.1, 1)
+            m = (t >= s) & (t < s + d)
+            x[m] += 0.3 * rng.standard_normal(int(m.sum()))
+    elif kind == "clicks":
+        period = int(sr / rng.uniform(2, 20))
+        x[rng.integers(0, period)::period] += 0.8
+    elif kind != "silence":
+        raise ValueError(kind)
+    return np.clip(x, -1, 1).astype(np.float32)
+
+
+def write_sound_classes(root: str | Path, per_class: int, *, seed: int, split: str) -> Path:
+    """A synthetic closed-ended dataset in the Open-ASQA format: `per_class` 10 s WAV clips of each of
+    `SOUND_CLASSES` under `root/<split>/`, and `root/<split>.json` asking `SOUND_QUESTION` with the class name
+    as the answer. Used by the learning test and the training docs."""
+    import wave
+
+    root = Path(root)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for kind in SOUND_CLASSES:
+        for i in range(per_class):
+            audio_id = f"{split}/{kind}_{i:03d}.wav"
+            with wave.open(str(root / audio_id), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(16000)
+                w.writeframes((_sound(kind, rng) * 32767).astype("<i2").tobytes())
+            records.append({"instruction": SOUND_QUESTION, "input": "", "output": kind, "audio_id": audio_id,
+                            "dataset": "synthetic_sounds", "task": "cla_label"})
+    path = root / f"{split}.json"
+    path.write_text(json.dumps(records, indent=0))
+    return path
