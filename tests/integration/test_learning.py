@@ -21,7 +21,8 @@ from ltu_as.testing import save_tiny_llama, save_tiny_whisper, write_sound_class
 
 pytestmark = [pytest.mark.integration, pytest.mark.learning]
 
-# The recipe's settings: answer-only loss, lr 1e-3, batch 32, 150 + 300 steps.
+# The recipe's settings (answer-only loss, lr 1e-3, batch 32), with 250 stage-1 steps instead of 150: with the
+# linear LR decay, 150 left some seeds at 0.66-0.68 after stage 1 (0.84 with 250).
 FAST = ["--set", 'loss="response"', "--set", "batch_size=32", "--set", "micro_batch_size=32", "--set",
         "warmup_steps=10", "--set", "learning_rate=1e-3", "--set", "save_steps=0"]
 
@@ -56,7 +57,7 @@ def test_stages_1_and_2_learn_sound_classes(tmp_path: Path) -> None:
                                              records, store, max_new_tokens=4, progress=False))
     common = ["--data", train, "--features", feats, "--device", "cpu", "--dtype", "fp32", *FAST]
     ltu_as("train", "--stage", 1, "--out", tmp_path / "s1", "--whisper", whisper, "--llm", llm, *common,
-           "--set", "max_steps=150")
+           "--set", "max_steps=250")
     ltu_as("eval", "--data", test, "--features", feats, "--checkpoint", tmp_path / "s1", "--out", tmp_path / "r1",
            "--max-new-tokens", 4, "--device", "cpu", "--dtype", "fp32")
     ltu_as("train", "--stage", 2, "--init", tmp_path / "s1", "--out", tmp_path / "s2", *common,
