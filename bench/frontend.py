@@ -38,16 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from daemon.config import VadConfig  # noqa: E402
 from daemon.vad import Segmenter, SpeechEnd  # noqa: E402
+from ltu_as.audio import load_audio  # noqa: E402
 from ltu_as.transcribe import AsrOptions, load_asr, transcribe_detailed  # noqa: E402
-
-
-def decode(path: Path) -> np.ndarray:
-    import av
-
-    with av.open(str(path)) as c:
-        r = av.AudioResampler(format="flt", layout="mono", rate=16000)
-        parts = [o.to_ndarray().reshape(-1) for f in c.decode(audio=0) for o in r.resample(f)]
-    return np.concatenate(parts)
 
 
 def baseline(args: argparse.Namespace, audio: np.ndarray) -> tuple[float, float, float]:
@@ -142,7 +134,7 @@ def main() -> int:
 
             build_tiny_models(tiny)
         args.asr_model = str(tiny / "whisper-ct2")
-    audio = decode(ASSET)
+    audio = load_audio(str(ASSET))
     decode_s, cpu_per_audio_s, hangover = baseline(args, audio)
     base_latency = hangover + decode_s
     print(f"model {args.asr_model} on {args.device} ({args.compute_type}, beam {args.beam_size}); "

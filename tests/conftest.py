@@ -45,12 +45,8 @@ ASSET_SPEECH = [(1.5, 4.0), (9.0, 12.14), (16.64, 19.32)]
 
 @pytest.fixture(scope="session")
 def speech():
-    """The demo asset decoded to [n] float32 at 16 kHz (PyAV, independent of the daemon's file source)."""
-    import av
-    import numpy as np
+    """The demo asset decoded to [n] float32 at 16 kHz (whole-file decoding, independent of the daemon's
+    streaming file source)."""
+    from ltu_as.audio import load_audio
 
-    with av.open(str(ASSET)) as c:
-        r = av.AudioResampler(format="flt", layout="mono", rate=16000)
-        parts = [o.to_ndarray().reshape(-1) for f in c.decode(audio=0) for o in r.resample(f)]
-        parts += [o.to_ndarray().reshape(-1) for o in r.resample(None)]
-    return np.concatenate(parts).astype(np.float32)
+    return load_audio(str(ASSET))
