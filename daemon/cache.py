@@ -25,6 +25,10 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: str) -> bool:  # no effect on recency or the hit counts
+        with self._lock:
+            return key in self._items
+
     def get(self, key: str) -> torch.Tensor | None:
         with self._lock:
             value = self._items.get(key)

@@ -186,8 +186,9 @@ class Service:
         if any(j.tag == msg.id for j in self._jobs.get(owner, ())):
             raise ProtocolError(ErrorCode.BAD_MESSAGE, f"question {msg.id!r} is still being answered", msg.id)
         w = self.resolve_window(msg)
-        audio = None if self.cache.get(w.id) is not None else self.pipelines[w.stream].window_audio(w)
-        if audio is None and self.cache.get(w.id) is None:
+        cached = w.id in self.cache
+        audio = None if cached else self.pipelines[w.stream].window_audio(w)
+        if audio is None and not cached:
             raise ProtocolError(ErrorCode.WINDOW_EXPIRED, f"window {w.id} is no longer in memory", msg.id)
         options = GenerationOptions(
             max_new_tokens=min(msg.max_new_tokens or q.max_new_tokens, q.max_new_tokens_limit),

@@ -73,7 +73,7 @@ class StreamPipeline:
         while True:
             item = await self.queue.get()
             if item is END:
-                await self._flush("closed")
+                await self._flush()
                 return
             if isinstance(item, AudioChunk):
                 await self._audio(item)
@@ -82,7 +82,7 @@ class StreamPipeline:
                              reason=item.reason)
             elif isinstance(item, Status):
                 if item.state in ("lost", "closed", "error"):
-                    await self._flush(item.state)  # a gap or an end cuts the utterance: its final goes out now
+                    await self._flush()  # a gap or an end cuts the utterance: its final goes out now
                 self.state = item.state
                 self.publish("stream.status", state=item.state, detail=item.detail)
 
@@ -144,7 +144,7 @@ class StreamPipeline:
         self.asr.offer_partial(AsrJob(self.name, index, start, self.ring.end, self.ring.read(start, self.ring.end),
                                       False, time.monotonic()))
 
-    async def _flush(self, why: str) -> None:
+    async def _flush(self) -> None:
         for ev in self.vad.flush():
             await self._vad_event(ev)
 

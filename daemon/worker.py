@@ -109,9 +109,7 @@ class ModelWorker:
         """`[B, L, T, D]` features of the jobs' windows: from the cache, the rest computed in one batch."""
         model, processor = self.loaded.model, self.loaded.processor
         have = {j.window.id: self.cache.get(j.window.id) for j in jobs}
-        todo = [j for j in jobs if have[j.window.id] is None]
-        seen: set[str] = set()
-        todo = [j for j in todo if not (j.window.id in seen or seen.add(j.window.id))]  # type: ignore[func-returns-value]
+        todo = list({j.window.id: j for j in jobs if have[j.window.id] is None}.values())  # one per window
         if todo:
             if any(j.audio is None for j in todo):
                 raise WindowGone("the window's audio left the ring buffer and its features the cache")

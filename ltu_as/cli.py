@@ -142,11 +142,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training import REPO_STAGES, Trainer, TrainConfig, make_examples
 
     path = args.config or REPO_STAGES / f"stage{args.stage}.toml"
+    import tomllib
+
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        import tomllib
-
         try:
             overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:

@@ -12,6 +12,7 @@ every micro-batch index and gradients are averaged by accelerate.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -223,7 +224,7 @@ class Trainer:
                 if not rows:
                     continue
                 sync = micro == self.accum - 1
-                ctx = self.acc.no_sync(self.model) if not sync else _null()
+                ctx = self.acc.no_sync(self.model) if not sync else contextlib.nullcontext()
                 with ctx:
                     loss = self._loss(rows) / self.accum
                     self.acc.backward(loss)
@@ -250,10 +251,3 @@ class Trainer:
         model.save_pretrained(self.out)
         return self.out, save_official_checkpoint(model, self.out / "ltuas.bin")
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: object) -> None:
-        return None
