@@ -67,7 +67,6 @@ class AsrWorker:
         self._thread = threading.Thread(target=self._run, name="asr", daemon=True)
         self.ready = threading.Event()
         self.error: Exception | None = None
-        self._working = False
         self.decoded = 0
         self.busy_s = 0.0
 
@@ -106,10 +105,6 @@ class AsrWorker:
             self._cv.notify()
         self._thread.join(timeout)
 
-    def idle(self) -> bool:
-        with self._cv:
-            return not self._finals and not self._partials and not self._working
-
     def _next(self) -> AsrJob | None:
         with self._cv:
             while True:
@@ -126,7 +121,6 @@ class AsrWorker:
                 else:
                     self._cv.wait()
                     continue
-                self._working = True
                 return job
 
     def _run(self) -> None:
@@ -156,7 +150,6 @@ class AsrWorker:
             self.decoded += 1
             self.busy_s += t1 - t0
             with self._cv:
-                self._working = False
                 stale = not job.final and job.index <= self._finalized.get(job.stream, 0)
             if not stale:
                 self.on_result(AsrResult(job, text, dropped, t1 - t0, t0 - job.submitted))

@@ -247,6 +247,7 @@ class Service:
             "streams": {name: p.health() for name, p in self.pipelines.items()},
             "model": self._model_health(),
             "clients": len(self.server.connections),
+            "rejected_connections": self.server.rejected,  # bad tokens
             "events": dict(self.bus.published),
         }
 

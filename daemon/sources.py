@@ -218,7 +218,6 @@ class RemoteSource:
         self._resampler: Resampler | None = None
         self._fmt = "s16le"
         self._channels = 1
-        self.received_bytes = 0
 
     def start(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[object]) -> None:
         self._queue = queue
@@ -244,7 +243,6 @@ class RemoteSource:
         if owner is not self.owner or self._resampler is None or self._queue is None:
             raise PermissionError("send audio.start before binary audio frames")
         x = self._resampler(decode_pcm(data, self._fmt, self._channels))
-        self.received_bytes += len(data)
         await self._queue.put(AudioChunk(x, time.time() - len(x) / SAMPLE_RATE))
 
     async def release(self, owner: object) -> None:

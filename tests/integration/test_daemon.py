@@ -348,6 +348,7 @@ def test_token_auth(tiny, tmp_path: Path) -> None:  # noqa: ANN001
                 out.append((await hello(ws, token="s3cret-token"))["type"])
             return out
         assert asyncio.run(go()) == [401, "unauthorized", 4001, "welcome", "welcome"]
+        assert d.health()[1]["rejected_connections"] == 2
         assert "s3cret-token" not in d.log()
     finally:
         assert d.stop() == 0
