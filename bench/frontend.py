@@ -37,9 +37,9 @@ ASSET = REPO / "daemon" / "assets" / "demo_speech.ogg"
 sys.path.insert(0, str(REPO))
 
 from daemon.config import VadConfig  # noqa: E402
-from daemon.vad import Segmenter, SpeechEnd  # noqa: E402
-from ltu_as.audio import load_audio  # noqa: E402
-from ltu_as.transcribe import AsrOptions, load_asr, transcribe_detailed  # noqa: E402
+from daemon.capture.vad import Segmenter, SpeechEnd  # noqa: E402
+from ltu_as.model.audio import load_audio  # noqa: E402
+from ltu_as.serving.transcribe import AsrOptions, load_asr, transcribe_detailed  # noqa: E402
 
 
 def baseline(args: argparse.Namespace, audio: np.ndarray) -> tuple[float, float, float]:

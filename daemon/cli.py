@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_devices(args)
         if args.command == "check":
             return cmd_check(args)
-        from .protocol import json_schema
+        from .delivery.protocol import json_schema
 
         print(json.dumps(json_schema(), indent=2))
         return 0

@@ -23,8 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "LTU_DAEMON__"
-SAMPLE_RATE = 16000  # Hz: what every stage after a source sees (Whisper's rate)
-REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
+PROFILES = Path(__file__).resolve().parent / "profiles"  # default.toml and demo.toml, shipped in the package
 
 # TOML strings become paths; strict mode would otherwise insist on a Path object.
 PathField = Annotated[Path, Field(strict=False)]
@@ -53,6 +52,10 @@ class ServerConfig(_Section):
     ping_interval_s: float = Field(20.0, gt=0)
     ping_timeout_s: float = Field(20.0, gt=0)
     max_clients: int = Field(64, ge=1)
+    messages_per_s: float = Field(50.0, gt=0)
+    messages_burst: int = Field(200, ge=1)
+    questions_per_s: float = Field(5.0, gt=0)
+    questions_burst: int = Field(30, ge=1)
 
     @property
     def is_loopback(self) -> bool:
@@ -127,7 +130,6 @@ class WindowsConfig(_Section):
 class FeaturesConfig(_Section):
     cache_windows: int = Field(64, ge=1)
     cache_mb: float = Field(512.0, gt=0)
-    max_batch: int = Field(8, ge=1)
 
 
 class SceneConfig(_Section):
@@ -147,17 +149,21 @@ class SchedulerConfig(_Section):
 
 class QuestionsConfig(_Section):
     max_new_tokens: int = Field(128, ge=1)
-    max_new_tokens_limit: int = Field(512, ge=1)
-    max_question_chars: int = Field(1000, ge=1)
+    max_new_tokens_limit: int = Field(512, ge=1, le=4096)
 
 
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+def user_cache() -> Path:
+    """Where the daemon keeps what it builds for itself: `$XDG_CACHE_HOME/ltu-daemon` (`~/.cache/ltu-daemon`)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ltu-daemon"
+
+
 class DemoConfig(_Section):
     enabled: bool = False
-    models_dir: PathField = Path(".cache/demo")
+    models_dir: PathField = Field(default_factory=lambda: user_cache() / "demo")
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -333,8 +339,8 @@ def load_config(path: str | Path | None = None, *, overrides: list[str] = (),  #
 
 
 def demo_config_path() -> Path:
-    """`config/demo.toml` of this checkout."""
-    p = REPO_CONFIG / "demo.toml"
+    """The demo profile shipped with the package (`daemon/profiles/demo.toml`)."""
+    p = PROFILES / "demo.toml"
     if not p.is_file():
-        raise ConfigError(f"the demo profile {p} is missing; run from a checkout of ltu-daemon or pass --config")
+        raise ConfigError(f"the demo profile {p} is missing: the package is incomplete; reinstall ltu-daemon")
     return p

@@ -3,6 +3,11 @@
 A frozen Whisper encoder's layer states → TLTR → projector → 25 audio tokens prepended to a stock LLaMA
 (+ LoRA via peft) that reads the question and the Whisper transcript. No asyncio, no global state, no work at
 import: each public name loads its module on first use.
+
+Subpackages: `model` (config, audio, encoder, TLTR, the model, processor, prompt, decoding), `loading` (sources,
+checkpoints, precision, assembling a model), `serving` (one-shot pipeline, faster-whisper transcripts) and
+`training` (Open-ASQA data, feature store, curriculum trainer, evaluation). The arrows point one way:
+model ← loading ← serving / training.
 """
 
 import importlib
@@ -11,14 +16,17 @@ from typing import Any
 # Public names → the module that holds them. Loaded on first use (PEP 562), so that light users such as the
 # daemon's ASR front end (`ltu_as.transcribe`) do not pay for importing torch and transformers.
 _EXPORTS = {
-    "load_official_checkpoint": "checkpoint", "official_state_dict": "checkpoint",
-    "save_official_checkpoint": "checkpoint",
-    "LoraSettings": "config", "LtuAsConfig": "config", "trainable_parameter_counts": "config",
     "CheckpointError": "errors", "LtuAsError": "errors", "ModelNotFoundError": "errors",
-    "GenerationOptions": "generation",
-    "LoadedModel": "loading", "load_components": "loading", "load_model": "loading",
-    "LtuAsForConditionalGeneration": "model",
-    "LtuAsProcessor": "processor",
+    # the model: architecture, math, prompt and decoding
+    "LoraSettings": "model.config", "LtuAsConfig": "model.config", "trainable_parameter_counts": "model.config",
+    "GenerationOptions": "model.generation",
+    "LtuAsForConditionalGeneration": "model.modeling",
+    "LtuAsProcessor": "model.processor",
+    # loading: sources, checkpoints in both layouts, precision
+    "load_official_checkpoint": "loading.checkpoint", "official_state_dict": "loading.checkpoint",
+    "save_official_checkpoint": "loading.checkpoint",
+    "LoadedModel": "loading.load", "load_components": "loading.load", "load_model": "loading.load",
+    "load_pretrained": "loading.load", "load_trainable": "loading.load",
 }
 
 
@@ -43,6 +51,8 @@ __all__ = [
     "load_components",
     "load_model",
     "load_official_checkpoint",
+    "load_pretrained",
+    "load_trainable",
     "official_state_dict",
     "save_official_checkpoint",
     "testing",

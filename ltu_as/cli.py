@@ -97,7 +97,7 @@ def _training_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_data(path: Path) -> list:  # type: ignore[type-arg]
-    from .data import read_records
+    from .training.data import read_records
 
     records, bad = read_records(path)
     for b in bad[:20]:
@@ -109,7 +109,7 @@ def _read_data(path: Path) -> list:  # type: ignore[type-arg]
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .featurestore import FeatureEncoder, extract_features
+    from .training.featurestore import FeatureEncoder, extract_features
 
     records = _read_data(args.data)
     store = extract_features(FeatureEncoder(args.whisper, args.device, args.dtype), [r.audio_id for r in records],
@@ -122,13 +122,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _model_for(args: argparse.Namespace, init: str | None, seed: int):  # type: ignore[no-untyped-def]
     import torch
 
-    from .loading import LoadedModel, load_components, load_model
-    from .model import LtuAsForConditionalGeneration
-    from .processor import LtuAsProcessor
+    from .loading.load import LoadedModel, load_components, load_model, load_pretrained
+    from .model.processor import LtuAsProcessor
 
     if init and Path(init).is_dir():
-        model = LtuAsForConditionalGeneration.from_pretrained(init, whisper=args.whisper, llm=args.llm,
-                                                              device=args.device, dtype=args.dtype)
+        model = load_pretrained(init, whisper=args.whisper, llm=args.llm, device=args.device, dtype=args.dtype)
     elif init:
         model = load_model(init, whisper=args.whisper, llm=args.llm, device=args.device, dtype=args.dtype).model
     else:
@@ -138,10 +136,10 @@ def _model_for(args: argparse.Namespace, init: str | None, seed: int):  # type: 
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .featurestore import FeatureStore
-    from .training import REPO_STAGES, Trainer, TrainConfig, make_examples
+    from .training.featurestore import FeatureStore
+    from .training.trainer import STAGES, Trainer, TrainConfig, make_examples
 
-    path = args.config or REPO_STAGES / f"stage{args.stage}.toml"
+    path = args.config or STAGES / f"stage{args.stage}.toml"
     import tomllib
 
     overrides = {}
@@ -178,8 +176,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import generate_answers, score, write_report
-    from .featurestore import FeatureStore
+    from .training.evaluation import generate_answers, score, write_report
+    from .training.featurestore import FeatureStore
 
     records = _read_data(args.data)
     store = FeatureStore(args.features)
@@ -201,10 +199,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_ask(args: argparse.Namespace) -> int:
     from faster_whisper import decode_audio
 
-    from .generation import GenerationOptions
-    from .loading import load_model
-    from .pipeline import ask_stream
-    from .transcribe import DEFAULT_ASR_MODEL, AsrOptions, load_asr, transcribe
+    from .model.generation import GenerationOptions
+    from .loading.load import load_model
+    from .serving.pipeline import ask_stream
+    from .serving.transcribe import DEFAULT_ASR_MODEL, AsrOptions, load_asr, transcribe
 
     try:
         options = GenerationOptions(
@@ -252,7 +250,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(_args: argparse.Namespace) -> int:
-    from .config import LtuAsConfig, trainable_parameter_counts
+    from .model.config import LtuAsConfig, trainable_parameter_counts
 
     for name, n in trainable_parameter_counts(LtuAsConfig()).items():
         print(f"{name:>10}: {n:>12,}")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LtuAsConfig
+from .model.config import LtuAsConfig
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +227,8 @@ def randomize_trainable_(model: torch.nn.Module, seed: int = 0, std: float = 0.0
 
 def build_tiny_models(root: str | Path, *, seed: int = 0, ct2: bool = True) -> TinyModels:
     """Write the whole tiny suite under `root` (about 3 s with the CTranslate2 conversion) and return its paths."""
-    from .checkpoint import save_official_checkpoint
-    from .loading import load_components
+    from .loading.checkpoint import save_official_checkpoint
+    from .loading.load import load_components
 
     root = Path(root)
     whisper = save_tiny_whisper(root / "whisper", seed=seed)

@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from wire_check import validate_every_received_message  # noqa: F401  (an autouse fixture: every message checked)
+
 from ltu_as import load_model
 from ltu_as.testing import TinyModels, build_tiny_models
 
@@ -47,6 +49,6 @@ ASSET_SPEECH = [(1.5, 4.0), (9.0, 12.14), (16.64, 19.32)]
 def speech():
     """The demo asset decoded to [n] float32 at 16 kHz (whole-file decoding, independent of the daemon's
     streaming file source)."""
-    from ltu_as.audio import load_audio
+    from ltu_as.model.audio import load_audio
 
     return load_audio(str(ASSET))

@@ -18,7 +18,7 @@ from daemon_harness import Daemon, tiny_asr_config
 from pulse import Pulse
 from websockets.asyncio.client import connect
 
-from daemon.audio import AudioChunk, Gap, Status
+from daemon.capture.audio import AudioChunk, Gap, Status
 from daemon.config import MicStream
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ def speech_wav(speech: np.ndarray, tmp_path_factory) -> Path:  # noqa: ANN001
 
 async def capture(cfg: MicStream, seconds: float, during: Any = None) -> tuple[np.ndarray, list[object]]:
     """Run a MicSource for `seconds`; `during(t)` is called each loop turn with the elapsed time."""
-    from daemon.sources import MicSource
+    from daemon.capture.sources import MicSource
 
     queue: asyncio.Queue[object] = asyncio.Queue(maxsize=1000)
     source = MicSource(cfg)

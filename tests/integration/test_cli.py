@@ -14,8 +14,8 @@ import pytest
 from faster_whisper import decode_audio
 
 from ltu_as import GenerationOptions
-from ltu_as.pipeline import ask
-from ltu_as.transcribe import AsrOptions, load_asr, transcribe
+from ltu_as.serving.pipeline import ask
+from ltu_as.serving.transcribe import AsrOptions, load_asr, transcribe
 
 pytestmark = pytest.mark.integration
 QUESTION = "What can be inferred from the audio?"

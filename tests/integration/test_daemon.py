@@ -25,8 +25,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.config import VadConfig
-from daemon.vad import Segmenter, SpeechEnd
-from ltu_as.transcribe import AsrOptions, load_asr, transcribe_detailed
+from daemon.capture.vad import Segmenter, SpeechEnd
+from ltu_as.serving.transcribe import AsrOptions, load_asr, transcribe_detailed
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +37,7 @@ def config(tiny: Any, *, extra: str = "", loop: bool = True) -> str:
     return tiny_asr_config(tiny) + f"""
 [server]
 client_queue = 64
+messages_burst = 5000         # the stalled client below floods replies; rate limits have their own test
 send_timeout_s = 2.0
 max_control_bytes = 4096
 max_message_bytes = 262144

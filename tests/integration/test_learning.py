@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ltu_as.data import read_records
-from ltu_as.evaluation import generate_answers, score
-from ltu_as.featurestore import FeatureStore
-from ltu_as.loading import LoadedModel, load_components
-from ltu_as.processor import LtuAsProcessor
+from ltu_as.training.data import read_records
+from ltu_as.training.evaluation import generate_answers, score
+from ltu_as.training.featurestore import FeatureStore
+from ltu_as.loading.load import LoadedModel, load_components
+from ltu_as.model.processor import LtuAsProcessor
 from ltu_as.testing import save_tiny_llama, save_tiny_whisper, write_sound_classes
 
 pytestmark = [pytest.mark.integration, pytest.mark.learning]

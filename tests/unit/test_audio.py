@@ -8,7 +8,7 @@ import torch
 from transformers import WhisperFeatureExtractor
 
 from ltu_as import LtuAsConfig, LtuAsProcessor
-from ltu_as.audio import log_mel_spectrogram, pad_or_trim_mel
+from ltu_as.model.audio import log_mel_spectrogram, pad_or_trim_mel
 
 
 def numpy_log_mel(audio: np.ndarray, n_frames: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ltu_as import CheckpointError, load_official_checkpoint, official_state_dict
-from ltu_as.checkpoint import official_to_ours, ours_to_official
+from ltu_as.loading.checkpoint import official_to_ours, ours_to_official
 
 
 def official_keys(n_layers: int) -> set[str]:

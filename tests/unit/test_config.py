@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ltu_as import LtuAsConfig, trainable_parameter_counts
-from ltu_as.tltr import TLTR, build_projector
+from ltu_as.model.tltr import TLTR, build_projector
 
 
 def test_real_dims() -> None:

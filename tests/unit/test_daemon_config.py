@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import REPO_CONFIG, ConfigError, DaemonConfig, FileStream, RemoteStream, load_config
+from daemon.config import PROFILES, ConfigError, DaemonConfig, FileStream, RemoteStream, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -15,9 +15,22 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_profiles_ship_in_the_package_and_config_links_to_them() -> None:
+    for name in ("default.toml", "demo.toml"):
+        assert (PROFILES / name).is_file()
+        assert (REPO / "config" / name).resolve() == (PROFILES / name).resolve()
+    stages = REPO / "ltu_as" / "training" / "stages"
+    assert sorted(p.name for p in (REPO / "config" / "train").iterdir()) == ["stage1.toml", "stage2.toml",
+                                                                             "stage3.toml"]
+    assert (REPO / "config" / "train").resolve() == stages.resolve()
+
+
 def test_default_toml_documents_exactly_the_defaults() -> None:
-    assert load_config(REPO_CONFIG / "default.toml", environ={}) == DaemonConfig()
-    text = (REPO_CONFIG / "default.toml").read_text()
+    assert load_config(PROFILES / "default.toml", environ={}) == DaemonConfig()
+    text = (PROFILES / "default.toml").read_text()
     for section, model in DaemonConfig.model_fields.items():
         if section == "streams":
             continue
@@ -26,10 +39,12 @@ def test_default_toml_documents_exactly_the_defaults() -> None:
 
 
 def test_demo_profile_resolves_paths_next_to_the_file() -> None:
-    cfg = load_config(REPO_CONFIG / "demo.toml", environ={})
+    cfg = load_config(PROFILES / "demo.toml", environ={})
     assert cfg.demo.enabled
     demo = cfg.stream("demo")
     assert isinstance(demo, FileStream) and demo.path.is_file() and demo.loop
+    assert demo.path.resolve() == (PROFILES.parent / "assets" / "demo_speech.ogg").resolve()  # inside the package
+    assert cfg.demo.models_dir.name == "demo" and "ltu-daemon" in cfg.demo.models_dir.parts  # a user cache
     assert isinstance(cfg.stream("satellite"), RemoteStream)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from ltu_as.encoder import load_whisper_encoder
+from ltu_as.model.encoder import load_whisper_encoder
 
 
 def manual_pooled_states(encoder, mel: torch.Tensor, pool: int) -> torch.Tensor:
@@ -62,6 +62,6 @@ def test_features_differ_from_padding_the_mel_to_3000(loaded, clip) -> None:
         mel = loaded.processor.mel(clip)[None]
         padded = torch.nn.functional.pad(mel, (0, 2000))
         ours = model.audio_features(mel)
-        from ltu_as.encoder import pooled_layer_states
+        from ltu_as.model.encoder import pooled_layer_states
         theirs = pooled_layer_states(full, padded, 20)[:, :, :25]
     assert not torch.allclose(ours, theirs, atol=1e-3)

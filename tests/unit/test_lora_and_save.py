@@ -1,4 +1,4 @@
-"""LoRA merged == unmerged; save_pretrained → from_pretrained reproduces outputs; bad files are clear errors."""
+"""LoRA merged == unmerged; save_pretrained → load_pretrained reproduces outputs; bad files are clear errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ltu_as import CheckpointError, GenerationOptions, LtuAsForConditionalGeneration, ModelNotFoundError
+from ltu_as import CheckpointError, GenerationOptions, ModelNotFoundError, load_pretrained
 
 GREEDY = GenerationOptions(max_new_tokens=20).greedy()
 
@@ -47,19 +47,19 @@ def test_save_and_load_reproduce_outputs(loaded, inputs, tmp_path) -> None:
     loaded.model.save_pretrained(tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "ckpt" / "ltu_as_config.json").read_text())
     assert cfg["whisper_source"] == loaded.model.config.whisper_source
-    again = LtuAsForConditionalGeneration.from_pretrained(tmp_path / "ckpt", device="cpu", dtype="fp32", progress=False)
+    again = load_pretrained(tmp_path / "ckpt", device="cpu", dtype="fp32", progress=False)
     torch.testing.assert_close(logits(again, *inputs), logits(loaded.model, *inputs), rtol=1e-5, atol=1e-5)
     assert again.generate(*inputs, GREEDY) == loaded.model.generate(*inputs, GREEDY)
 
 
 def test_bad_own_checkpoints(loaded, tmp_path) -> None:
     with pytest.raises(ModelNotFoundError, match="no ltu_as_config.json"):
-        LtuAsForConditionalGeneration.from_pretrained(tmp_path, progress=False)
+        load_pretrained(tmp_path, progress=False)
     loaded.model.save_pretrained(tmp_path / "c")
     weights = tmp_path / "c" / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="corrupt"):
-        LtuAsForConditionalGeneration.from_pretrained(tmp_path / "c", device="cpu", progress=False)
+        load_pretrained(tmp_path / "c", device="cpu", progress=False)
 
 
 def test_trainable_parameters_are_exactly_tltr_projector_lora(loaded) -> None:

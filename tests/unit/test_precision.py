@@ -7,7 +7,7 @@ import torch
 
 import ltu_as
 from ltu_as import GenerationOptions, load_model
-from ltu_as.precision import resolve_device, resolve_dtype
+from ltu_as.loading.precision import resolve_device, resolve_dtype
 
 
 def test_dtype_policy() -> None:

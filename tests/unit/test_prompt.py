@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ltu_as import LtuAsProcessor
-from ltu_as.prompt import build_prompt, extract_answer
+from ltu_as.model.prompt import build_prompt, extract_answer
 
 
 def test_prompt_with_transcript_is_byte_exact() -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ltu_as import ModelNotFoundError, sources
+from ltu_as import ModelNotFoundError
+from ltu_as.loading import sources
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ltu_as.tltr import TLTR, build_projector
+from ltu_as.model.tltr import TLTR, build_projector
 
 
 def ref_block(block, x: torch.Tensor, heads: int) -> torch.Tensor:

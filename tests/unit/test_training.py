@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import save_file
 
 from ltu_as import load_official_checkpoint, trainable_parameter_counts
-from ltu_as.data import Record, read_records
-from ltu_as.featurestore import FeatureEncoder, FeatureStore, extract_features
-from ltu_as.loading import load_components
-from ltu_as.training import REPO_STAGES, Trainer, TrainConfig, make_examples, set_trainable
-from ltu_as.evaluation import score, wer
+from ltu_as.training.data import Record, read_records
+from ltu_as.training.featurestore import FeatureEncoder, FeatureStore, extract_features
+from ltu_as.loading.load import load_components
+from ltu_as.training.trainer import STAGES, Trainer, TrainConfig, make_examples, set_trainable
+from ltu_as.training.evaluation import score, wer
 
 
 def fresh(tiny, seed: int = 0):  # noqa: ANN001, ANN201
@@ -24,7 +24,7 @@ def fresh(tiny, seed: int = 0):  # noqa: ANN001, ANN201
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_each_stage_trains_exactly_the_reference_parameters(tiny, stage: int) -> None:  # noqa: ANN001
-    cfg = TrainConfig.load(REPO_STAGES / f"stage{stage}.toml")
+    cfg = TrainConfig.load(STAGES / f"stage{stage}.toml")
     model = fresh(tiny)
     counts = set_trainable(model, cfg.trainable)
     names = [n for n, p in model.named_parameters() if p.requires_grad]

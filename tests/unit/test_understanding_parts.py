@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from daemon.cache import FeatureCache
-from daemon.scheduler import Busy, Job, Scheduler
-from daemon.windows import WINDOW_SAMPLES, Window, Windower
+from daemon.clock import WINDOW_SAMPLES
+from daemon.understanding.cache import FeatureCache
+from daemon.understanding.scheduler import Busy, Job, QuestionJob, SceneJob, Scheduler
+from daemon.understanding.windows import StreamWindows, Window, Windower
 
 SR = 16000
 
@@ -54,8 +56,18 @@ def window(stream: str, i: int) -> Window:
     return Window(stream, i, (i - 1) * 10 * SR, i * 10 * SR, "")
 
 
-def job(kind: str, stream: str = "k", i: int = 1, deadline: float = 60.0, **kw: object) -> Job:
-    return Job(kind, window(stream, i), None, time.monotonic() + deadline, **kw)  # type: ignore[arg-type]
+def nowhere(_: object) -> None:
+    raise AssertionError("the scheduler never replies")
+
+
+def job(kind: str, stream: str = "k", i: int = 1, deadline: float = 60.0, options: object = "greedy",
+        tag: object = "q") -> Job:
+    """A job without audio; `options` only needs to compare equal (the scheduler batches on it)."""
+    w, d = window(stream, i), time.monotonic() + deadline
+    if kind == "scene":
+        return SceneJob(window=w, audio=None, deadline=d, reply=nowhere)  # type: ignore[arg-type]
+    return QuestionJob(window=w, audio=None, deadline=d, question="?", options=options,  # type: ignore[arg-type]
+                       owner=None, tag=tag, reply=nowhere)  # type: ignore[arg-type]
 
 
 def test_questions_go_before_scenes_and_scenes_coalesce() -> None:
@@ -63,7 +75,7 @@ def test_questions_go_before_scenes_and_scenes_coalesce() -> None:
     for i in range(1, 5):
         s.submit(job("scene", "k", i))  # k fell behind: only the newest waits
     s.submit(job("scene", "p", 1))
-    q = job("question", "k", 2, question="?")
+    q = job("question", "k", 2)
     s.submit(q)
     assert s.pop(0) == [q]
     scenes = s.pop(0)
@@ -105,7 +117,7 @@ def test_deadlines_and_cancellation() -> None:
     old_scene = job("scene", deadline=-1)
     for j in (late, gone, keep, old_scene):
         s.submit(j)
-    assert s.cancel(lambda j: j.tag == "gone") == 1
+    assert s.cancel([gone]) == 1 and s.cancel([gone]) == 0
     assert s.pop(0) == []  # first, the worker is woken to report what ended without running
     assert s.expired == [late, gone, old_scene]  # deadline_exceeded, cancelled, dropped scene
     assert s.pop(0) == [keep]
@@ -113,21 +125,21 @@ def test_deadlines_and_cancellation() -> None:
     s2 = Scheduler(max_queue=1, max_batch=1, retry_after_s=1)
     first = job("question")
     s2.submit(first)
-    s2.cancel(lambda j: j is first)
+    s2.cancel([first])  # type: ignore[list-item]
     s2.submit(job("question"))
 
 
 def test_pop_blocks_until_work_or_close() -> None:
     s = Scheduler(max_queue=10, max_batch=8, retry_after_s=1)
     got: list[object] = []
-    t = threading.Thread(target=lambda: got.append(s.pop()))
+    t = threading.Thread(target=lambda: got.append(s.pop()), daemon=True)
     t.start()
     time.sleep(0.05)
     q = job("question")
     s.submit(q)
     t.join(5)
     assert got == [[q]]
-    t = threading.Thread(target=lambda: got.append(s.pop()))
+    t = threading.Thread(target=lambda: got.append(s.pop()), daemon=True)
     t.start()
     s.close()
     t.join(5)
@@ -144,3 +156,24 @@ def test_requeued_scene_does_not_replace_a_newer_one() -> None:
     assert [j.window.index for j in s.pop(0) or []] == [2]
     s.requeue_scene(old)
     assert s.pop(0) == [old]
+
+
+def test_stream_windows_find_by_id_time_and_latest_and_forget_the_oldest() -> None:
+    audio = np.arange(35 * SR, dtype=np.float32)
+
+    def read(a: int, b: int) -> np.ndarray:
+        if a < 15 * SR:  # as if the ring had overwritten the start
+            raise IndexError("gone")
+        return audio[a:b]
+
+    sw = StreamWindows("k", keep=2, read_audio=read)
+    for i in (1, 2, 3):
+        sw.add(window("k", i))
+    assert len(sw) == 2 and sw.get("k:w1") is None and sw.latest() == window("k", 3)
+    assert sw.at(12.5) == window("k", 2) and sw.at(5.0) is None and sw.at(30.0) is None
+    assert sw.audio(window("k", 2)) is None  # overwritten
+    got = sw.audio(window("k", 3))
+    assert got is not None and got[0] == 20 * SR and len(got) == WINDOW_SAMPLES
+    ref = window("k", 3).ref()
+    assert (ref.id, ref.start, ref.end) == ("k:w3", 20.0, 30.0)
+

@@ -7,7 +7,7 @@ import pytest
 from conftest import ASSET_SPEECH
 
 from daemon.config import VadConfig
-from daemon.vad import Segmenter, SpeechEnd, SpeechStart
+from daemon.capture.vad import Segmenter, SpeechEnd, SpeechStart
 
 SR = 16000
 

@@ -1,0 +1,147 @@
+"""Utterance segmentation: webrtcvad on fixed frames, wrapped in a pure state machine (no asyncio, no clock).
+
+An utterance opens after `start_ms` of consecutive voiced frames and begins `pre_roll_ms` before them, so the first
+word's onset is kept. It is *confirmed* (gets an id) once it holds `min_speech_ms` of voiced frames; a blip that
+ends earlier is discarded without a trace. It closes after `hangover_ms` of unvoiced frames, which are kept so the
+last word's tail is too, or at `max_utterance_ms`, where it is cut and a new one starts at once if speech goes on.
+All positions are sample indices on the stream clock (16 kHz).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from ..clock import SAMPLE_RATE, ms_to_samples, s_to_samples
+from ..config import VadConfig
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    """Utterance `index` (1, 2, … per stream) is confirmed; it began at sample `start`."""
+
+    index: int
+    start: int
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    """Utterance `index` covers samples [start, end); its last voiced frame ends at `speech_end`.
+    `reason`: silence (hangover elapsed), max_length (cut at the cap) or flush (the stream stopped)."""
+
+    index: int
+    start: int
+    end: int
+    speech_end: int
+    reason: Literal["silence", "max_length", "flush"]
+
+
+VadEvent = SpeechStart | SpeechEnd
+
+
+def webrtc_classifier(aggressiveness: int) -> Callable[[bytes], bool]:
+    import webrtcvad
+
+    vad = webrtcvad.Vad(aggressiveness)
+    return lambda frame: vad.is_speech(frame, SAMPLE_RATE)
+
+
+class Segmenter:
+    """Feed audio in any block size; get `SpeechStart` / `SpeechEnd` events.
+
+    `is_speech` classifies one frame of 16-bit PCM bytes (webrtcvad by default; tests may pass their own).
+    """
+
+    def __init__(self, options: VadConfig, is_speech: Callable[[bytes], bool] | None = None) -> None:
+        self.o = options
+        self.frame = ms_to_samples(options.frame_ms)
+        self.start_frames = max(1, -(-ms_to_samples(options.start_ms) // self.frame))  # ceil
+        self.hangover_frames = max(1, -(-ms_to_samples(options.hangover_ms) // self.frame))
+        self.min_speech = ms_to_samples(options.min_speech_ms)
+        self.pre_roll = ms_to_samples(options.pre_roll_ms)
+        self.max_len = s_to_samples(options.max_utterance_s)
+        self.is_speech = is_speech or webrtc_classifier(options.aggressiveness)
+        self._pending = np.zeros(0, dtype=np.float32)
+        self.pos = 0  # stream index of the first sample in _pending
+        self._run = 0  # consecutive voiced frames while idle
+        self._floor = 0  # an utterance never starts before the previous one's end
+        self.index = 0
+        self._open: dict[str, int] | None = None  # start, voiced, last_voiced_end, silence, confirmed
+
+    @property
+    def open_index(self) -> int | None:
+        """Index of the confirmed utterance in progress, or None."""
+        return self.index if self._open is not None and self._open["confirmed"] else None
+
+    @property
+    def open_start(self) -> int | None:
+        return self._open["start"] if self._open is not None and self._open["confirmed"] else None
+
+    def push(self, samples: np.ndarray) -> list[VadEvent]:
+        """Feed [n] float32 samples (the next ones on the stream clock)."""
+        buf = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32)])
+        events: list[VadEvent] = []
+        n = len(buf) // self.frame
+        pcm = (np.clip(buf[:n * self.frame], -1, 1) * 32767).astype("<i2")
+        for i in range(n):
+            f0 = self.pos + i * self.frame
+            self._step(bool(self.is_speech(pcm[i * self.frame:(i + 1) * self.frame].tobytes())), f0, events)
+        self._pending = buf[n * self.frame:]
+        self.pos += n * self.frame
+        return events
+
+    def flush(self) -> list[VadEvent]:
+        """End of stream: close a confirmed utterance at the last sample fed, drop an unconfirmed one."""
+        events: list[VadEvent] = []
+        u, self._open = self._open, None
+        end = self.pos + len(self._pending)
+        if u is not None and u["confirmed"]:
+            events.append(SpeechEnd(self.index, u["start"], end, u["last"], "flush"))
+        self._run = 0
+        self._floor = end
+        return events
+
+    def _step(self, voiced: bool, f0: int, events: list[VadEvent]) -> None:
+        f1 = f0 + self.frame
+        u = self._open
+        if u is None:
+            self._run = self._run + 1 if voiced else 0
+            if self._run >= self.start_frames:
+                onset = f1 - self._run * self.frame
+                start = max(self._floor, onset - self.pre_roll)
+                self._open = {"start": start, "voiced": self._run * self.frame, "last": f1, "silence": 0,
+                              "confirmed": 0}
+                self._run = 0
+                self._confirm(events)
+            return
+        if voiced:
+            u["voiced"] += self.frame
+            u["last"] = f1
+            u["silence"] = 0
+            self._confirm(events)
+        else:
+            u["silence"] += 1
+        if u["silence"] >= self.hangover_frames:
+            self._close(f1, "silence", events)
+        elif f1 - u["start"] >= self.max_len:
+            self._close(f1, "max_length", events)
+            if voiced:  # speech goes on: the next utterance starts right here
+                self._open = {"start": f1, "voiced": 0, "last": f1, "silence": 0, "confirmed": 0}
+
+    def _confirm(self, events: list[VadEvent]) -> None:
+        u = self._open
+        assert u is not None
+        if not u["confirmed"] and u["voiced"] >= self.min_speech:
+            u["confirmed"] = 1
+            self.index += 1
+            events.append(SpeechStart(self.index, u["start"]))
+
+    def _close(self, end: int, reason: Literal["silence", "max_length"], events: list[VadEvent]) -> None:
+        u, self._open = self._open, None
+        assert u is not None
+        if u["confirmed"]:
+            events.append(SpeechEnd(self.index, u["start"], end, u["last"], reason))
+        self._floor = end

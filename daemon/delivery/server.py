@@ -1,0 +1,381 @@
+"""The websocket server (protocol v1, `docs/protocol.md`): one handler per connection with a reader and a writer
+task, a bounded subscriber queue per client, `/healthz`, token auth, Origin checks, size, depth and rate limits.
+
+A client is never allowed to slow anyone else down: events reach it only through its own queue (overflow policy in
+`bus`), and a send that cannot complete within `server.send_timeout_s` (the client stopped reading) aborts its
+connection. The server receives narrow collaborators, never the service: the bus, the remote streams, the
+question desk (None without a model), a `welcome` builder and a `health` reporter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import http
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from .. import __version__
+from ..capture.audio import AudioFormatError
+from ..capture.sources import NotReady, RemoteStreams
+from ..config import ServerConfig
+from .bus import EventBus, Filter, Subscriber
+from .protocol import (EVENT_TYPES, PROTOCOL_VERSION, Answer, Ask, AudioReady, AudioStart, AudioStop, AudioStopped,
+                       Cancel, Cancelled, ClientMessage, CloseCode, ErrorCode, ErrorEvent, Hello, MessageId, Pong,
+                       ProtocolError, ServerMessage, StreamInfo, Subscribe, Subscribed, Welcome,
+                       parse_client_message)
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$")
+NOT_READY_RETRY_S = 1.0
+REFUSAL_WINDOW_S = 10.0  # a client refused more than messages_burst times within this is closed (1008)
+
+
+class Desk(Protocol):
+    """What the server needs from the question desk (`understanding.desk.QuestionDesk`)."""
+
+    def ask(self, owner: object, send: Callable[[Answer], None], msg: Ask) -> None: ...
+    def cancel(self, owner: object, tag: MessageId) -> bool: ...
+    def disconnected(self, owner: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What `welcome` says about this daemon besides the streams."""
+
+    demo: bool
+    model: bool
+
+
+class TokenBucket:
+    """`rate` tokens per second, at most `burst` saved up. `take()` spends one, or says how long until one."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """0.0 if a token was spent, else the seconds until the next one."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+class Client:
+    """One connection after its hello: its queue, its limits and what it owns."""
+
+    def __init__(self, conn: ServerConnection, sub: Subscriber, config: ServerConfig, name: str) -> None:
+        self.conn, self.sub, self.name = conn, sub, name
+        self.messages = TokenBucket(config.messages_per_s, config.messages_burst)
+        self.questions = TokenBucket(config.questions_per_s, config.questions_burst)
+        self.refusals: collections.deque[float] = collections.deque()  # when messages were refused (monotonic)
+
+    def __repr__(self) -> str:
+        host, port = self.conn.remote_address[:2] if self.conn.remote_address else ("?", 0)
+        return f"{host}:{port}" + (f" ({self.name})" if self.name else "")
+
+
+class WebsocketServer:
+    def __init__(self, config: ServerConfig, bus: EventBus, remotes: RemoteStreams, desk: Desk | None,
+                 streams: Callable[[], list[StreamInfo]], identity: Identity,
+                 health: Callable[[], dict[str, Any]]) -> None:
+        self.config = config
+        self.bus, self.remotes, self.desk = bus, remotes, desk
+        self.streams, self.identity, self.health = streams, identity, health
+        self.token = config.resolved_token()
+        self._server: Server | None = None
+        self.connections: set[ServerConnection] = set()  # counted from accept: what max_clients bounds
+        self.clients = 0  # connections past their hello
+        self._authed: set[ServerConnection] = set()
+        self.rejected: collections.Counter[str] = collections.Counter()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(next(iter(self._server.sockets)).getsockname()[1])
+
+    async def start(self) -> None:
+        origins: list[Any] = [None]  # no Origin header: not a browser (CLI, satellite)
+        origins += self.config.allowed_origins
+        if self.config.allow_loopback_origins:
+            origins.append(LOOPBACK_ORIGIN)
+        c = self.config
+        self._server = await serve(
+            self._handler, c.host, c.port, process_request=self._process_request, origins=origins,
+            max_size=c.max_message_bytes, ping_interval=c.ping_interval_s, ping_timeout=c.ping_timeout_s,
+            close_timeout=2, server_header=f"ltu-daemon/{__version__}")
+
+    async def close(self) -> None:
+        """Close every connection with 1001 (going away) and stop listening."""
+        if self._server is not None:
+            self._server.close(close_connections=True, code=CloseCode.GOING_AWAY, reason="daemon shutting down")
+            await self._server.wait_closed()
+
+    def stats(self) -> dict[str, Any]:
+        return {"clients": self.clients, "connections": len(self.connections),
+                "rejected_connections": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected)}
+
+    # --- HTTP side ---
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            health = self.health()
+            status = http.HTTPStatus.OK if health["ready"] else http.HTTPStatus.SERVICE_UNAVAILABLE
+            return _json_response(conn, status, health)
+        if path != "/":
+            return conn.respond(http.HTTPStatus.NOT_FOUND, "websocket endpoint is /, health is /healthz\n")
+        auth = request.headers.get("Authorization")
+        if self.token is not None and auth is not None:
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                self.rejected["unauthorized"] += 1
+                log.warning("rejected a connection from %s: bad token", _peer(conn))
+                return conn.respond(http.HTTPStatus.UNAUTHORIZED, "bad token\n")
+            self._authed.add(conn)
+        return None
+
+    # --- websocket side ---
+
+    async def _handler(self, conn: ServerConnection) -> None:
+        # Counted before the first await: connections that open together cannot all squeeze under the limit.
+        if len(self.connections) >= self.config.max_clients:
+            self.rejected["full"] += 1
+            log.warning("refused %s: server full (%d clients)", _peer(conn), self.config.max_clients)
+            await conn.close(CloseCode.FULL, f"server full ({self.config.max_clients} clients)")
+            return
+        self.connections.add(conn)
+        client: Client | None = None
+        try:
+            hello = await self._handshake(conn)
+            if hello is None:
+                return
+            sub = self.bus.subscribe(self.config.client_queue,
+                                     Filter(list(hello.subscribe.streams), list(hello.subscribe.events)))
+            client = Client(conn, sub, self.config, hello.client)
+            self.clients += 1
+            sub.send(Welcome(re=hello.id, protocol=PROTOCOL_VERSION, server=f"ltu-daemon {__version__}",
+                             streams=self.streams(), events=list(EVENT_TYPES), subscribe=hello.subscribe,
+                             demo=self.identity.demo, model=self.identity.model))
+            log.info("client %r connected", client)
+            await self._serve(client)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.connections.discard(conn)
+            self._authed.discard(conn)
+            if client is not None:
+                self.clients -= 1
+                self.bus.unsubscribe(client.sub)
+                if self.desk is not None:
+                    self.desk.disconnected(client)
+                await self.remotes.release(client)
+                log.info("client %r disconnected: %s", client, _close_reason(conn))
+
+    async def _handshake(self, conn: ServerConnection) -> Hello | None:
+        try:
+            first = await asyncio.wait_for(conn.recv(), self.config.hello_timeout_s)
+        except TimeoutError:
+            self.rejected["handshake"] += 1
+            log.info("closed %s: no hello within %g s", _peer(conn), self.config.hello_timeout_s)
+            await conn.close(CloseCode.HANDSHAKE, f"send hello within {self.config.hello_timeout_s:g} s")
+            return None
+        try:
+            if not isinstance(first, str):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "the first message must be a hello text frame")
+            if len(first) > self.config.max_control_bytes:
+                raise ProtocolError(ErrorCode.TOO_LARGE, f"control messages are limited to "
+                                    f"{self.config.max_control_bytes} bytes")
+            msg = parse_client_message(first)
+            if not isinstance(msg, Hello):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "the first message must be hello", msg.id)
+            if msg.protocol != PROTOCOL_VERSION:
+                raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
+                                    f"protocol {msg.protocol} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+                                    msg.id)
+        except ProtocolError as e:
+            self.rejected["handshake"] += 1
+            log.info("closed %s: handshake failed: %s: %s", _peer(conn), e.code, e.message)
+            await conn.send(e.event().model_dump_json())
+            await conn.close(CloseCode.HANDSHAKE, str(e.code))
+            return None
+        if self.token is not None and conn not in self._authed:
+            if not hmac.compare_digest((msg.token or "").encode(), self.token.encode()):
+                self.rejected["unauthorized"] += 1
+                log.warning("rejected a connection from %s: %s token", _peer(conn), "wrong" if msg.token else "no")
+                await conn.send(ErrorEvent(code=ErrorCode.UNAUTHORIZED, message="missing or wrong token",
+                                           re=msg.id).model_dump_json())
+                await conn.close(CloseCode.UNAUTHORIZED, "unauthorized")
+                return None
+        return msg
+
+    async def _serve(self, client: Client) -> None:
+        writer = asyncio.create_task(self._writer(client))
+        reader = asyncio.create_task(self._reader(client))
+        try:
+            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (writer, reader):
+                t.cancel()
+            for t, outcome in zip((writer, reader), await asyncio.gather(writer, reader, return_exceptions=True),
+                                  strict=True):
+                if isinstance(outcome, Exception) and not isinstance(outcome, ConnectionClosed):
+                    log.error("client %r: %s task failed", client, t.get_name(), exc_info=outcome)
+                    await client.conn.close(CloseCode.INTERNAL, "internal error")
+
+    async def _writer(self, client: Client) -> None:
+        conn = client.conn
+        while (text := await client.sub.get()) is not None:
+            try:
+                await asyncio.wait_for(conn.send(text), self.config.send_timeout_s)
+            except TimeoutError:
+                log.warning("client %r stopped reading for %.0f s: disconnected", client, self.config.send_timeout_s)
+                conn.transport.abort()  # it is not reading: a close frame would never get through
+                return
+        log.warning("client %r fell %d messages behind: disconnected (%d)", client, client.sub.maxsize,
+                    CloseCode.SLOW_CONSUMER)
+        await conn.close(CloseCode.SLOW_CONSUMER, "too slow: event queue overflowed")
+
+    async def _reader(self, client: Client) -> None:
+        async for message in client.conn:
+            if isinstance(message, bytes):
+                await self._audio(client, message)
+                continue
+            try:
+                reply = await self._message(client, message)
+            except ProtocolError as e:
+                client.sub.send(e.event())
+                if e.code == ErrorCode.RATE_LIMITED and len(client.refusals) > self.config.messages_burst:
+                    log.warning("client %r kept sending over its rate limit: disconnected (%d)", client,
+                                CloseCode.POLICY)
+                    await client.conn.close(CloseCode.POLICY, "rate limit exceeded")
+                    return
+                continue
+            if reply is not None:
+                client.sub.send(reply)
+
+    async def _message(self, client: Client, text: str) -> ServerMessage | None:
+        """Handle one text frame; its reply (None: the reply comes later, e.g. answer events). Raises
+        `ProtocolError` with the message's id in `re`."""
+        if len(text) > self.config.max_control_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE,
+                                f"control messages are limited to {self.config.max_control_bytes} bytes")
+        wait = client.messages.take()
+        try:
+            msg = parse_client_message(text)
+        except ProtocolError as e:
+            if wait:
+                raise self._refuse(client, wait, "messages", e.re) from None
+            raise
+        if not wait and isinstance(msg, Ask):
+            wait = client.questions.take()
+            if wait:
+                raise self._refuse(client, wait, "questions", msg.id)
+        if wait:
+            raise self._refuse(client, wait, "messages", msg.id)
+        try:
+            return await self._dispatch(client, msg)
+        except ProtocolError:
+            raise
+        except Exception as e:  # a bug: the client still gets an answer it can match, and we get the traceback
+            log.exception("client %r: handling %s failed", client, msg.type)
+            raise ProtocolError(ErrorCode.INTERNAL, f"internal error handling {msg.type}: {type(e).__name__}",
+                                msg.id) from e
+
+    def _refuse(self, client: Client, wait: float, what: str, re: MessageId | None) -> ProtocolError:
+        now = time.monotonic()
+        client.refusals.append(now)
+        while client.refusals[0] < now - REFUSAL_WINDOW_S:
+            client.refusals.popleft()
+        limit = (f"{self.config.questions_per_s:g} questions/s (server.questions_per_s)" if what == "questions" else
+                 f"{self.config.messages_per_s:g} messages/s (server.messages_per_s)")
+        return ProtocolError(ErrorCode.RATE_LIMITED, f"too many {what}: the limit is {limit}", re,
+                             retry_after_s=round(wait, 3))
+
+    async def _dispatch(self, client: Client, msg: ClientMessage) -> ServerMessage | None:
+        if isinstance(msg, Ask):  # answer events follow from the model worker, to this client only
+            if self.desk is None:
+                raise ProtocolError(ErrorCode.MODEL_DISABLED,
+                                    "LTU-AS is off in this daemon (model.enabled = false)", msg.id)
+            self.desk.ask(client, client.sub.send, msg)
+            return None
+        if isinstance(msg, Cancel):
+            if self.desk is None or not self.desk.cancel(client, msg.target):
+                raise ProtocolError(ErrorCode.UNKNOWN_QUESTION, f"no question {msg.target!r} in progress", msg.id)
+            return Cancelled(re=msg.id, target=msg.target)
+        if isinstance(msg, Hello):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "hello was already received", msg.id)
+        if isinstance(msg, Subscribe):
+            client.sub.filter = Filter(list(msg.streams), list(msg.events))
+            return Subscribed(re=msg.id, streams=list(msg.streams), events=list(msg.events))
+        if isinstance(msg, AudioStart):
+            remote = self.remotes.get(msg.stream)
+            if remote is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"{msg.stream!r} is not a remote stream (remote "
+                                    f"streams: {', '.join(self.remotes.names()) or 'none configured'})", msg.id)
+            fed = self.remotes.fed_by(client)
+            if fed is not None and fed is not remote:
+                raise ProtocolError(ErrorCode.STREAM_BUSY, f"this connection already feeds {fed.name!r}; send "
+                                    "audio.stop first", msg.id)
+            try:
+                await remote.claim(client, msg.rate, msg.channels, msg.format)
+            except PermissionError as e:
+                raise ProtocolError(ErrorCode.STREAM_BUSY, str(e), msg.id) from None
+            except NotReady as e:
+                raise ProtocolError(ErrorCode.NOT_READY, str(e), msg.id, retry_after_s=NOT_READY_RETRY_S) from None
+            return AudioReady(re=msg.id, stream=msg.stream)
+        if isinstance(msg, AudioStop):
+            return AudioStopped(re=msg.id, stream=await self.remotes.release(client))
+        return Pong(re=msg.id)
+
+    async def _audio(self, client: Client, data: bytes) -> None:
+        remote = self.remotes.fed_by(client)
+        if remote is None:
+            client.sub.send(ErrorEvent(code=ErrorCode.NOT_STARTED, message="send audio.start before binary audio "
+                                       "frames"))
+            return
+        try:
+            await remote.push(client, data)
+        except AudioFormatError as e:
+            client.sub.send(ErrorEvent(code=ErrorCode.BAD_AUDIO, message=f"frame ignored: {e}"))
+
+
+def _peer(conn: ServerConnection) -> str:
+    addr = conn.remote_address
+    return f"{addr[0]}:{addr[1]}" if addr else "?"
+
+
+def _close_reason(conn: ServerConnection) -> str:
+    """Why a connection ended, for the log: the close frames each side sent, or how it broke."""
+    sent, rcvd = conn.protocol.close_sent, conn.protocol.close_rcvd
+    if sent is not None and sent.code == CloseCode.INTERNAL and "keepalive" in sent.reason:
+        return f"keepalive: no pong within server.ping_timeout_s (closed {sent.code})"
+    parts = []
+    if rcvd is not None:
+        parts.append(f"client sent {rcvd.code}" + (f" {rcvd.reason!r}" if rcvd.reason else ""))
+    if sent is not None:
+        parts.append(f"server sent {sent.code}" + (f" {sent.reason!r}" if sent.reason else ""))
+    return "; ".join(parts) or "connection lost without a close frame"
+
+
+def _json_response(conn: ServerConnection, status: http.HTTPStatus, body: dict[str, Any]) -> Response:
+    response = conn.respond(status, json.dumps(body, indent=1) + "\n")
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response

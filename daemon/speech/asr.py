@@ -1,0 +1,161 @@
+"""The ASR worker: one thread owns the faster-whisper model and decodes utterances for every stream.
+
+Queues (both bounded, policies here because this is where they are enforced):
+
+- finals: FIFO of at most `asr.final_queue` jobs. `offer_final` refuses when full and the stream awaits room
+  (backpressure up to its source queue), so a final is never dropped.
+- partials: at most one pending job per stream; a newer partial replaces the pending one (latest wins).
+
+Finals always go first. A partial whose utterance already has its final queued or done is skipped, so a
+partial never arrives after its final. Each result goes back through its job's `reply` (to the event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ltu_as.serving.transcribe import AsrOptions, load_asr, transcribe_detailed
+
+from ..capture.vad import SpeechEnd
+from ..clock import SAMPLE_RATE
+from ..config import AsrConfig
+from ..reply import Reply
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AsrJob:
+    """Decode `audio` ([n] float32 on the stream clock) = samples [start, stop) of utterance `index` of `stream`.
+    A final carries the VAD's `end` (what closed the utterance); a partial carries None."""
+
+    stream: str
+    index: int
+    start: int
+    stop: int
+    audio: np.ndarray
+    end: SpeechEnd | None
+    submitted: float  # time.monotonic()
+    reply: Reply[AsrResult]
+
+    @property
+    def final(self) -> bool:
+        return self.end is not None
+
+
+@dataclass(frozen=True)
+class AsrResult:
+    job: AsrJob
+    text: str
+    dropped_segments: int
+    decode_s: float
+    wait_s: float
+
+
+class AsrWorker:
+    def __init__(self, config: AsrConfig) -> None:
+        self.config = config
+        self.options = AsrOptions(
+            beam_size=config.beam_size, temperature=0.0, language=config.language,
+            no_speech_threshold=config.no_speech_threshold, logprob_threshold=config.logprob_threshold,
+            compression_ratio_threshold=config.compression_ratio_threshold, max_new_tokens=config.max_new_tokens)
+        self._finals: collections.deque[AsrJob] = collections.deque()
+        self._partials: dict[str, AsrJob] = {}
+        self._finalized: dict[str, int] = {}  # stream → highest utterance index with a final queued
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="asr", daemon=True)
+        self.ready = threading.Event()
+        self.error: Exception | None = None
+        self.decoded = 0
+        self.busy_s = 0.0
+
+    @property
+    def depth(self) -> dict[str, int]:
+        with self._cv:
+            return {"finals": len(self._finals), "partials": len(self._partials)}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def offer_final(self, job: AsrJob) -> bool:
+        """Queue a final; False when the queue is full (the caller retries: a final is never dropped)."""
+        with self._cv:
+            if len(self._finals) >= self.config.final_queue:
+                return False
+            self._finals.append(job)
+            self._finalized[job.stream] = max(self._finalized.get(job.stream, 0), job.index)
+            self._partials.pop(job.stream, None)
+            self._cv.notify()
+            return True
+
+    def offer_partial(self, job: AsrJob) -> None:
+        """Queue a partial, replacing the stream's pending one (latest wins)."""
+        with self._cv:
+            if job.index <= self._finalized.get(job.stream, 0):
+                return
+            self._partials[job.stream] = job
+            self._cv.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the queued finals (pending partials are dropped), then end the thread."""
+        with self._cv:
+            self._stop = True
+            self._partials.clear()
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    def _next(self) -> AsrJob | None:
+        with self._cv:
+            while True:
+                if self._finals:
+                    job = self._finals.popleft()
+                elif self._partials and not self._stop:
+                    # the stream whose pending partial is oldest goes first
+                    stream = min(self._partials, key=lambda s: self._partials[s].submitted)
+                    job = self._partials.pop(stream)
+                    if job.index <= self._finalized.get(job.stream, 0):
+                        continue
+                elif self._stop:
+                    return None
+                else:
+                    self._cv.wait()
+                    continue
+                return job
+
+    def _run(self) -> None:
+        try:
+            t0 = time.monotonic()
+            log.info("loading ASR model %s on %s (a hub model downloads once, with progress bars)",
+                     self.config.model, self.config.device)
+            model = load_asr(self.config.model, self.config.device, self.config.compute_type, self.config.cpu_threads)
+            # One decode of silence warms CTranslate2's kernels and allocator, so the first real final is not slow.
+            transcribe_detailed(model, np.zeros(SAMPLE_RATE, dtype=np.float32), self.options)
+            log.info("ASR model %s ready in %.1f s", self.config.model, time.monotonic() - t0)
+        except Exception as e:  # reported to the service, which exits with a clear message
+            self.error = e
+            log.error("ASR model %s failed to load: %s", self.config.model, e)
+            self.ready.set()
+            return
+        self.ready.set()
+        while (job := self._next()) is not None:
+            t0 = time.monotonic()
+            try:
+                out = transcribe_detailed(model, job.audio, self.options)
+                text, dropped = out.text, out.dropped
+            except Exception:  # one bad decode must not kill the stream; the final still goes out, empty
+                log.exception("ASR failed on %s utterance %d", job.stream, job.index)
+                text, dropped = "", 0
+            t1 = time.monotonic()
+            self.decoded += 1
+            self.busy_s += t1 - t0
+            with self._cv:
+                stale = not job.final and job.index <= self._finalized.get(job.stream, 0)
+            if not stale:
+                job.reply(AsrResult(job, text, dropped, t1 - t0, t0 - job.submitted))

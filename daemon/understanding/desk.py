@@ -1,0 +1,105 @@
+"""The question desk: where a client's `ask` becomes a model job and its answer events find their way back.
+
+It resolves the window a question is about, queues the job, relays the answer events to the asking client only,
+and cancels questions on `cancel`, on disconnect and at shutdown (always through the scheduler's locked API).
+It receives what it uses: the scheduler, the feature cache, each stream's recent windows, and its settings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+from ltu_as import GenerationOptions
+
+from ..config import QuestionsConfig
+from ..delivery.protocol import Answer, AnswerDone, Ask, ErrorCode, ErrorEvent, MessageId, ProtocolError
+from ..reply import Reply
+from .cache import FeatureCache
+from .scheduler import Busy, QuestionJob, Scheduler
+from .windows import StreamWindows, Window
+
+
+class QuestionDesk:
+    def __init__(self, scheduler: Scheduler, cache: FeatureCache, windows: Mapping[str, StreamWindows],
+                 config: QuestionsConfig, deadline_s: float) -> None:
+        self.scheduler, self.cache, self.windows = scheduler, cache, windows
+        self.config, self.deadline_s = config, deadline_s
+        self._open: dict[object, set[QuestionJob]] = {}  # client → its questions not yet ended
+
+    def resolve(self, msg: Ask) -> Window:
+        """The window a question is about: `window` id, else `at` on `stream`, else the stream's latest.
+        Raises `ProtocolError` (unknown_stream, unknown_window, no_window)."""
+        if msg.window is not None:
+            stream = msg.window.split(":w", 1)[0]
+            found = self.windows[stream].get(msg.window) if stream in self.windows else None
+            if found is None:
+                keep = next(iter(self.windows.values())).keep if self.windows else 0
+                raise ProtocolError(ErrorCode.UNKNOWN_WINDOW, f"no window {msg.window!r} (ids come in window "
+                                    f"events; the newest {keep} per stream are kept)", msg.id)
+            return found
+        if msg.stream is not None:
+            windows = self.windows.get(msg.stream)
+            if windows is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"no stream {msg.stream!r}; streams: "
+                                    f"{', '.join(self.windows) or 'none'}", msg.id)
+        else:
+            windows = next((w for w in self.windows.values() if len(w)), None)
+            if windows is None:
+                raise ProtocolError(ErrorCode.NO_WINDOW, "no stream has a complete 10 s window yet", msg.id)
+        w = windows.at(msg.at) if msg.at is not None else windows.latest()
+        if w is None:
+            what = f"at {msg.at:g} s" if msg.at is not None else "yet"
+            raise ProtocolError(ErrorCode.NO_WINDOW, f"stream {windows.name!r} has no window {what}", msg.id)
+        return w
+
+    def ask(self, owner: object, send: Callable[[Answer], None], msg: Ask) -> None:
+        """Queue `msg` for `owner`; its answer events go to `send` on the loop (call on the loop).
+        Raises `ProtocolError` when the question cannot be queued."""
+        if any(j.tag == msg.id for j in self._open.get(owner, ())):
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"question {msg.id!r} is still being answered", msg.id)
+        w = self.resolve(msg)
+        audio = None
+        if w.id not in self.cache:
+            audio = self.windows[w.stream].audio(w)
+            if audio is None:
+                raise ProtocolError(ErrorCode.WINDOW_EXPIRED, f"window {w.id} is no longer in memory", msg.id)
+        q = self.config
+        options = GenerationOptions(
+            max_new_tokens=min(msg.max_new_tokens or q.max_new_tokens, q.max_new_tokens_limit),
+            do_sample=not msg.greedy, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
+            repetition_penalty=msg.repetition_penalty, seed=msg.seed)
+        job = QuestionJob(window=w, audio=audio, deadline=time.monotonic() + self.deadline_s, question=msg.question,
+                          options=options, owner=owner, tag=msg.id, reply=Reply.here(lambda e: self._relay(job, send, e)))
+        try:
+            self.scheduler.submit(job)
+        except Busy as e:
+            raise ProtocolError(ErrorCode.BUSY, str(e), msg.id, retry_after_s=e.retry_after_s) from None
+        self._open.setdefault(owner, set()).add(job)
+
+    def _relay(self, job: QuestionJob, send: Callable[[Answer], None], event: Answer) -> None:
+        if isinstance(event, AnswerDone | ErrorEvent):
+            jobs = self._open.get(job.owner)
+            if jobs is not None:
+                jobs.discard(job)
+                if not jobs:
+                    del self._open[job.owner]
+        send(event)
+
+    def cancel(self, owner: object, tag: MessageId) -> bool:
+        """Cancel `owner`'s question `tag` (waiting or running). False if there is no such question."""
+        jobs = [j for j in self._open.get(owner, ()) if j.tag == tag]
+        self.scheduler.cancel(jobs)
+        return bool(jobs)
+
+    def disconnected(self, owner: object) -> None:
+        """A client left: its questions are cancelled (their answers go nowhere)."""
+        self.scheduler.cancel(self._open.pop(owner, set()))
+
+    def cancel_all(self) -> None:
+        """Shutdown: every open question ends as cancelled."""
+        self.scheduler.cancel([j for jobs in self._open.values() for j in jobs])
+
+    @property
+    def open_questions(self) -> int:
+        return sum(len(jobs) for jobs in self._open.values())

@@ -1,0 +1,151 @@
+"""Assemble a ready model from its sources: Whisper encoder, LLM (+ tokenizer) and trainable weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from safetensors.torch import load_file
+
+from ..errors import CheckpointError, ModelNotFoundError
+from ..model.config import DEFAULT_CHECKPOINT_SOURCE, LtuAsConfig
+from ..model.encoder import load_whisper_encoder, read_whisper_config
+from ..model.modeling import CONFIG_NAME, WEIGHTS_NAME, LtuAsForConditionalGeneration
+from ..model.processor import LtuAsProcessor
+from .checkpoint import load_official_checkpoint, report_mismatch
+from .precision import resolve_device, resolve_dtype
+from .sources import resolve
+
+log = logging.getLogger(__name__)
+
+_LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "pad_token_id",
+             "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_theta")
+
+
+def read_llm_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"{folder} is not a Hugging Face LLaMA folder: no config.json")
+    cfg = json.loads(path.read_text())
+    return {k: cfg[k] for k in _LLM_KEYS if k in cfg}
+
+
+def load_components(
+    config: LtuAsConfig | None = None,
+    *,
+    whisper: str | Path | None = None,
+    llm: str | Path | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    progress: bool = True,
+) -> LtuAsForConditionalGeneration:
+    """Build the model from the frozen parts' sources; trainable parts are freshly initialised.
+
+    `whisper` and `llm` override `config.whisper_source` / `config.llm_source`. The architecture dims are read
+    from the folders' `config.json`, and must agree with `config` when one is given.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    base = config or LtuAsConfig()
+    whisper_src = str(whisper or base.whisper_source)
+    llm_src = str(llm or base.llm_source)
+    whisper_dir = resolve(whisper_src, "Whisper encoder", progress=progress)
+    llm_dir = resolve(llm_src, "LLM", progress=progress)
+    found = base.replace(
+        whisper={**base.whisper, **read_whisper_config(whisper_dir)},
+        llm={**base.llm, **read_llm_config(llm_dir)},
+        whisper_source=whisper_src,
+        llm_source=llm_src,
+    )
+    if config is not None:
+        for name, a, b in (("whisper", config.whisper, found.whisper), ("llm", config.llm, found.llm)):
+            diff = {k: (a.get(k), b[k]) for k in b if k in a and a[k] != b[k] and k != "max_source_positions"}
+            if diff:
+                raise CheckpointError(f"the {name} folder does not match the checkpoint's config: {diff} (config, folder)")
+    log.info("loading Whisper encoder from %s", whisper_dir)
+    encoder = load_whisper_encoder(whisper_dir, found.n_positions)
+    log.info("loading LLM from %s (%s on %s)", llm_dir, dt, dev)
+    try:
+        language_model = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=dt)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelNotFoundError(f"cannot load the LLM from {llm_dir}: {e}") from e
+    model = LtuAsForConditionalGeneration(found, whisper_encoder=encoder, language_model=language_model)
+    return model.to(device=dev, dtype=dt).eval()
+
+
+def load_trainable(model: LtuAsForConditionalGeneration, path: str | Path) -> None:
+    """Load `trainable.safetensors` into `model` strictly: every trainable tensor present with the right shape,
+    nothing else. Raises `CheckpointError` (and changes nothing) otherwise."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several error types for truncated or foreign files
+        raise CheckpointError(f"cannot read {path}: {e}; the file is corrupt or not an ltu_as checkpoint") from e
+    expected = model.trainable_state_dict()
+    report_mismatch(str(path), expected, tensors)
+    with torch.no_grad():
+        for k, v in tensors.items():
+            expected[k].copy_(v)
+
+
+def load_pretrained(
+    directory: str | Path,
+    *,
+    whisper: str | Path | None = None,
+    llm: str | Path | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    progress: bool = True,
+) -> LtuAsForConditionalGeneration:
+    """Load a model saved by `save_pretrained`; the frozen parts come from the recorded sources unless given."""
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ModelNotFoundError(f"{directory} is not an ltu_as checkpoint: no {CONFIG_NAME}")
+    config = LtuAsConfig.load(cfg_path)
+    model = load_components(config, whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress)
+    load_trainable(model, directory / WEIGHTS_NAME)
+    return model
+
+
+@dataclass
+class LoadedModel:
+    """A model with its processor, ready for `ltu_as.pipeline.ask`."""
+
+    model: LtuAsForConditionalGeneration
+    processor: LtuAsProcessor
+
+
+def load_model(
+    checkpoint: str | Path | None = None,
+    *,
+    whisper: str | Path | None = None,
+    llm: str | Path | None = None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a complete model and its processor.
+
+    `checkpoint` is a folder written by `save_pretrained`, or an authors'-layout `.bin` (a path, URL or
+    `authors:` name); default: the authors' `ltuas_long_noqa_a6.bin`.
+    """
+    ckpt = str(checkpoint or DEFAULT_CHECKPOINT_SOURCE)
+    local = Path(ckpt).expanduser()
+    if local.is_dir():
+        if not (local / CONFIG_NAME).is_file():
+            raise ModelNotFoundError(f"{local} is not an ltu_as checkpoint folder (no {CONFIG_NAME})")
+        model = load_pretrained(local, whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress)
+    else:
+        model = load_components(whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress)
+        path = resolve(ckpt, "LTU-AS checkpoint", progress=progress)
+        counts = load_official_checkpoint(model, path)
+        log.info("loaded %d tensors (%d parameters) from %s", counts["tensors"], counts["parameters"], path)
+    # The LLM folder was resolved while loading; transformers records it as the model's name_or_path.
+    processor = LtuAsProcessor.from_pretrained(model.llm.name_or_path, model.config)
+    return LoadedModel(model, processor)

@@ -1,0 +1,1 @@
+"""Serving: the one-shot question pipeline and faster-whisper transcripts with hallucination defences."""

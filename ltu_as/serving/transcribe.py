@@ -1,0 +1,108 @@
+"""The LTU-AS "input": a Whisper transcript from faster-whisper, with the reference's hallucination defences.
+
+The reference used Whisper large-v2 (faster-whisper `large-v2` holds the same weights). Decoding never conditions
+on earlier text, drops segments that are probably not speech, and strips the stock "thanks for watching"
+phrases that Whisper produces on silence.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ASR_MODEL = "large-v2"
+
+# Whole-segment phrases Whisper invents on silence or music (compared lower-case, punctuation stripped).
+HALLUCINATIONS = frozenset({
+    "thanks for watching", "thank you for watching", "thanks for watching and see you next time",
+    "please subscribe", "subscribe to my channel", "like and subscribe", "thank you", "you",
+    "subtitles by the amaraorg community", "transcription by castingwords",
+})
+
+
+@dataclass(frozen=True)
+class AsrOptions:
+    """faster-whisper decoding options. `no_speech_threshold` with `logprob_threshold`: a segment whose
+    no-speech probability is above the first while its average log-probability is below the second is dropped
+    (Whisper's own rule); `compression_ratio_threshold` drops repetitive loops."""
+
+    beam_size: int = 5
+    temperature: float = 0.0
+    language: str | None = "en"
+    no_speech_threshold: float = 0.6
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4
+    max_new_tokens: int | None = None
+
+
+def is_hallucination(text: str) -> bool:
+    norm = re.sub(r"[^a-z ]", "", text.lower()).strip()
+    return norm in HALLUCINATIONS
+
+
+def load_asr(model: str | Path = DEFAULT_ASR_MODEL, device: str = "auto", compute_type: str = "default",  # type: ignore[no-untyped-def]
+             cpu_threads: int = 0):
+    """A `faster_whisper.WhisperModel` from a size name (`large-v2`), hub id or CTranslate2 folder.
+    `cpu_threads` 0 lets CTranslate2 choose."""
+    from faster_whisper import WhisperModel
+
+    try:
+        return WhisperModel(str(model), device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelNotFoundError(
+            f"cannot load the ASR model {model!r}: {e}. Give a CTranslate2 Whisper folder, or run once online "
+            "so faster-whisper can download it (it honours HF_HUB_OFFLINE)."
+        ) from e
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What `transcribe_detailed` kept: `text`, and how many segments were kept or dropped by the defences."""
+
+    text: str
+    kept: int
+    dropped: int
+
+
+def transcribe(asr, audio: np.ndarray, options: AsrOptions | None = None) -> str:  # type: ignore[no-untyped-def]
+    """Transcribe one clip (`[samples]` float32 at 16 kHz) to a single line of text."""
+    return transcribe_detailed(asr, audio, options).text
+
+
+def transcribe_detailed(asr, audio: np.ndarray, options: AsrOptions | None = None) -> Transcript:  # type: ignore[no-untyped-def]
+    """`transcribe`, also saying how many segments the hallucination defences dropped."""
+    o = options or AsrOptions()
+    language = o.language if asr.model.is_multilingual else None
+    segments, _info = asr.transcribe(
+        np.asarray(audio, dtype=np.float32),
+        language=language,
+        beam_size=o.beam_size,
+        temperature=o.temperature,
+        condition_on_previous_text=False,
+        no_speech_threshold=o.no_speech_threshold,
+        log_prob_threshold=o.logprob_threshold,
+        compression_ratio_threshold=o.compression_ratio_threshold,
+        without_timestamps=True,
+        max_new_tokens=o.max_new_tokens,
+    )
+    kept: list[str] = []
+    dropped = 0
+    for seg in segments:
+        text = seg.text.strip()
+        if not text:
+            continue
+        # faster-whisper keeps its best attempt even when every temperature failed the compression test.
+        if (is_hallucination(text) or seg.compression_ratio > o.compression_ratio_threshold
+                or (seg.no_speech_prob > o.no_speech_threshold and seg.avg_logprob < o.logprob_threshold)):
+            dropped += 1
+            continue
+        kept.append(text)
+    return Transcript(" ".join(kept), len(kept), dropped)
