@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 ASSET = REPO / "daemon" / "assets" / "demo_speech.ogg"
 sys.path.insert(0, str(REPO))
 
+from daemon.capture.vad import Segmenter, SpeechEnd  # noqa: E402 (after the sys.path setup above)
 from daemon.config import VadConfig  # noqa: E402
-from daemon.capture.vad import Segmenter, SpeechEnd  # noqa: E402
 from ltu_as.model.audio import load_audio  # noqa: E402
 from ltu_as.serving.transcribe import AsrOptions, load_asr, transcribe_detailed  # noqa: E402
 
@@ -53,7 +53,7 @@ def baseline(args: argparse.Namespace, audio: np.ndarray) -> tuple[float, float,
     cpu0 = time.process_time()
     for u in utts:
         t0 = time.perf_counter()
-        transcribe_detailed(model, audio[u.start:u.end], opts)
+        transcribe_detailed(model, audio[u.start : u.end], opts)
         times.append(time.perf_counter() - t0)
     cpu = time.process_time() - cpu0
     return statistics.median(times), cpu / (len(audio) / 16000), VadConfig().hangover_ms / 1000
@@ -85,15 +85,25 @@ async def listen(url: str, seconds: float) -> list[tuple[float, dict]]:
 def run_daemon(args: argparse.Namespace, n_streams: int, tmp: Path) -> tuple[list[float], float, float]:
     """Latencies (s) of every final, daemon CPU s per stream per audio s, and the audio seconds listened to."""
     port = free_port()
-    streams = "".join(f'\n[[streams]]\nname = "s{i}"\nsource = "file"\npath = "{ASSET}"\nrealtime = true\nloop = true\n'
-                      for i in range(n_streams))
+    streams = "".join(
+        f'\n[[streams]]\nname = "s{i}"\nsource = "file"\npath = "{ASSET}"\nrealtime = true\nloop = true\n'
+        for i in range(n_streams)
+    )
     cfg = tmp / f"bench-{n_streams}.toml"
-    cfg.write_text(f'[server]\nport = {port}\n[model]\nenabled = false\n[asr]\nmodel = "{args.asr_model}"\ndevice = "{args.device}"\n'
-                   f'compute_type = "{args.compute_type}"\nbeam_size = {args.beam_size}\n'
-                   + (f"max_new_tokens = {args.max_new_tokens}\n" if args.max_new_tokens else "") + streams)
-    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "start", "--config", str(cfg)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+    cfg.write_text(
+        f"[server]\nport = {port}\n[model]\nenabled = false\n"
+        f'[asr]\nmodel = "{args.asr_model}"\ndevice = "{args.device}"\n'
+        f'compute_type = "{args.compute_type}"\nbeam_size = {args.beam_size}\n'
+        + (f"max_new_tokens = {args.max_new_tokens}\n" if args.max_new_tokens else "")
+        + streams
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "start", "--config", str(cfg)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
+    )
     try:
         for _ in range(600):
             try:
@@ -137,12 +147,17 @@ def main() -> int:
     audio = load_audio(str(ASSET))
     decode_s, cpu_per_audio_s, hangover = baseline(args, audio)
     base_latency = hangover + decode_s
-    print(f"model {args.asr_model} on {args.device} ({args.compute_type}, beam {args.beam_size}); "
-          f"{os.cpu_count()} CPUs")
-    print(f"baseline: hangover {hangover * 1000:.0f} ms + in-process decode {decode_s * 1000:.1f} ms = "
-          f"{base_latency * 1000:.0f} ms; decode CPU {cpu_per_audio_s * 100:.2f}% of one core per stream")
-    print(f"{'streams':>7} {'finals':>6} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} {'ratio':>6} "
-          f"{'CPU %/stream':>12} {'ratio':>6}")
+    print(
+        f"model {args.asr_model} on {args.device} ({args.compute_type}, beam {args.beam_size}); {os.cpu_count()} CPUs"
+    )
+    print(
+        f"baseline: hangover {hangover * 1000:.0f} ms + in-process decode {decode_s * 1000:.1f} ms = "
+        f"{base_latency * 1000:.0f} ms; decode CPU {cpu_per_audio_s * 100:.2f}% of one core per stream"
+    )
+    print(
+        f"{'streams':>7} {'finals':>6} {'p50 ms':>8} {'p90 ms':>8} {'max ms':>8} {'ratio':>6} "
+        f"{'CPU %/stream':>12} {'ratio':>6}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.streams:
             lat, cpu, _wall = run_daemon(args, n, Path(tmp))
@@ -150,8 +165,10 @@ def main() -> int:
                 print(f"{n:>7} no finals received")
                 continue
             q = np.percentile(np.array(lat) * 1000, [50, 90, 100])
-            print(f"{n:>7} {len(lat):>6} {q[0]:>8.0f} {q[1]:>8.0f} {q[2]:>8.0f} {q[0] / 1000 / base_latency:>6.2f} "
-                  f"{cpu * 100:>12.2f} {cpu / cpu_per_audio_s:>6.2f}")
+            print(
+                f"{n:>7} {len(lat):>6} {q[0]:>8.0f} {q[1]:>8.0f} {q[2]:>8.0f} {q[0] / 1000 / base_latency:>6.2f} "
+                f"{cpu * 100:>12.2f} {cpu / cpu_per_audio_s:>6.2f}"
+            )
     return 0
 
 

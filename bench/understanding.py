@@ -28,10 +28,18 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontend import ASSET, free_port  # noqa: E402
+from frontend import ASSET, free_port  # noqa: E402 (after the sys.path setup above)
 
-QUESTIONS = ["What can be inferred from the audio?", "Is anyone speaking?", "What did they say?",
-             "Is there an alarm?", "What is the mood?", "Where is this?", "Is it loud?", "What happened?"]
+QUESTIONS = [
+    "What can be inferred from the audio?",
+    "Is anyone speaking?",
+    "What did they say?",
+    "Is there an alarm?",
+    "What is the mood?",
+    "Where is this?",
+    "Is it loud?",
+    "What happened?",
+]
 
 
 class Daemon:
@@ -41,11 +49,17 @@ class Daemon:
         cfg = tmp / f"u-{self.port}.toml"
         model = f'checkpoint = "{m.checkpoint}"\ndevice = "{m.device}"\ndtype = "{m.dtype}"\n'
         model += (f'whisper = "{m.whisper}"\n' if m.whisper else "") + (f'llm = "{m.llm}"\n' if m.llm else "")
-        cfg.write_text(f"[server]\nport = {self.port}\n[model]\n{model}[asr]\nmodel = \"{m.asr_model}\"\n"
-                       f"device = \"{m.asr_device}\"\nbeam_size = 1\nmax_new_tokens = 24\n{extra}\n"
-                       f"[[streams]]\nname = \"s\"\nsource = \"file\"\npath = \"{ASSET}\"\nloop = true\n")
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "start", "--config", str(cfg)], cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cfg.write_text(
+            f'[server]\nport = {self.port}\n[model]\n{model}[asr]\nmodel = "{m.asr_model}"\n'
+            f'device = "{m.asr_device}"\nbeam_size = 1\nmax_new_tokens = 24\n{extra}\n'
+            f'[[streams]]\nname = "s"\nsource = "file"\npath = "{ASSET}"\nloop = true\n'
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "start", "--config", str(cfg)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.url = f"ws://127.0.0.1:{self.port}"
         while True:  # ready, and a window exists
             try:
@@ -70,8 +84,11 @@ async def ask(url: str, question: str, n: int) -> dict[str, Any]:
     async with connect(url) as ws:
         await ws.send(json.dumps({"type": "hello", "protocol": 1, "subscribe": {"events": ["-"]}}))
         await ws.recv()
-        await ws.send(json.dumps({"type": "ask", "id": 1, "question": question, "greedy": True,
-                                  "max_new_tokens": n, "window": "s:w1"}))
+        await ws.send(
+            json.dumps(
+                {"type": "ask", "id": 1, "question": question, "greedy": True, "max_new_tokens": n, "window": "s:w1"}
+            )
+        )
         batch = 0
         while True:
             e = json.loads(await ws.recv())
@@ -108,8 +125,8 @@ def main() -> int:
     print(f"checkpoint {args.checkpoint} on {args.device} ({args.dtype}); {args.tokens}-token answers, greedy")
     with tempfile.TemporaryDirectory() as tmp:
         idle = Daemon(args, Path(tmp), "[scene]\nenabled = false\n")
+        run = asyncio.run
         try:
-            run = lambda coro: asyncio.run(coro)  # noqa: E731
             base = [run(ask(idle.url, QUESTIONS[i % len(QUESTIONS)], args.tokens)) for i in range(args.repeats)]
             t0 = time.perf_counter()
             for q in QUESTIONS[: args.n]:
@@ -118,6 +135,7 @@ def main() -> int:
 
             async def together() -> list[dict[str, Any]]:
                 return await asyncio.gather(*(ask(idle.url, q, args.tokens) for q in QUESTIONS[: args.n]))
+
             t0 = time.perf_counter()
             batch = run(together())
             at_once = time.perf_counter() - t0
@@ -126,8 +144,9 @@ def main() -> int:
         busy = Daemon(args, Path(tmp), "[windows]\nhop_s = 1.0\n[scene]\nmax_new_tokens = 1024\n")
         try:
             time.sleep(3)  # let the backlog build
-            loaded = [asyncio.run(ask(busy.url, QUESTIONS[i % len(QUESTIONS)], args.tokens))
-                      for i in range(args.repeats)]
+            loaded = [
+                asyncio.run(ask(busy.url, QUESTIONS[i % len(QUESTIONS)], args.tokens)) for i in range(args.repeats)
+            ]
         finally:
             busy.stop()
     t_idle, r_idle = summary(base)
@@ -136,9 +155,11 @@ def main() -> int:
     print(f"{'no load':24} {t_idle:>9.1f} {r_idle:>9.1f}")
     print(f"{'scene backlog':24} {t_busy:>9.1f} {r_busy:>9.1f}")
     print(f"{'ratio backlog/no load':24} {t_busy / t_idle:>9.2f} {r_busy / max(r_idle, 1e-9):>9.2f}")
-    print(f"{args.n} questions on one window: one by one {one_by_one * 1000:.0f} ms, together "
-          f"{at_once * 1000:.0f} ms (batch sizes {sorted(d['batch'] for d in batch)}); "
-          f"ratio together/one-by-one {at_once / one_by_one:.2f}")
+    print(
+        f"{args.n} questions on one window: one by one {one_by_one * 1000:.0f} ms, together "
+        f"{at_once * 1000:.0f} ms (batch sizes {sorted(d['batch'] for d in batch)}); "
+        f"ratio together/one-by-one {at_once / one_by_one:.2f}"
+    )
     return 0
 
 

@@ -19,8 +19,9 @@ from .client import DaemonClient, DaemonError
 
 
 async def run(args: argparse.Namespace) -> int:
-    client = DaemonClient(args.url, token=args.token or os.environ.get("LTU_DAEMON_TOKEN"), streams=["-"],
-                          events=["-"], name="ltu-ask")
+    client = DaemonClient(
+        args.url, token=args.token or os.environ.get("LTU_DAEMON_TOKEN"), streams=["-"], events=["-"], name="ltu-ask"
+    )
     try:
         await client.connect()
     except (OSError, DaemonError) as e:
@@ -41,8 +42,11 @@ async def run(args: argparse.Namespace) -> int:
             elif event["type"] == "answer.done":
                 t = event["timings"]
                 print()
-                print(f"[{event['tokens']} tokens, {event['reason']}; queue {t['queue_ms']} ms, first token "
-                      f"{t['ttft_ms']} ms, {t['tokens_per_s']} tokens/s]", file=sys.stderr)
+                print(
+                    f"[{event['tokens']} tokens, {event['reason']}; queue {t['queue_ms']} ms, first token "
+                    f"{t['ttft_ms']} ms, {t['tokens_per_s']} tokens/s]",
+                    file=sys.stderr,
+                )
             else:
                 hint = f" (retry in {event['retry_after_s']:g} s)" if event.get("retry_after_s") else ""
                 print(f"ltu-ask: {event['code']}: {event['message']}{hint}", file=sys.stderr)

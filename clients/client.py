@@ -27,8 +27,16 @@ class DaemonError(Exception):
 
 
 class DaemonClient:
-    def __init__(self, url: str = "ws://127.0.0.1:8765", *, token: str | None = None, streams: list[str] | None = None,
-                 events: list[str] | None = None, name: str = "ltu-client", open_timeout: float = 10) -> None:
+    def __init__(
+        self,
+        url: str = "ws://127.0.0.1:8765",
+        *,
+        token: str | None = None,
+        streams: list[str] | None = None,
+        events: list[str] | None = None,
+        name: str = "ltu-client",
+        open_timeout: float = 10,
+    ) -> None:
         self.url, self.token, self.name = url, token, name
         self.streams, self.events = streams or ["*"], events or ["*"]
         self.open_timeout = open_timeout
@@ -46,10 +54,15 @@ class DaemonClient:
     async def connect(self) -> dict[str, Any]:
         """Open the connection, say hello, and return the welcome. Raises `DaemonError` if refused."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        self.ws = await connect(self.url, additional_headers=headers, open_timeout=self.open_timeout,
-                                max_size=None)
-        await self._send({"type": "hello", "protocol": PROTOCOL_VERSION, "client": self.name,
-                          "subscribe": {"streams": self.streams, "events": self.events}})
+        self.ws = await connect(self.url, additional_headers=headers, open_timeout=self.open_timeout, max_size=None)
+        await self._send(
+            {
+                "type": "hello",
+                "protocol": PROTOCOL_VERSION,
+                "client": self.name,
+                "subscribe": {"streams": self.streams, "events": self.events},
+            }
+        )
         reply = json.loads(await self.ws.recv())
         if reply.get("type") == "error":
             raise DaemonError(reply["code"], reply["message"])
@@ -78,8 +91,9 @@ class DaemonClient:
 
     async def start_audio(self, stream: str, rate: int = 16000, channels: int = 1, fmt: str = "s16le") -> str:
         """Claim a remote stream; binary frames sent afterwards are its audio (`audio.ready` confirms)."""
-        return await self._send({"type": "audio.start", "stream": stream, "rate": rate, "channels": channels,
-                                 "format": fmt})
+        return await self._send(
+            {"type": "audio.start", "stream": stream, "rate": rate, "channels": channels, "format": fmt}
+        )
 
     async def send_audio(self, pcm: bytes) -> None:
         assert self.ws is not None, "connect() first"
@@ -88,8 +102,15 @@ class DaemonClient:
     async def stop_audio(self) -> str:
         return await self._send({"type": "audio.stop"})
 
-    async def ask(self, question: str, *, stream: str | None = None, window: str | None = None,
-                  at: float | None = None, **options: Any) -> AsyncIterator[dict[str, Any]]:
+    async def ask(
+        self,
+        question: str,
+        *,
+        stream: str | None = None,
+        window: str | None = None,
+        at: float | None = None,
+        **options: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
         """Ask about a window (default: the newest) and yield this question's events: `answer.start`, then
         `answer.delta`s, then `answer.done`, or a single `error` (e.g. `busy` with `retry_after_s`). Other events
         arriving meanwhile are skipped (use a client subscribed to nothing, or iterate it separately).

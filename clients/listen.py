@@ -1,7 +1,7 @@
 """`ltu-listen`: print a daemon's live events.
 
-    ltu-listen                          # everything but level events, from ws://127.0.0.1:8765
-    ltu-listen --events 'transcript.*' --stream kitchen --json
+ltu-listen                          # everything but level events, from ws://127.0.0.1:8765
+ltu-listen --events 'transcript.*' --stream kitchen --json
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def format_event(e: dict[str, Any]) -> str:
         return f"{where} window  {e['id']} {e['start']:8.2f}-{e['end']:8.2f}s  transcript {e['transcript']!r}"
     if t == "scene":
         w = e["window"]
-        return (f"{where} SCENE   {w['id']} {w['start']:8.2f}-{w['end']:8.2f}s  {e['text']!r}"
-                f"  ({e['timings'].get('generate_ms', 0):.0f} ms, {e['skipped']} skipped)")
+        return (
+            f"{where} SCENE   {w['id']} {w['start']:8.2f}-{w['end']:8.2f}s  {e['text']!r}"
+            f"  ({e['timings'].get('generate_ms', 0):.0f} ms, {e['skipped']} skipped)"
+        )
     if t == "dropped":
         return f"[-] dropped {e['counts']} (this client was too slow)"
     return json.dumps(e)
@@ -46,16 +48,23 @@ def format_event(e: dict[str, Any]) -> str:
 
 async def listen(args: argparse.Namespace) -> int:
     events = args.events or ["speech.start", "transcript.*", "stream.*", "window", "scene"]
-    client = DaemonClient(args.url, token=args.token or os.environ.get("LTU_DAEMON_TOKEN"),
-                          streams=args.stream or ["*"], events=events, name="ltu-listen")
+    client = DaemonClient(
+        args.url,
+        token=args.token or os.environ.get("LTU_DAEMON_TOKEN"),
+        streams=args.stream or ["*"],
+        events=events,
+        name="ltu-listen",
+    )
     try:
         welcome = await client.connect()
     except (OSError, DaemonError) as e:
         print(f"ltu-listen: cannot connect to {args.url}: {e}", file=sys.stderr)
         return 1
     streams = ", ".join(f"{s['name']} ({s['kind']})" for s in welcome["streams"])
-    print(f"connected to {welcome['server']}: streams {streams}" + ("  [DEMO: random models]" if welcome["demo"] else ""),
-          flush=True)
+    print(
+        f"connected to {welcome['server']}: streams {streams}" + ("  [DEMO: random models]" if welcome["demo"] else ""),
+        flush=True,
+    )
     count = 0
     try:
         async for event in client:

@@ -33,8 +33,8 @@ async def _send_file(client: DaemonClient, stream: str, path: str, realtime: boo
             for out in resampler.resample(frame):
                 buf += out.to_ndarray().astype("<i2").tobytes()
             while len(buf) >= 2 * block:
-                await client.send_audio(buf[:2 * block])
-                buf, sent = buf[2 * block:], sent + block
+                await client.send_audio(buf[: 2 * block])
+                buf, sent = buf[2 * block :], sent + block
                 if realtime:
                     await asyncio.sleep(max(0.0, t0 + sent / rate - time.monotonic()))
         if buf:
@@ -42,7 +42,7 @@ async def _send_file(client: DaemonClient, stream: str, path: str, realtime: boo
         await client.stop_audio()
 
 
-async def _send_mic(client: DaemonClient, stream: str, device: str | None, block_ms: int) -> None:
+async def _send_mic(client: DaemonClient, stream: str, device: str | int | None, block_ms: int) -> None:
     import sounddevice as sd
 
     info = sd.query_devices(device, "input")
@@ -58,16 +58,26 @@ async def _send_mic(client: DaemonClient, stream: str, device: str | None, block
         loop.call_soon_threadsafe(put, (np.clip(indata[:, 0], -1, 1) * 32767).astype("<i2").tobytes())
 
     await client.start_audio(stream, rate=rate, channels=1)
-    with sd.InputStream(device=device, samplerate=rate, channels=1, dtype="float32",
-                        blocksize=rate * block_ms // 1000, callback=callback):
+    with sd.InputStream(
+        device=device,
+        samplerate=rate,
+        channels=1,
+        dtype="float32",
+        blocksize=rate * block_ms // 1000,
+        callback=callback,
+    ):
         print(f"streaming {info['name']} at {rate} Hz to {stream}", file=sys.stderr)
         while True:
             await client.send_audio(await queue.get())
 
 
 async def run(args: argparse.Namespace) -> int:
-    client = DaemonClient(args.url, token=args.token or os.environ.get("LTU_DAEMON_TOKEN"),
-                          events=["error", "audio.*"], name=f"ltu-satellite {args.stream}")
+    client = DaemonClient(
+        args.url,
+        token=args.token or os.environ.get("LTU_DAEMON_TOKEN"),
+        events=["error", "audio.*"],
+        name=f"ltu-satellite {args.stream}",
+    )
     try:
         await client.connect()
     except (OSError, DaemonError) as e:

@@ -26,10 +26,18 @@ log = logging.getLogger("daemon.cli")
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML file (default: built-in defaults; see config/default.toml)")
-    p.add_argument("--demo", action="store_true",
-                   help="the demo profile (config/demo.toml): tiny random models, a file source, no weights needed")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set server.port=9000 (repeatable; TOML literal values)")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="the demo profile (config/demo.toml): tiny random models, a file source, no weights needed",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set server.port=9000 (repeatable; TOML literal values)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +61,11 @@ def _load(args: argparse.Namespace) -> DaemonConfig:
 
 
 def _setup_logging(level: str, verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else getattr(logging, level.upper()),
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if not verbose:  # one line per decode and per connection is noise at info level
         for noisy in ("faster_whisper", "websockets.server"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -129,8 +140,10 @@ def _check_asr(config: DaemonConfig) -> str | None:
         download_model(model, local_files_only=True)
         return None
     except Exception as e:
-        return (f"asr.model {model!r} is not in the local cache ({type(e).__name__}). Run once with network access "
-                "(it downloads on start), or set asr.model to a CTranslate2 folder")
+        return (
+            f"asr.model {model!r} is not in the local cache ({type(e).__name__}). Run once with network access "
+            "(it downloads on start), or set asr.model to a CTranslate2 folder"
+        )
 
 
 def _check_model(config: DaemonConfig) -> list[str]:
@@ -141,10 +154,16 @@ def _check_model(config: DaemonConfig) -> list[str]:
     problems = []
     for key in ("checkpoint", "whisper", "llm"):
         value = getattr(m, key)
-        if value and not value.startswith(("authors:", "http://", "https://")) and (
-                value.startswith((".", "/", "~")) or Path(value).suffix == ".bin") and not Path(value).expanduser().exists():
-            problems.append(f"model.{key} {value} does not exist (a path, hub id, URL or authors:NAME; "
-                            "or model.enabled = false for transcripts only)")
+        if (
+            value
+            and not value.startswith(("authors:", "http://", "https://"))
+            and (value.startswith((".", "/", "~")) or Path(value).suffix == ".bin")
+            and not Path(value).expanduser().exists()
+        ):
+            problems.append(
+                f"model.{key} {value} does not exist (a path, hub id, URL or authors:NAME; "
+                "or model.enabled = false for transcripts only)"
+            )
     return problems
 
 
@@ -170,12 +189,16 @@ def _check_stream(s: object) -> str | None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
-    problems = [p for p in [_check_asr(config), *_check_model(config), *(_check_stream(s) for s in config.streams)]
-                if p]
-    print(f"configuration: ok ({len(config.streams)} stream(s); server {config.server.host}:{config.server.port}"
-          f"{', token set' if config.server.resolved_token() else ''})")
+    problems = [
+        p for p in [_check_asr(config), *_check_model(config), *(_check_stream(s) for s in config.streams)] if p
+    ]
+    print(
+        f"configuration: ok ({len(config.streams)} stream(s); server {config.server.host}:{config.server.port}"
+        f"{', token set' if config.server.resolved_token() else ''})"
+    )
     print(f"asr model: {'demo (tiny, built on start)' if config.demo.enabled else config.asr.model}")
-    print(f"LTU-AS: {'off' if not config.model.enabled else 'demo (tiny)' if config.demo.enabled else config.model.checkpoint}")
+    ltu = "off" if not config.model.enabled else "demo (tiny)" if config.demo.enabled else config.model.checkpoint
+    print(f"LTU-AS: {ltu}")
     for p in problems:
         print(f"PROBLEM: {p}")
     print("all checks passed" if not problems else f"{len(problems)} problem(s)")

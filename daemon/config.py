@@ -17,6 +17,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -233,7 +234,8 @@ class DaemonConfig(_Section):
         if not self.server.is_loopback and self.server.resolved_token() is None:
             raise ValueError(
                 f"server.host {self.server.host!r} is not loopback: set server.token or server.token_file "
-                "(clients send it as 'Authorization: Bearer <token>'), or bind to 127.0.0.1")
+                "(clients send it as 'Authorization: Bearer <token>'), or bind to 127.0.0.1"
+            )
         return self
 
     def stream(self, name: str) -> MicStream | FileStream | RemoteStream:
@@ -257,7 +259,7 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any, origin: str) ->
         last = i == len(path) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{origin}: {'.'.join(path[:i + 1])}: no such list entry")
+                raise ConfigError(f"{origin}: {'.'.join(path[: i + 1])}: no such list entry")
             key: Any = int(part)
         else:
             key = part
@@ -268,7 +270,7 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any, origin: str) ->
                 node[key] = {}
             node = node[key]
             if not isinstance(node, dict | list):
-                raise ConfigError(f"{origin}: {'.'.join(path[:i + 1])} is a value, not a section")
+                raise ConfigError(f"{origin}: {'.'.join(path[: i + 1])} is a value, not a section")
 
 
 def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
@@ -305,8 +307,12 @@ def _format_errors(e: ValidationError) -> str:
     return "\n  ".join(lines)
 
 
-def load_config(path: str | Path | None = None, *, overrides: list[str] = (),  # type: ignore[assignment]
-                environ: dict[str, str] | None = None) -> DaemonConfig:
+def load_config(
+    path: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    environ: dict[str, str] | None = None,
+) -> DaemonConfig:
     """Read `path` (TOML; None: built-in defaults), apply `LTU_DAEMON__*` variables and `key=value` overrides.
 
     Raises `ConfigError` naming each bad key.
@@ -324,7 +330,7 @@ def load_config(path: str | Path | None = None, *, overrides: list[str] = (),  #
     env = os.environ if environ is None else environ
     for name in sorted(env):
         if name.startswith(ENV_PREFIX):
-            keys = name[len(ENV_PREFIX):].lower().split("__")
+            keys = name[len(ENV_PREFIX) :].lower().split("__")
             _set_path(tree, keys, parse_value(env[name]), f"environment {name}")
     for item in overrides:
         key, sep, value = item.partition("=")

@@ -34,6 +34,7 @@ def prepare_demo(config: DaemonConfig) -> DaemonConfig:
         log.info("demo: building tiny random models in %s", config.demo.models_dir / "tiny")
         build_tiny_models(config.demo.models_dir / "tiny", seed=0, ct2=True)
     tiny = config.demo.models_dir / "tiny"
-    model = config.model.model_copy(update={"checkpoint": str(tiny / "ltuas_tiny.bin"), "whisper": str(tiny / "whisper"),
-                                            "llm": str(tiny / "llm")})
+    model = config.model.model_copy(
+        update={"checkpoint": str(tiny / "ltuas_tiny.bin"), "whisper": str(tiny / "whisper"), "llm": str(tiny / "llm")}
+    )
     return config.model_copy(update={"asr": config.asr.model_copy(update={"model": str(target)}), "model": model})

@@ -18,15 +18,16 @@ T = TypeVar("T")
 
 
 class Reply(Generic[T]):
-    """`fn(value)` scheduled on `loop`, callable from any thread (and from the loop itself)."""
+    """`fn(value)` scheduled on `loop`, callable from any thread (and from the loop itself). What `fn` returns is
+    ignored."""
 
     __slots__ = ("_fn", "_loop")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[T], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[T], object]) -> None:
         self._loop, self._fn = loop, fn
 
     @classmethod
-    def here(cls, fn: Callable[[T], None]) -> Reply[T]:
+    def here(cls, fn: Callable[[T], object]) -> Reply[T]:
         """Bound to the running loop (call on the loop)."""
         return cls(asyncio.get_running_loop(), fn)
 

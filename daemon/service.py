@@ -9,6 +9,7 @@ worker, each owning its model. Everything else runs on the loop. Results cross b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -47,8 +48,16 @@ class Service:
         model_on = config.model.enabled
         for s in config.streams:
             self.pipelines[s.name] = StreamPipeline(
-                s.name, s.source, audio=config.audio, vad=config.vad, asr=config.asr, windows=config.windows,
-                publish=self.bus.publish, asr_worker=self.asr, on_window=self._on_window if model_on else None)
+                s.name,
+                s.source,
+                audio=config.audio,
+                vad=config.vad,
+                asr=config.asr,
+                windows=config.windows,
+                publish=self.bus.publish,
+                asr_worker=self.asr,
+                on_window=self._on_window if model_on else None,
+            )
             if isinstance(s, FileStream):
                 self.sources[s.name] = FileSource(s)
             elif isinstance(s, MicStream):
@@ -57,9 +66,14 @@ class Service:
                 self.sources[s.name] = remotes[s.name] = RemoteSource(s.name)
         self.understanding = _Understanding(config, self.pipelines) if model_on else None
         self.server = WebsocketServer(
-            config.server, self.bus, RemoteStreams(remotes), self.understanding.desk if self.understanding else None,
+            config.server,
+            self.bus,
+            RemoteStreams(remotes),
+            self.understanding.desk if self.understanding else None,
             streams=lambda: [p.info() for p in self.pipelines.values()],
-            identity=Identity(demo=config.demo.enabled, model=model_on), health=self.health)
+            identity=Identity(demo=config.demo.enabled, model=model_on),
+            health=self.health,
+        )
         self.started = time.time()
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -127,12 +141,14 @@ class Service:
         sc = self.config.scene
         if self.understanding is None or not sc.enabled or (w.index - 1) % sc.every or self._scene_reply is None:
             return
-        job = SceneJob(window=w, audio=audio, deadline=time.monotonic() + self.config.scheduler.scene_deadline_s,
-                       reply=self._scene_reply)
-        try:
+        job = SceneJob(
+            window=w,
+            audio=audio,
+            deadline=time.monotonic() + self.config.scheduler.scene_deadline_s,
+            reply=self._scene_reply,
+        )
+        with contextlib.suppress(Busy):  # only once closed for shutdown: nothing left to describe
             self.understanding.scheduler.submit(job)
-        except Busy:  # closed: shutting down
-            pass
 
     # --- what operators see ---
 
@@ -143,9 +159,14 @@ class Service:
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
             "demo": self.config.demo.enabled,
-            "asr": {"model": self.config.asr.model, "loaded": self.asr.ready.is_set() and self.asr.error is None,
-                    "error": str(self.asr.error) if self.asr.error else None, "queue": self.asr.depth,
-                    "decoded": self.asr.decoded, "busy_s": round(self.asr.busy_s, 3)},
+            "asr": {
+                "model": self.config.asr.model,
+                "loaded": self.asr.ready.is_set() and self.asr.error is None,
+                "error": str(self.asr.error) if self.asr.error else None,
+                "queue": self.asr.depth,
+                "decoded": self.asr.decoded,
+                "busy_s": round(self.asr.busy_s, 3),
+            },
             "streams": {name: p.health() for name, p in self.pipelines.items()},
             "model": self.understanding.health() if self.understanding else {"enabled": False},
             **self.server.stats(),
@@ -168,14 +189,25 @@ class _Understanding:
         self.scheduler = Scheduler(sc.max_queue, sc.max_batch, sc.retry_after_s)
         self.cache = FeatureCache(config.features.cache_windows, int(config.features.cache_mb * 2**20))
         self.worker = ModelWorker(config.model, config.scene, self.scheduler, self.cache)
-        self.desk = QuestionDesk(self.scheduler, self.cache, {n: p.windows for n, p in pipelines.items()},
-                                 config.questions, sc.question_deadline_s)
+        self.desk = QuestionDesk(
+            self.scheduler,
+            self.cache,
+            {n: p.windows for n, p in pipelines.items()},
+            config.questions,
+            sc.question_deadline_s,
+        )
 
     def health(self) -> dict[str, Any]:
         w, c = self.worker, self.cache
-        return {"enabled": True, "checkpoint": self.checkpoint, "loaded": w.ready.is_set() and w.error is None,
-                "error": str(w.error) if w.error else None, "queue": self.scheduler.depth, "counts": dict(w.counts),
-                "latest_ms": dict(w.stats), "skipped_scenes": self.scheduler.skipped_scenes,
-                "open_questions": self.desk.open_questions,
-                "feature_cache": {"entries": len(c), "mb": round(c.bytes / 2**20, 2), "hits": c.hits,
-                                  "misses": c.misses}}
+        return {
+            "enabled": True,
+            "checkpoint": self.checkpoint,
+            "loaded": w.ready.is_set() and w.error is None,
+            "error": str(w.error) if w.error else None,
+            "queue": self.scheduler.depth,
+            "counts": dict(w.counts),
+            "latest_ms": dict(w.stats),
+            "skipped_scenes": self.scheduler.skipped_scenes,
+            "open_questions": self.desk.open_questions,
+            "feature_cache": {"entries": len(c), "mb": round(c.bytes / 2**20, 2), "hits": c.hits, "misses": c.misses},
+        }

@@ -22,9 +22,20 @@ from .capture.level import LevelMeter
 from .capture.ring import AudioRing
 from .capture.vad import Segmenter, SpeechEnd, SpeechStart
 from .clock import SAMPLE_RATE, ms_to_samples, s_to_samples, samples_to_s
-from .config import AudioConfig, AsrConfig, VadConfig, WindowsConfig
-from .delivery.protocol import (FinalEvent, GapEvent, LevelEvent, PartialEvent, SpeechStartEvent, StatusEvent,
-                                StreamEvent, StreamInfo, StreamKind, StreamState, WindowEvent)
+from .config import AsrConfig, AudioConfig, VadConfig, WindowsConfig
+from .delivery.protocol import (
+    FinalEvent,
+    GapEvent,
+    LevelEvent,
+    PartialEvent,
+    SpeechStartEvent,
+    StatusEvent,
+    StreamEvent,
+    StreamInfo,
+    StreamKind,
+    StreamState,
+    WindowEvent,
+)
 from .reply import Reply
 from .speech.asr import AsrJob, AsrResult, AsrWorker
 from .understanding.windows import StreamWindows, Window, Windower
@@ -36,9 +47,19 @@ class StreamPipeline:
     """Turns one stream's source items into events. Receives what it uses: its config sections, where to
     `publish` events, the ASR worker to `offer` utterances to, and `on_window` for each closed window."""
 
-    def __init__(self, name: str, kind: StreamKind, *, audio: AudioConfig, vad: VadConfig, asr: AsrConfig,
-                 windows: WindowsConfig, publish: Callable[[StreamEvent], object], asr_worker: AsrWorker,
-                 on_window: Callable[[Window, np.ndarray | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        kind: StreamKind,
+        *,
+        audio: AudioConfig,
+        vad: VadConfig,
+        asr: AsrConfig,
+        windows: WindowsConfig,
+        publish: Callable[[StreamEvent], object],
+        asr_worker: AsrWorker,
+        on_window: Callable[[Window, np.ndarray | None], None] | None = None,
+    ) -> None:
         self.name, self.kind = name, kind
         self.publish, self.asr, self.on_window = publish, asr_worker, on_window
         self.partials, self.partial_interval = asr.partials, ms_to_samples(asr.partial_interval_ms)
@@ -83,8 +104,14 @@ class StreamPipeline:
             if isinstance(item, AudioChunk):
                 await self._audio(item)
             elif isinstance(item, Gap):
-                self.publish(GapEvent(stream=self.name, at=samples_to_s(self.ring.end),
-                                      duration_s=round(item.duration_s, 3), reason=item.reason))
+                self.publish(
+                    GapEvent(
+                        stream=self.name,
+                        at=samples_to_s(self.ring.end),
+                        duration_s=round(item.duration_s, 3),
+                        reason=item.reason,
+                    )
+                )
             elif isinstance(item, Status):
                 if item.state in ("lost", "closed", "error"):
                     await self._flush()  # a gap or an end cuts the utterance: its final goes out now
@@ -96,8 +123,15 @@ class StreamPipeline:
         self._anchors.append((first, chunk.wall))
         level = self.level.push(chunk.samples, first, time.time())
         if level is not None:
-            self.publish(LevelEvent(stream=self.name, start=samples_to_s(level.start), end=samples_to_s(level.stop),
-                                    rms_dbfs=round(level.rms_dbfs, 2), peak_dbfs=round(level.peak_dbfs, 2)))
+            self.publish(
+                LevelEvent(
+                    stream=self.name,
+                    start=samples_to_s(level.start),
+                    end=samples_to_s(level.stop),
+                    rms_dbfs=round(level.rms_dbfs, 2),
+                    peak_dbfs=round(level.peak_dbfs, 2),
+                )
+            )
         for ev in self.vad.push(chunk.samples):
             await self._vad_event(ev)
         self._maybe_partial()
@@ -109,9 +143,17 @@ class StreamPipeline:
             starts.append(self.vad.open_start)
         for w in self.windower.ready(self.ring.end, min(starts) if starts else None):
             self.windows.add(w)
-            self.publish(WindowEvent(stream=self.name, id=w.id, start=samples_to_s(w.start), end=samples_to_s(w.end),
-                                     wall_start=self.wall_at(w.start), wall_end=self.wall_at(w.end),
-                                     transcript=w.transcript))
+            self.publish(
+                WindowEvent(
+                    stream=self.name,
+                    id=w.id,
+                    start=samples_to_s(w.start),
+                    end=samples_to_s(w.end),
+                    wall_start=self.wall_at(w.start),
+                    wall_end=self.wall_at(w.end),
+                    transcript=w.transcript,
+                )
+            )
             if self.on_window is not None:
                 self.on_window(w, self.windows.audio(w))
 
@@ -120,11 +162,18 @@ class StreamPipeline:
             self._unresolved[ev.index] = ev.start
             self.utterances += 1
             self._partial_at = ev.start + self.partial_interval
-            self.publish(SpeechStartEvent(stream=self.name, id=self.utterance_id(ev.index),
-                                          start=samples_to_s(ev.start), wall=self.wall_at(ev.start)))
+            self.publish(
+                SpeechStartEvent(
+                    stream=self.name,
+                    id=self.utterance_id(ev.index),
+                    start=samples_to_s(ev.start),
+                    wall=self.wall_at(ev.start),
+                )
+            )
             return
-        job = AsrJob(self.name, ev.index, ev.start, ev.end, self.ring.read(ev.start, ev.end), ev, time.monotonic(),
-                     self._reply())
+        job = AsrJob(
+            self.name, ev.index, ev.start, ev.end, self.ring.read(ev.start, ev.end), ev, time.monotonic(), self._reply()
+        )
         while not self.asr.offer_final(job):
             await asyncio.sleep(0.02)  # full: wait for room, never drop a final (module docstring of asr)
 
@@ -138,8 +187,18 @@ class StreamPipeline:
         if not self.partials or index is None or start is None or self.ring.end < self._partial_at:
             return
         self._partial_at = self.ring.end + self.partial_interval
-        self.asr.offer_partial(AsrJob(self.name, index, start, self.ring.end, self.ring.read(start, self.ring.end),
-                                      None, time.monotonic(), self._reply()))
+        self.asr.offer_partial(
+            AsrJob(
+                self.name,
+                index,
+                start,
+                self.ring.end,
+                self.ring.read(start, self.ring.end),
+                None,
+                time.monotonic(),
+                self._reply(),
+            )
+        )
 
     async def _flush(self) -> None:
         for ev in self.vad.flush():
@@ -157,8 +216,16 @@ class StreamPipeline:
                 return  # nothing new: never re-send unchanged text
             self._partial_text[job.index] = r.text
             self._revision[job.index] = self._revision.get(job.index, 0) + 1
-            self.publish(PartialEvent(stream=self.name, id=uid, start=samples_to_s(job.start),
-                                      end=samples_to_s(job.stop), text=r.text, revision=self._revision[job.index]))
+            self.publish(
+                PartialEvent(
+                    stream=self.name,
+                    id=uid,
+                    start=samples_to_s(job.start),
+                    end=samples_to_s(job.stop),
+                    text=r.text,
+                    revision=self._revision[job.index],
+                )
+            )
             return
         self._partial_text.pop(job.index, None)
         self._revision.pop(job.index, None)
@@ -169,14 +236,32 @@ class StreamPipeline:
         self.finals += 1
         if wall_end is not None:
             self.last_latency_s = round(time.time() - wall_end, 4)
-        self.publish(FinalEvent(stream=self.name, id=uid, start=samples_to_s(ev.start), end=samples_to_s(ev.end),
-                                speech_end=samples_to_s(ev.speech_end), text=r.text, reason=ev.reason,
-                                wall_start=self.wall_at(ev.start), wall_end=wall_end,
-                                dropped_segments=r.dropped_segments, asr_ms=round(r.decode_s * 1000, 1),
-                                queue_ms=round(r.wait_s * 1000, 1)))
+        self.publish(
+            FinalEvent(
+                stream=self.name,
+                id=uid,
+                start=samples_to_s(ev.start),
+                end=samples_to_s(ev.end),
+                speech_end=samples_to_s(ev.speech_end),
+                text=r.text,
+                reason=ev.reason,
+                wall_start=self.wall_at(ev.start),
+                wall_end=wall_end,
+                dropped_segments=r.dropped_segments,
+                asr_ms=round(r.decode_s * 1000, 1),
+                queue_ms=round(r.wait_s * 1000, 1),
+            )
+        )
         self._close_windows()  # a window may have waited for this final
 
     def health(self) -> dict[str, object]:
-        return {"kind": self.kind, "state": self.state, "seconds": samples_to_s(self.ring.end),
-                "utterances": self.utterances, "finals": self.finals, "queue": self.queue.qsize(),
-                "last_final_latency_s": self.last_latency_s, "windows": self.windower.index}
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "seconds": samples_to_s(self.ring.end),
+            "utterances": self.utterances,
+            "finals": self.finals,
+            "queue": self.queue.qsize(),
+            "last_final_latency_s": self.last_latency_s,
+            "windows": self.windower.index,
+        }

@@ -16,17 +16,25 @@ from typing import Any
 # Public names → the module that holds them. Loaded on first use (PEP 562), so that light users such as the
 # daemon's ASR front end (`ltu_as.transcribe`) do not pay for importing torch and transformers.
 _EXPORTS = {
-    "CheckpointError": "errors", "LtuAsError": "errors", "ModelNotFoundError": "errors",
+    "CheckpointError": "errors",
+    "LtuAsError": "errors",
+    "ModelNotFoundError": "errors",
     # the model: architecture, math, prompt and decoding
-    "LoraSettings": "model.config", "LtuAsConfig": "model.config", "trainable_parameter_counts": "model.config",
+    "LoraSettings": "model.config",
+    "LtuAsConfig": "model.config",
+    "trainable_parameter_counts": "model.config",
     "GenerationOptions": "model.generation",
     "LtuAsForConditionalGeneration": "model.modeling",
     "LtuAsProcessor": "model.processor",
     # loading: sources, checkpoints in both layouts, precision
-    "load_official_checkpoint": "loading.checkpoint", "official_state_dict": "loading.checkpoint",
+    "load_official_checkpoint": "loading.checkpoint",
+    "official_state_dict": "loading.checkpoint",
     "save_official_checkpoint": "loading.checkpoint",
-    "LoadedModel": "loading.load", "load_components": "loading.load", "load_model": "loading.load",
-    "load_pretrained": "loading.load", "load_trainable": "loading.load",
+    "LoadedModel": "loading.load",
+    "load_components": "loading.load",
+    "load_model": "loading.load",
+    "load_pretrained": "loading.load",
+    "load_trainable": "loading.load",
 }
 
 

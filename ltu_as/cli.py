@@ -10,12 +10,19 @@ Exit status: 0 done, 2 bad input (arguments, audio), 3 a model or checkpoint is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
+import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    from .loading.load import LoadedModel
+    from .training.data import Record
 
 log = logging.getLogger("ltu_as.cli")
 
@@ -28,12 +35,15 @@ def _ask_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--transcript", help="use this transcript instead of running faster-whisper")
     t.add_argument("--no-transcript", action="store_true", help="ask without a transcript")
     m = p.add_argument_group("models")
-    m.add_argument("--checkpoint", help="ltu_as folder, authors' .bin, URL or authors:NAME "
-                                        "(default authors:ltuas_long_noqa_a6.bin)")
+    m.add_argument(
+        "--checkpoint",
+        help="ltu_as folder, authors' .bin, URL or authors:NAME (default authors:ltuas_long_noqa_a6.bin)",
+    )
     m.add_argument("--whisper", help="Whisper encoder: HF folder or hub id (default openai/whisper-large)")
     m.add_argument("--llm", help="LLM: HF folder, hub id or authors:vicuna_ltuas (the default)")
-    m.add_argument("--asr-model", default=None, help="faster-whisper model: size name, hub id or CT2 folder "
-                                                     "(default large-v2)")
+    m.add_argument(
+        "--asr-model", default=None, help="faster-whisper model: size name, hub id or CT2 folder (default large-v2)"
+    )
     m.add_argument("--asr-beam-size", type=int, default=5)
     m.add_argument("--asr-max-new-tokens", type=int, default=None, help="cap on transcript tokens per segment")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -72,10 +82,11 @@ def _training_parsers(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--batch-size", type=int, default=8)
     tr = sub.add_parser("train", help="one stage of the LTU-AS curriculum")
     tr.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
-    tr.add_argument("--config", type=Path, help="stage config (default: config/train/stage<N>.toml)")
-    tr.add_argument("--data", required=True, type=Path)
-    tr.add_argument("--features", required=True, type=Path)
-    tr.add_argument("--out", required=True, type=Path)
+    tr.add_argument("--config", type=Path, help="stage config (default: the shipped stage<N>.toml, see --print-config)")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config and its file; exit")
+    tr.add_argument("--data", type=Path, help="Open-ASQA-format .json or .jsonl (required to train)")
+    tr.add_argument("--features", type=Path, help="feature store from extract-features (required to train)")
+    tr.add_argument("--out", type=Path, help="output folder (required to train)")
     tr.add_argument("--init", help="the previous stage's output folder, or an authors' .bin (stage 1: optional)")
     tr.add_argument("--whisper", help="Whisper folder/hub id (default: recorded in --init, else openai/whisper-large)")
     tr.add_argument("--llm", help="LLM folder/hub id (default: recorded in --init, else authors:vicuna_ltuas)")
@@ -96,7 +107,7 @@ def _training_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--dtype", default="auto")
 
 
-def _read_data(path: Path) -> list:  # type: ignore[type-arg]
+def _read_data(path: Path) -> list[Record]:
     from .training.data import read_records
 
     records, bad = read_records(path)
@@ -112,14 +123,21 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from .training.featurestore import FeatureEncoder, extract_features
 
     records = _read_data(args.data)
-    store = extract_features(FeatureEncoder(args.whisper, args.device, args.dtype), [r.audio_id for r in records],
-                             args.audio_root, args.out, batch_size=args.batch_size)
-    print(f"{len(store.manifest['files'])} feature files in {args.out}; {len(store.failed)} failed"
-          + (f" (see {args.out}/manifest.json)" if store.failed else ""))
+    store = extract_features(
+        FeatureEncoder(args.whisper, args.device, args.dtype),
+        [r.audio_id for r in records],
+        args.audio_root,
+        args.out,
+        batch_size=args.batch_size,
+    )
+    print(
+        f"{len(store.manifest['files'])} feature files in {args.out}; {len(store.failed)} failed"
+        + (f" (see {args.out}/manifest.json)" if store.failed else "")
+    )
     return 1 if store.failed else 0
 
 
-def _model_for(args: argparse.Namespace, init: str | None, seed: int):  # type: ignore[no-untyped-def]
+def _model_for(args: argparse.Namespace, init: str | None, seed: int) -> LoadedModel:
     import torch
 
     from .loading.load import LoadedModel, load_components, load_model, load_pretrained
@@ -137,11 +155,13 @@ def _model_for(args: argparse.Namespace, init: str | None, seed: int):  # type: 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training.featurestore import FeatureStore
-    from .training.trainer import STAGES, Trainer, TrainConfig, make_examples
+    from .training.trainer import STAGES, TrainConfig, Trainer, make_examples
 
     path = args.config or STAGES / f"stage{args.stage}.toml"
-    import tomllib
-
+    if not path.is_file():
+        why = "" if args.config else " (the shipped stage configs are missing: reinstall ltu-daemon)"
+        print(f"ltu-as train: stage config {path} does not exist{why}", file=sys.stderr)
+        return 2
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -150,21 +170,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
         except tomllib.TOMLDecodeError:
             overrides[key.strip()] = value
     try:
-        cfg = TrainConfig.load(path if path.is_file() else None, {"stage": args.stage, **overrides})
+        cfg = TrainConfig.load(path, {"stage": args.stage, **overrides})
     except (ValueError, TypeError) as e:
         print(f"ltu-as train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(f"# {path}" + (f" with --set {' '.join(args.set)}" if args.set else ""))
+        print(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+        return 0
+    missing_args = [f"--{n}" for n in ("data", "features", "out") if getattr(args, n) is None]
+    if missing_args:
+        print(f"ltu-as train: {', '.join(missing_args)} required to train", file=sys.stderr)
         return 2
     records = _read_data(args.data)
     store = FeatureStore(args.features)
     loaded = _model_for(args, args.init, cfg.seed)
     examples, missing = make_examples(loaded.processor, records, store, cfg.cutoff_len, cfg.loss)
     if missing:
-        log.warning("%d record(s) without features left out (failed or not extracted), e.g. %s", len(missing),
-                    missing[:3])
+        log.warning(
+            "%d record(s) without features left out (failed or not extracted), e.g. %s", len(missing), missing[:3]
+        )
     trainer = Trainer(loaded.model, loaded.processor, examples, store, cfg, args.out)
-    log.info("stage %d: training %s (%s parameters); %d examples, %d steps of %d", cfg.stage,
-             ", ".join(trainer.counts), f"{sum(trainer.counts.values()):,}", len(examples), trainer.total_steps,
-             trainer.rows_per_step)
+    log.info(
+        "stage %d: training %s (%s parameters); %d examples, %d steps of %d",
+        cfg.stage,
+        ", ".join(trainer.counts),
+        f"{sum(trainer.counts.values()):,}",
+        len(examples),
+        trainer.total_steps,
+        trainer.rows_per_step,
+    )
     if args.resume and not trainer.resume():
         log.info("no checkpoint in %s: starting from the beginning", args.out)
     losses = trainer.train()
@@ -190,8 +225,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     js, md = write_report(results, args.out)
     with open(js.with_name(js.stem + ".answers.jsonl"), "w") as f:
         for r, a in zip(kept, answers, strict=True):
-            f.write(json.dumps({"audio_id": r.audio_id, "dataset": r.dataset, "answer": a, "reference": r.output})
-                    + "\n")
+            f.write(
+                json.dumps({"audio_id": r.audio_id, "dataset": r.dataset, "answer": a, "reference": r.output}) + "\n"
+            )
     print(md.read_text(), end="")
     return 0
 
@@ -199,15 +235,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_ask(args: argparse.Namespace) -> int:
     from faster_whisper import decode_audio
 
-    from .model.generation import GenerationOptions
     from .loading.load import load_model
+    from .model.generation import GenerationOptions
     from .serving.pipeline import ask_stream
     from .serving.transcribe import DEFAULT_ASR_MODEL, AsrOptions, load_asr, transcribe
 
     try:
         options = GenerationOptions(
-            max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=not args.greedy,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
         )
     except ValueError as e:
         print(f"ltu-as ask: {e}", file=sys.stderr)
@@ -229,8 +270,9 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         transcript = args.transcript
     else:
         asr = load_asr(args.asr_model or DEFAULT_ASR_MODEL, device="cpu" if args.device == "cpu" else "auto")
-        transcript = transcribe(asr, audio, AsrOptions(beam_size=args.asr_beam_size,
-                                                       max_new_tokens=args.asr_max_new_tokens))
+        transcript = transcribe(
+            asr, audio, AsrOptions(beam_size=args.asr_beam_size, max_new_tokens=args.asr_max_new_tokens)
+        )
         log.info("transcript: %r", transcript)
     loaded = load_model(args.checkpoint, whisper=args.whisper, llm=args.llm, device=args.device, dtype=args.dtype)
     for piece in ask_stream(loaded, audio, args.question, transcript, options):
@@ -244,8 +286,10 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from .testing import build_tiny_models
 
     tiny = build_tiny_models(args.directory, seed=args.seed)
-    print(f"whisper:     {tiny.whisper}\nwhisper-ct2: {tiny.whisper_ct2}\nllm:         {tiny.llm}\n"
-          f"checkpoint:  {tiny.checkpoint}")
+    print(
+        f"whisper:     {tiny.whisper}\nwhisper-ct2: {tiny.whisper_ct2}\nllm:         {tiny.llm}\n"
+        f"checkpoint:  {tiny.checkpoint}"
+    )
     return 0
 
 
@@ -259,10 +303,19 @@ def _cmd_params(_args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    commands = {"ask": _cmd_ask, "make-tiny": _cmd_make_tiny, "params": _cmd_params,
-                "extract-features": _cmd_extract, "train": _cmd_train, "eval": _cmd_eval}
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    commands = {
+        "ask": _cmd_ask,
+        "make-tiny": _cmd_make_tiny,
+        "params": _cmd_params,
+        "extract-features": _cmd_extract,
+        "train": _cmd_train,
+        "eval": _cmd_eval,
+    }
     try:
         return commands[args.command](args)
     except (ModelNotFoundError, CheckpointError) as e:

@@ -18,20 +18,25 @@ from __future__ import annotations
 
 import io
 import json
-
-import numpy as np
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from transformers import WhisperTokenizer
+
+    from .model.modeling import LtuAsForConditionalGeneration
 
 from .model.config import LtuAsConfig
 
 log = logging.getLogger(__name__)
 
 # Tiny dims: the real structure (1000 frames, pool 20 → 25 tokens, 80 mels), small widths.
-TINY_WHISPER = {
+TINY_WHISPER: dict[str, Any] = {
     "num_mel_bins": 80,
     "d_model": 64,
     "encoder_layers": 4,
@@ -40,9 +45,13 @@ TINY_WHISPER = {
     "max_source_positions": 1500,
     "activation_function": "gelu",
 }
-TINY_WHISPER_DECODER = {"decoder_layers": 2, "decoder_attention_heads": 4, "decoder_ffn_dim": 128,
-                        "max_target_positions": 448}
-TINY_LLAMA = {
+TINY_WHISPER_DECODER: dict[str, Any] = {
+    "decoder_layers": 2,
+    "decoder_attention_heads": 4,
+    "decoder_ffn_dim": 128,
+    "max_target_positions": 448,
+}
+TINY_LLAMA: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
@@ -120,23 +129,29 @@ def save_llama_tokenizer(folder: Path, vocab_size: int = 400) -> None:
         minloglevel=2,
     )
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "model_max_length": 2048,
-        "clean_up_tokenization_spaces": False,
-    }, indent=2))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "model_max_length": 2048,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+    )
     (folder / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2)
     )
 
 
-def save_tiny_llama(folder: Path, *, seed: int = 0, vocab_size: int = 400, initializer_range: float = 0.1,
-                    **dims: object) -> Path:
+def save_tiny_llama(
+    folder: Path, *, seed: int = 0, vocab_size: int = 400, initializer_range: float = 0.1, **dims: Any
+) -> Path:
     """A random `LlamaForCausalLM` with a SentencePiece tokenizer, saved as a Hugging Face folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -149,7 +164,7 @@ def save_tiny_llama(folder: Path, *, seed: int = 0, vocab_size: int = 400, initi
 
 
 # --- Whisper side ------------------------------------------------------------------------------------------------
-def _whisper_tokenizer(vocab_size: int = 400):  # type: ignore[no-untyped-def]
+def _whisper_tokenizer(vocab_size: int = 400) -> WhisperTokenizer:
     """An English-only Whisper tokenizer: byte-level BPE trained here plus the special tokens in canonical order."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import AddedToken, WhisperTokenizer
@@ -160,9 +175,17 @@ def _whisper_tokenizer(vocab_size: int = 400):  # type: ignore[no-untyped-def]
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tok = WhisperTokenizer(vocab=vocab, merges=merges)
-    specials = (["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>",
-                 "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
-                + [f"<|{i * 0.02:.2f}|>" for i in range(1501)])
+    specials = [
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        "<|en|>",
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nocaptions|>",
+        "<|notimestamps|>",
+    ] + [f"<|{i * 0.02:.2f}|>" for i in range(1501)]
     tok.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
     return tok
 
@@ -173,11 +196,12 @@ def save_tiny_whisper(folder: Path, *, seed: int = 0, init_std: float = 0.2) -> 
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = _whisper_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in
-           ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>")}
+    vocab = tok.get_vocab()  # with the added special tokens
+    ids = {t: vocab[t] for t in ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>")}
     torch.manual_seed(seed)
     cfg = WhisperConfig(
-        **TINY_WHISPER, **TINY_WHISPER_DECODER,
+        **TINY_WHISPER,
+        **TINY_WHISPER_DECODER,
         vocab_size=len(tok),
         init_std=init_std,
         pad_token_id=ids["<|endoftext|>"],
@@ -192,11 +216,15 @@ def save_tiny_whisper(folder: Path, *, seed: int = 0, init_std: float = 0.2) -> 
     # special tokens' embeddings (tied to the output layer) at zero, text tokens win: the tiny model emits
     # meaningless but non-empty text, which exercises partial and final transcripts for real.
     with torch.no_grad():
-        model.model.decoder.embed_tokens.weight[ids["<|endoftext|>"] + 1:] = 0.0
+        model.model.decoder.embed_tokens.weight[ids["<|endoftext|>"] + 1 :] = 0.0
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=cfg.decoder_start_token_id, eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id, suppress_tokens=[], begin_suppress_tokens=cfg.begin_suppress_tokens,
-        no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=False,
+        decoder_start_token_id=cfg.decoder_start_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        suppress_tokens=[],
+        begin_suppress_tokens=cfg.begin_suppress_tokens,
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        is_multilingual=False,
         max_length=cfg.max_target_positions,
     )
     model.save_pretrained(str(folder))
@@ -217,12 +245,12 @@ def convert_to_ctranslate2(hf_folder: Path, out_folder: Path) -> Path:
 
 
 # --- LTU-AS trainable parts -------------------------------------------------------------------------------------
-def randomize_trainable_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+def randomize_trainable_(model: LtuAsForConditionalGeneration, seed: int = 0, std: float = 0.05) -> None:
     """Give every trainable tensor (TLTR, projector, LoRA A *and* B) random values, so that LoRA is not a no-op."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _name, tensor in model.trainable_state_dict().items():  # type: ignore[operator]
-            tensor.copy_(torch.randn(tensor.shape, generator=g) * std + (1.0 if _name.endswith("ln.weight") else 0.0))
+        for name, tensor in model.trainable_state_dict().items():
+            tensor.copy_(torch.randn(tensor.shape, generator=g) * std + (1.0 if name.endswith("ln.weight") else 0.0))
 
 
 def build_tiny_models(root: str | Path, *, seed: int = 0, ct2: bool = True) -> TinyModels:
@@ -234,7 +262,9 @@ def build_tiny_models(root: str | Path, *, seed: int = 0, ct2: bool = True) -> T
     whisper = save_tiny_whisper(root / "whisper", seed=seed)
     whisper_ct2 = convert_to_ctranslate2(whisper, root / "whisper-ct2") if ct2 else None
     llm = save_tiny_llama(root / "llm", seed=seed + 1)
-    config = tiny_config(str(whisper), str(llm), vocab_size=int(json.loads((llm / "config.json").read_text())["vocab_size"]))
+    config = tiny_config(
+        str(whisper), str(llm), vocab_size=int(json.loads((llm / "config.json").read_text())["vocab_size"])
+    )
     model = load_components(config, device="cpu", dtype="fp32", progress=False)
     randomize_trainable_(model, seed=seed + 2)
     checkpoint = save_official_checkpoint(model, root / "ltuas_tiny.bin")
@@ -258,7 +288,7 @@ def _sound(kind: str, rng: np.random.Generator, sr: int = 16000) -> np.ndarray:
         f0 = rng.uniform(200, 3500)
         f1 = f0 + rng.choice([-1, 1]) * rng.uniform(800, 2500)
         f1 = float(np.clip(f1, 100, 7000))
-        x += 0.3 * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / 20))
+        x += 0.3 * np.sin(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / 20))
     elif kind == "noise":
         for _ in range(rng.integers(2, 9)):
             s, d = rng.uniform(0, 9), rng.uniform(0.1, 1)
@@ -266,7 +296,7 @@ def _sound(kind: str, rng: np.random.Generator, sr: int = 16000) -> np.ndarray:
             x[m] += 0.3 * rng.standard_normal(int(m.sum()))
     elif kind == "clicks":
         period = int(sr / rng.uniform(2, 20))
-        x[rng.integers(0, period)::period] += 0.8
+        x[rng.integers(0, period) :: period] += 0.8
     elif kind != "silence":
         raise ValueError(kind)
     return np.clip(x, -1, 1).astype(np.float32)
@@ -290,8 +320,16 @@ def write_sound_classes(root: str | Path, per_class: int, *, seed: int, split: s
                 w.setsampwidth(2)
                 w.setframerate(16000)
                 w.writeframes((_sound(kind, rng) * 32767).astype("<i2").tobytes())
-            records.append({"instruction": SOUND_QUESTION, "input": "", "output": kind, "audio_id": audio_id,
-                            "dataset": "synthetic_sounds", "task": "cla_label"})
+            records.append(
+                {
+                    "instruction": SOUND_QUESTION,
+                    "input": "",
+                    "output": kind,
+                    "audio_id": audio_id,
+                    "dataset": "synthetic_sounds",
+                    "task": "cla_label",
+                }
+            )
     path = root / f"{split}.json"
     path.write_text(json.dumps(records, indent=0))
     return path

@@ -10,8 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
-
-from wire_check import validate_every_received_message  # noqa: F401  (an autouse fixture: every message checked)
+from wire_check import validate_every_received_message  # noqa: F401 (an autouse fixture: every message checked)
 
 from ltu_as import load_model
 from ltu_as.testing import TinyModels, build_tiny_models

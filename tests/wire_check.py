@@ -36,11 +36,13 @@ def check_server_message(text: str) -> dict[str, Any]:
 
 def _checked(recv: Any, is_async: bool) -> Any:
     if is_async:
+
         async def arecv(self: Any, *args: Any, **kwargs: Any) -> Any:
             data = await recv(self, *args, **kwargs)
             if isinstance(data, str):
                 check_server_message(data)
             return data
+
         return arecv
 
     def srecv(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -48,6 +50,7 @@ def _checked(recv: Any, is_async: bool) -> Any:
         if isinstance(data, str):
             check_server_message(data)
         return data
+
     return srecv
 
 

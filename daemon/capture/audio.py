@@ -11,7 +11,7 @@ import soxr
 
 from ..clock import SAMPLE_RATE
 
-PCM_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
+PCM_FORMATS: dict[str, np.dtype[np.int16] | np.dtype[np.float32]] = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ def decode_pcm(data: bytes, fmt: str, channels: int) -> np.ndarray:
     frame = dtype.itemsize * channels
     if len(data) == 0 or len(data) % frame:
         raise AudioFormatError(
-            f"{len(data)} bytes is not a whole number of {fmt} frames of {channels} channel(s) ({frame} bytes each)")
+            f"{len(data)} bytes is not a whole number of {fmt} frames of {channels} channel(s) ({frame} bytes each)"
+        )
     x = np.frombuffer(data, dtype=dtype).reshape(-1, channels)
     if fmt == "s16le":
         return x.astype(np.float32) / 32768.0

@@ -42,6 +42,6 @@ class LevelMeter:
             self._peak = max(self._peak, float(np.abs(x).max()))
         if self._n < self.interval or wall - self._last_wall < self.interval_s:
             return None
-        level = Level(self._start, self._start + self._n, dbfs(self._sumsq / self._n), dbfs(self._peak ** 2))
+        level = Level(self._start, self._start + self._n, dbfs(self._sumsq / self._n), dbfs(self._peak**2))
         self._n, self._sumsq, self._peak, self._last_wall = 0, 0.0, 0.0, wall
         return level

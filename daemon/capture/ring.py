@@ -6,7 +6,8 @@ import numpy as np
 
 
 class AudioRing:
-    """The last `capacity` samples of one stream (16 kHz float32). Sample `i` of the stream is at time i / 16000 s.
+    """The last `capacity` samples of one stream (float32 on the stream clock: sample `i` is at i / SAMPLE_RATE s,
+    see `daemon.clock`).
 
     Memory is fixed at construction (`capacity` × 4 bytes); writing past it overwrites the oldest audio.
     """
@@ -29,12 +30,12 @@ class AudioRing:
     def write(self, samples: np.ndarray) -> int:
         """Append `samples` ([n] float32); returns the stream index of the first one."""
         first = self.end
-        x = np.asarray(samples, dtype=np.float32)[-self.capacity:]
+        x = np.asarray(samples, dtype=np.float32)[-self.capacity :]
         skipped = len(samples) - len(x)
         pos = (first + skipped) % self.capacity
         head = min(len(x), self.capacity - pos)
-        self._buf[pos:pos + head] = x[:head]
-        self._buf[:len(x) - head] = x[head:]
+        self._buf[pos : pos + head] = x[:head]
+        self._buf[: len(x) - head] = x[head:]
         self.end += len(samples)
         return first
 
@@ -46,4 +47,4 @@ class AudioRing:
         n = stop - start
         pos = start % self.capacity
         head = min(n, self.capacity - pos)
-        return np.concatenate([self._buf[pos:pos + head], self._buf[:n - head]])
+        return np.concatenate([self._buf[pos : pos + head], self._buf[: n - head]])

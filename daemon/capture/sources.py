@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -157,10 +158,8 @@ class MicSource(_ThreadSource):
         self._last_callback = time.monotonic()
         assert self._loop is not None
         rate = self._resampler.rate if self._resampler else SAMPLE_RATE
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
             self._loop.call_soon_threadsafe(self._deliver, indata.copy(), time.time() - frames / rate)
-        except RuntimeError:  # loop closed during shutdown
-            pass
 
     def run(self) -> None:
         import sounddevice as sd
@@ -173,13 +172,23 @@ class MicSource(_ThreadSource):
                 info = sd.query_devices(cfg.device, "input")
                 rate = int(cfg.samplerate or info["default_samplerate"])
                 self._resampler = Resampler(rate, cfg.channels)
-                stream = sd.InputStream(device=cfg.device, samplerate=rate, channels=cfg.channels, dtype="float32",
-                                        blocksize=rate * cfg.block_ms // 1000, callback=self._callback)
+                stream = sd.InputStream(
+                    device=cfg.device,
+                    samplerate=rate,
+                    channels=cfg.channels,
+                    dtype="float32",
+                    blocksize=rate * cfg.block_ms // 1000,
+                    callback=self._callback,
+                )
                 stream.start()
             except (sd.PortAudioError, ValueError) as e:
-                self._put(Status("reopening" if lost_at else "error",
-                                 f"cannot open input device {cfg.device!r}: {e}; retrying in {backoff:g} s "
-                                 "(`ltu-daemon devices` lists the devices)"))
+                self._put(
+                    Status(
+                        "reopening" if lost_at else "error",
+                        f"cannot open input device {cfg.device!r}: {e}; retrying in {backoff:g} s "
+                        "(`ltu-daemon devices` lists the devices)",
+                    )
+                )
                 lost_at = lost_at or time.time()
                 if self._stop.wait(backoff):
                     return
@@ -282,4 +291,3 @@ class RemoteStreams:
             return None
         await remote.release(owner)
         return remote.name
-

@@ -85,11 +85,11 @@ class Segmenter:
         buf = np.concatenate([self._pending, np.asarray(samples, dtype=np.float32)])
         events: list[VadEvent] = []
         n = len(buf) // self.frame
-        pcm = (np.clip(buf[:n * self.frame], -1, 1) * 32767).astype("<i2")
+        pcm = (np.clip(buf[: n * self.frame], -1, 1) * 32767).astype("<i2")
         for i in range(n):
             f0 = self.pos + i * self.frame
-            self._step(bool(self.is_speech(pcm[i * self.frame:(i + 1) * self.frame].tobytes())), f0, events)
-        self._pending = buf[n * self.frame:]
+            self._step(bool(self.is_speech(pcm[i * self.frame : (i + 1) * self.frame].tobytes())), f0, events)
+        self._pending = buf[n * self.frame :]
         self.pos += n * self.frame
         return events
 
@@ -112,8 +112,13 @@ class Segmenter:
             if self._run >= self.start_frames:
                 onset = f1 - self._run * self.frame
                 start = max(self._floor, onset - self.pre_roll)
-                self._open = {"start": start, "voiced": self._run * self.frame, "last": f1, "silence": 0,
-                              "confirmed": 0}
+                self._open = {
+                    "start": start,
+                    "voiced": self._run * self.frame,
+                    "last": f1,
+                    "silence": 0,
+                    "confirmed": 0,
+                }
                 self._run = 0
                 self._confirm(events)
             return

@@ -24,8 +24,16 @@ MAX_QUESTION_CHARS = 1000  # the one limit on a question's length (schema, docs 
 MAX_JSON_DEPTH = 16  # nesting of objects/arrays in a client message; the deepest valid one has 3
 MAX_ID = 2**53 - 1  # integer ids must survive a JavaScript client's doubles
 
-EVENT_TYPES = ("level", "speech.start", "transcript.partial", "transcript.final", "stream.status", "stream.gap",
-               "window", "scene")
+EVENT_TYPES = (
+    "level",
+    "speech.start",
+    "transcript.partial",
+    "transcript.final",
+    "stream.status",
+    "stream.gap",
+    "window",
+    "scene",
+)
 
 
 class CloseCode(IntEnum):
@@ -70,12 +78,14 @@ class ErrorCode(StrEnum):
 
 MessageId = Annotated[str, Field(max_length=128)] | Annotated[int, Field(ge=-MAX_ID, le=MAX_ID)]
 StreamName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
-WindowId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}:w[1-9][0-9]{0,17}$",
-                                description="`<stream>:w<n>`, n = 1, 2, …")]
+WindowId = Annotated[
+    str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}:w[1-9][0-9]{0,17}$", description="`<stream>:w<n>`, n = 1, 2, …")
+]
 Glob = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 # --- client → server ---------------------------------------------------------------------------------------------
+
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -92,8 +102,9 @@ class Hello(_Msg):
     type: Literal["hello"]
     protocol: int = Field(description="protocol version the client speaks (1)")
     client: str = Field("", max_length=128, description="free text for logs")
-    token: str | None = Field(None, max_length=4096,
-                              description="for clients that cannot send an Authorization header (browsers)")
+    token: str | None = Field(
+        None, max_length=4096, description="for clients that cannot send an Authorization header (browsers)"
+    )
     subscribe: Subscription = Subscription()
 
 
@@ -105,7 +116,7 @@ class Subscribe(_Msg):
 
 class AudioStart(_Msg):
     type: Literal["audio.start"]
-    stream: StreamName = Field(description="a stream configured with source = \"remote\"")
+    stream: StreamName = Field(description='a stream configured with source = "remote"')
     rate: int = Field(ge=8000, le=192000, description="sample rate of the PCM that follows, Hz")
     channels: int = Field(1, ge=1, le=8, description="interleaved channels; the daemon downmixes")
     format: Literal["s16le", "f32le"] = "s16le"
@@ -157,8 +168,9 @@ CLIENT_TYPES = ("hello", "subscribe", "audio.start", "audio.stop", "ping", "ask"
 class ProtocolError(ValueError):
     """A client message that gets an `error` reply: `code`, a message for humans, and the `re` to echo."""
 
-    def __init__(self, code: ErrorCode, message: str, re: MessageId | None = None,
-                 retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, re: MessageId | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code, self.message, self.re, self.retry_after_s = code, message, re, retry_after_s
 
@@ -211,8 +223,7 @@ def parse_client_message(text: str) -> ClientMessage:
     """Validate one text frame. Raises `ProtocolError` (`bad_json`, `bad_message` or `unknown_type`), with the
     message's `id` as `re` whenever the frame was readable JSON with a usable one."""
     try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
-                         parse_float=_finite)
+        raw = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite)
     except json.JSONDecodeError as e:
         raise ProtocolError(ErrorCode.BAD_JSON, f"not JSON: {e}") from None
     except RecursionError:  # json gives up near 1,000 levels
@@ -228,17 +239,21 @@ def parse_client_message(text: str) -> ClientMessage:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"a message needs a type: one of {', '.join(CLIENT_TYPES)}", re_)
     if raw["type"] not in CLIENT_TYPES:
         shown = json.dumps(raw["type"])[:40]
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE,
-                            f"unknown message type {shown}; expected one of {', '.join(CLIENT_TYPES)}", re_)
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"unknown message type {shown}; expected one of {', '.join(CLIENT_TYPES)}", re_
+        )
     try:
         return _client_adapter.validate_python(raw)
     except ValidationError as e:
-        detail = "; ".join(f"{'.'.join(str(p) for p in err['loc'][1:]) or 'message'}: {err['msg']}"
-                           for err in e.errors(include_url=False)[:5])
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'][1:]) or 'message'}: {err['msg']}"
+            for err in e.errors(include_url=False)[:5]
+        )
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"invalid {raw['type']}: {detail}", re_) from None
 
 
 # --- server → client ---------------------------------------------------------------------------------------------
+
 
 class _Out(BaseModel):
     # Built by the daemon's own stages from values they computed: validated on construction (cheap, and a wrong
@@ -249,9 +264,13 @@ class _Out(BaseModel):
 
 class _StreamEvent(_Out):
     stream: str
-    seq: int = Field(0, ge=0, description="per (stream, type), from 1 for the daemon's lifetime; stamped when "
-                                          "published. A jump between two events a client receives means it lost "
-                                          "events of that type")
+    seq: int = Field(
+        0,
+        ge=0,
+        description="per (stream, type), from 1 for the daemon's lifetime; stamped when "
+        "published. A jump between two events a client receives means it lost "
+        "events of that type",
+    )
 
 
 class LevelEvent(_StreamEvent):
@@ -345,8 +364,9 @@ class SceneEvent(_StreamEvent):
     timings: SceneTimings
 
 
-StreamEvent = (LevelEvent | SpeechStartEvent | PartialEvent | FinalEvent | StatusEvent | GapEvent | WindowEvent
-               | SceneEvent)
+StreamEvent = (
+    LevelEvent | SpeechStartEvent | PartialEvent | FinalEvent | StatusEvent | GapEvent | WindowEvent | SceneEvent
+)
 
 
 class AnswerStart(_Out):
@@ -460,9 +480,11 @@ def encode(message: ServerMessage) -> str:
 def json_schema() -> dict[str, Any]:
     """The machine-readable protocol: client and server messages as one JSON Schema document."""
     client = TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")]).json_schema(
-        ref_template="#/$defs/{model}")
+        ref_template="#/$defs/{model}"
+    )
     server = TypeAdapter(Annotated[ServerMessage, Field(discriminator="type")]).json_schema(
-        ref_template="#/$defs/{model}", mode="serialization")
+        ref_template="#/$defs/{model}", mode="serialization"
+    )
     defs = {**client.pop("$defs", {}), **server.pop("$defs", {})}
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

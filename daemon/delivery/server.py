@@ -30,10 +30,32 @@ from ..capture.audio import AudioFormatError
 from ..capture.sources import NotReady, RemoteStreams
 from ..config import ServerConfig
 from .bus import EventBus, Filter, Subscriber
-from .protocol import (EVENT_TYPES, PROTOCOL_VERSION, Answer, Ask, AudioReady, AudioStart, AudioStop, AudioStopped,
-                       Cancel, Cancelled, ClientMessage, CloseCode, ErrorCode, ErrorEvent, Hello, MessageId, Pong,
-                       ProtocolError, ServerMessage, StreamInfo, Subscribe, Subscribed, Welcome,
-                       parse_client_message)
+from .protocol import (
+    EVENT_TYPES,
+    PROTOCOL_VERSION,
+    Answer,
+    Ask,
+    AudioReady,
+    AudioStart,
+    AudioStop,
+    AudioStopped,
+    Cancel,
+    Cancelled,
+    ClientMessage,
+    CloseCode,
+    ErrorCode,
+    ErrorEvent,
+    Hello,
+    MessageId,
+    Pong,
+    ProtocolError,
+    ServerMessage,
+    StreamInfo,
+    Subscribe,
+    Subscribed,
+    Welcome,
+    parse_client_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +114,16 @@ class Client:
 
 
 class WebsocketServer:
-    def __init__(self, config: ServerConfig, bus: EventBus, remotes: RemoteStreams, desk: Desk | None,
-                 streams: Callable[[], list[StreamInfo]], identity: Identity,
-                 health: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        bus: EventBus,
+        remotes: RemoteStreams,
+        desk: Desk | None,
+        streams: Callable[[], list[StreamInfo]],
+        identity: Identity,
+        health: Callable[[], dict[str, Any]],
+    ) -> None:
         self.config = config
         self.bus, self.remotes, self.desk = bus, remotes, desk
         self.streams, self.identity, self.health = streams, identity, health
@@ -117,9 +146,17 @@ class WebsocketServer:
             origins.append(LOOPBACK_ORIGIN)
         c = self.config
         self._server = await serve(
-            self._handler, c.host, c.port, process_request=self._process_request, origins=origins,
-            max_size=c.max_message_bytes, ping_interval=c.ping_interval_s, ping_timeout=c.ping_timeout_s,
-            close_timeout=2, server_header=f"ltu-daemon/{__version__}")
+            self._handler,
+            c.host,
+            c.port,
+            process_request=self._process_request,
+            origins=origins,
+            max_size=c.max_message_bytes,
+            ping_interval=c.ping_interval_s,
+            ping_timeout=c.ping_timeout_s,
+            close_timeout=2,
+            server_header=f"ltu-daemon/{__version__}",
+        )
 
     async def close(self) -> None:
         """Close every connection with 1001 (going away) and stop listening."""
@@ -128,8 +165,12 @@ class WebsocketServer:
             await self._server.wait_closed()
 
     def stats(self) -> dict[str, Any]:
-        return {"clients": self.clients, "connections": len(self.connections),
-                "rejected_connections": sum(self.rejected.values()), "rejected_by_reason": dict(self.rejected)}
+        return {
+            "clients": self.clients,
+            "connections": len(self.connections),
+            "rejected_connections": sum(self.rejected.values()),
+            "rejected_by_reason": dict(self.rejected),
+        }
 
     # --- HTTP side ---
 
@@ -166,13 +207,23 @@ class WebsocketServer:
             hello = await self._handshake(conn)
             if hello is None:
                 return
-            sub = self.bus.subscribe(self.config.client_queue,
-                                     Filter(list(hello.subscribe.streams), list(hello.subscribe.events)))
+            sub = self.bus.subscribe(
+                self.config.client_queue, Filter(list(hello.subscribe.streams), list(hello.subscribe.events))
+            )
             client = Client(conn, sub, self.config, hello.client)
             self.clients += 1
-            sub.send(Welcome(re=hello.id, protocol=PROTOCOL_VERSION, server=f"ltu-daemon {__version__}",
-                             streams=self.streams(), events=list(EVENT_TYPES), subscribe=hello.subscribe,
-                             demo=self.identity.demo, model=self.identity.model))
+            sub.send(
+                Welcome(
+                    re=hello.id,
+                    protocol=PROTOCOL_VERSION,
+                    server=f"ltu-daemon {__version__}",
+                    streams=self.streams(),
+                    events=list(EVENT_TYPES),
+                    subscribe=hello.subscribe,
+                    demo=self.identity.demo,
+                    model=self.identity.model,
+                )
+            )
             log.info("client %r connected", client)
             await self._serve(client)
         except ConnectionClosed:
@@ -200,29 +251,36 @@ class WebsocketServer:
             if not isinstance(first, str):
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "the first message must be a hello text frame")
             if len(first) > self.config.max_control_bytes:
-                raise ProtocolError(ErrorCode.TOO_LARGE, f"control messages are limited to "
-                                    f"{self.config.max_control_bytes} bytes")
+                raise ProtocolError(
+                    ErrorCode.TOO_LARGE, f"control messages are limited to {self.config.max_control_bytes} bytes"
+                )
             msg = parse_client_message(first)
             if not isinstance(msg, Hello):
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "the first message must be hello", msg.id)
             if msg.protocol != PROTOCOL_VERSION:
-                raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION,
-                                    f"protocol {msg.protocol} is not supported; this daemon speaks {PROTOCOL_VERSION}",
-                                    msg.id)
+                raise ProtocolError(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"protocol {msg.protocol} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+                    msg.id,
+                )
         except ProtocolError as e:
             self.rejected["handshake"] += 1
             log.info("closed %s: handshake failed: %s: %s", _peer(conn), e.code, e.message)
             await conn.send(e.event().model_dump_json())
             await conn.close(CloseCode.HANDSHAKE, str(e.code))
             return None
-        if self.token is not None and conn not in self._authed:
-            if not hmac.compare_digest((msg.token or "").encode(), self.token.encode()):
-                self.rejected["unauthorized"] += 1
-                log.warning("rejected a connection from %s: %s token", _peer(conn), "wrong" if msg.token else "no")
-                await conn.send(ErrorEvent(code=ErrorCode.UNAUTHORIZED, message="missing or wrong token",
-                                           re=msg.id).model_dump_json())
-                await conn.close(CloseCode.UNAUTHORIZED, "unauthorized")
-                return None
+        if (
+            self.token is not None
+            and conn not in self._authed
+            and not hmac.compare_digest((msg.token or "").encode(), self.token.encode())
+        ):
+            self.rejected["unauthorized"] += 1
+            log.warning("rejected a connection from %s: %s token", _peer(conn), "wrong" if msg.token else "no")
+            await conn.send(
+                ErrorEvent(code=ErrorCode.UNAUTHORIZED, message="missing or wrong token", re=msg.id).model_dump_json()
+            )
+            await conn.close(CloseCode.UNAUTHORIZED, "unauthorized")
+            return None
         return msg
 
     async def _serve(self, client: Client) -> None:
@@ -233,8 +291,9 @@ class WebsocketServer:
         finally:
             for t in (writer, reader):
                 t.cancel()
-            for t, outcome in zip((writer, reader), await asyncio.gather(writer, reader, return_exceptions=True),
-                                  strict=True):
+            for t, outcome in zip(
+                (writer, reader), await asyncio.gather(writer, reader, return_exceptions=True), strict=True
+            ):
                 if isinstance(outcome, Exception) and not isinstance(outcome, ConnectionClosed):
                     log.error("client %r: %s task failed", client, t.get_name(), exc_info=outcome)
                     await client.conn.close(CloseCode.INTERNAL, "internal error")
@@ -248,8 +307,9 @@ class WebsocketServer:
                 log.warning("client %r stopped reading for %.0f s: disconnected", client, self.config.send_timeout_s)
                 conn.transport.abort()  # it is not reading: a close frame would never get through
                 return
-        log.warning("client %r fell %d messages behind: disconnected (%d)", client, client.sub.maxsize,
-                    CloseCode.SLOW_CONSUMER)
+        log.warning(
+            "client %r fell %d messages behind: disconnected (%d)", client, client.sub.maxsize, CloseCode.SLOW_CONSUMER
+        )
         await conn.close(CloseCode.SLOW_CONSUMER, "too slow: event queue overflowed")
 
     async def _reader(self, client: Client) -> None:
@@ -262,8 +322,9 @@ class WebsocketServer:
             except ProtocolError as e:
                 client.sub.send(e.event())
                 if e.code == ErrorCode.RATE_LIMITED and len(client.refusals) > self.config.messages_burst:
-                    log.warning("client %r kept sending over its rate limit: disconnected (%d)", client,
-                                CloseCode.POLICY)
+                    log.warning(
+                        "client %r kept sending over its rate limit: disconnected (%d)", client, CloseCode.POLICY
+                    )
                     await client.conn.close(CloseCode.POLICY, "rate limit exceeded")
                     return
                 continue
@@ -274,8 +335,9 @@ class WebsocketServer:
         """Handle one text frame; its reply (None: the reply comes later, e.g. answer events). Raises
         `ProtocolError` with the message's id in `re`."""
         if len(text) > self.config.max_control_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE,
-                                f"control messages are limited to {self.config.max_control_bytes} bytes")
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE, f"control messages are limited to {self.config.max_control_bytes} bytes"
+            )
         wait = client.messages.take()
         try:
             msg = parse_client_message(text)
@@ -295,24 +357,30 @@ class WebsocketServer:
             raise
         except Exception as e:  # a bug: the client still gets an answer it can match, and we get the traceback
             log.exception("client %r: handling %s failed", client, msg.type)
-            raise ProtocolError(ErrorCode.INTERNAL, f"internal error handling {msg.type}: {type(e).__name__}",
-                                msg.id) from e
+            raise ProtocolError(
+                ErrorCode.INTERNAL, f"internal error handling {msg.type}: {type(e).__name__}", msg.id
+            ) from e
 
     def _refuse(self, client: Client, wait: float, what: str, re: MessageId | None) -> ProtocolError:
         now = time.monotonic()
         client.refusals.append(now)
         while client.refusals[0] < now - REFUSAL_WINDOW_S:
             client.refusals.popleft()
-        limit = (f"{self.config.questions_per_s:g} questions/s (server.questions_per_s)" if what == "questions" else
-                 f"{self.config.messages_per_s:g} messages/s (server.messages_per_s)")
-        return ProtocolError(ErrorCode.RATE_LIMITED, f"too many {what}: the limit is {limit}", re,
-                             retry_after_s=round(wait, 3))
+        limit = (
+            f"{self.config.questions_per_s:g} questions/s (server.questions_per_s)"
+            if what == "questions"
+            else f"{self.config.messages_per_s:g} messages/s (server.messages_per_s)"
+        )
+        return ProtocolError(
+            ErrorCode.RATE_LIMITED, f"too many {what}: the limit is {limit}", re, retry_after_s=round(wait, 3)
+        )
 
     async def _dispatch(self, client: Client, msg: ClientMessage) -> ServerMessage | None:
         if isinstance(msg, Ask):  # answer events follow from the model worker, to this client only
             if self.desk is None:
-                raise ProtocolError(ErrorCode.MODEL_DISABLED,
-                                    "LTU-AS is off in this daemon (model.enabled = false)", msg.id)
+                raise ProtocolError(
+                    ErrorCode.MODEL_DISABLED, "LTU-AS is off in this daemon (model.enabled = false)", msg.id
+                )
             self.desk.ask(client, client.sub.send, msg)
             return None
         if isinstance(msg, Cancel):
@@ -327,12 +395,17 @@ class WebsocketServer:
         if isinstance(msg, AudioStart):
             remote = self.remotes.get(msg.stream)
             if remote is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"{msg.stream!r} is not a remote stream (remote "
-                                    f"streams: {', '.join(self.remotes.names()) or 'none configured'})", msg.id)
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_STREAM,
+                    f"{msg.stream!r} is not a remote stream (remote "
+                    f"streams: {', '.join(self.remotes.names()) or 'none configured'})",
+                    msg.id,
+                )
             fed = self.remotes.fed_by(client)
             if fed is not None and fed is not remote:
-                raise ProtocolError(ErrorCode.STREAM_BUSY, f"this connection already feeds {fed.name!r}; send "
-                                    "audio.stop first", msg.id)
+                raise ProtocolError(
+                    ErrorCode.STREAM_BUSY, f"this connection already feeds {fed.name!r}; send audio.stop first", msg.id
+                )
             try:
                 await remote.claim(client, msg.rate, msg.channels, msg.format)
             except PermissionError as e:
@@ -347,8 +420,9 @@ class WebsocketServer:
     async def _audio(self, client: Client, data: bytes) -> None:
         remote = self.remotes.fed_by(client)
         if remote is None:
-            client.sub.send(ErrorEvent(code=ErrorCode.NOT_STARTED, message="send audio.start before binary audio "
-                                       "frames"))
+            client.sub.send(
+                ErrorEvent(code=ErrorCode.NOT_STARTED, message="send audio.start before binary audio frames")
+            )
             return
         try:
             await remote.push(client, data)

@@ -62,9 +62,14 @@ class AsrWorker:
     def __init__(self, config: AsrConfig) -> None:
         self.config = config
         self.options = AsrOptions(
-            beam_size=config.beam_size, temperature=0.0, language=config.language,
-            no_speech_threshold=config.no_speech_threshold, logprob_threshold=config.logprob_threshold,
-            compression_ratio_threshold=config.compression_ratio_threshold, max_new_tokens=config.max_new_tokens)
+            beam_size=config.beam_size,
+            temperature=0.0,
+            language=config.language,
+            no_speech_threshold=config.no_speech_threshold,
+            logprob_threshold=config.logprob_threshold,
+            compression_ratio_threshold=config.compression_ratio_threshold,
+            max_new_tokens=config.max_new_tokens,
+        )
         self._finals: collections.deque[AsrJob] = collections.deque()
         self._partials: dict[str, AsrJob] = {}
         self._finalized: dict[str, int] = {}  # stream → highest utterance index with a final queued
@@ -132,8 +137,11 @@ class AsrWorker:
     def _run(self) -> None:
         try:
             t0 = time.monotonic()
-            log.info("loading ASR model %s on %s (a hub model downloads once, with progress bars)",
-                     self.config.model, self.config.device)
+            log.info(
+                "loading ASR model %s on %s (a hub model downloads once, with progress bars)",
+                self.config.model,
+                self.config.device,
+            )
             model = load_asr(self.config.model, self.config.device, self.config.compute_type, self.config.cpu_threads)
             # One decode of silence warms CTranslate2's kernels and allocator, so the first real final is not slow.
             transcribe_detailed(model, np.zeros(SAMPLE_RATE, dtype=np.float32), self.options)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import collections
 import threading
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:

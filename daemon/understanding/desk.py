@@ -21,8 +21,14 @@ from .windows import StreamWindows, Window
 
 
 class QuestionDesk:
-    def __init__(self, scheduler: Scheduler, cache: FeatureCache, windows: Mapping[str, StreamWindows],
-                 config: QuestionsConfig, deadline_s: float) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        cache: FeatureCache,
+        windows: Mapping[str, StreamWindows],
+        config: QuestionsConfig,
+        deadline_s: float,
+    ) -> None:
         self.scheduler, self.cache, self.windows = scheduler, cache, windows
         self.config, self.deadline_s = config, deadline_s
         self._open: dict[object, set[QuestionJob]] = {}  # client → its questions not yet ended
@@ -35,14 +41,20 @@ class QuestionDesk:
             found = self.windows[stream].get(msg.window) if stream in self.windows else None
             if found is None:
                 keep = next(iter(self.windows.values())).keep if self.windows else 0
-                raise ProtocolError(ErrorCode.UNKNOWN_WINDOW, f"no window {msg.window!r} (ids come in window "
-                                    f"events; the newest {keep} per stream are kept)", msg.id)
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_WINDOW,
+                    f"no window {msg.window!r} (ids come in window events; the newest {keep} per stream are kept)",
+                    msg.id,
+                )
             return found
         if msg.stream is not None:
             windows = self.windows.get(msg.stream)
             if windows is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_STREAM, f"no stream {msg.stream!r}; streams: "
-                                    f"{', '.join(self.windows) or 'none'}", msg.id)
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_STREAM,
+                    f"no stream {msg.stream!r}; streams: {', '.join(self.windows) or 'none'}",
+                    msg.id,
+                )
         else:
             windows = next((w for w in self.windows.values() if len(w)), None)
             if windows is None:
@@ -67,10 +79,23 @@ class QuestionDesk:
         q = self.config
         options = GenerationOptions(
             max_new_tokens=min(msg.max_new_tokens or q.max_new_tokens, q.max_new_tokens_limit),
-            do_sample=not msg.greedy, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k,
-            repetition_penalty=msg.repetition_penalty, seed=msg.seed)
-        job = QuestionJob(window=w, audio=audio, deadline=time.monotonic() + self.deadline_s, question=msg.question,
-                          options=options, owner=owner, tag=msg.id, reply=Reply.here(lambda e: self._relay(job, send, e)))
+            do_sample=not msg.greedy,
+            temperature=msg.temperature,
+            top_p=msg.top_p,
+            top_k=msg.top_k,
+            repetition_penalty=msg.repetition_penalty,
+            seed=msg.seed,
+        )
+        job = QuestionJob(
+            window=w,
+            audio=audio,
+            deadline=time.monotonic() + self.deadline_s,
+            question=msg.question,
+            options=options,
+            owner=owner,
+            tag=msg.id,
+            reply=Reply.here(lambda e: self._relay(job, send, e)),
+        )
         try:
             self.scheduler.submit(job)
         except Busy as e:

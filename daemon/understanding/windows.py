@@ -35,8 +35,13 @@ class Window:
 
     def ref(self) -> WindowRef:
         """How events and answers name this window."""
-        return WindowRef(id=self.id, stream=self.stream, start=samples_to_s(self.start), end=samples_to_s(self.end),
-                         transcript=self.transcript)
+        return WindowRef(
+            id=self.id,
+            stream=self.stream,
+            start=samples_to_s(self.start),
+            end=samples_to_s(self.end),
+            transcript=self.transcript,
+        )
 
 
 class Windower:
@@ -109,4 +114,3 @@ class StreamWindows:
             return self._read(w.start, w.end)
         except IndexError:
             return None
-

@@ -22,8 +22,16 @@ from ltu_as.model.processor import TextStreamer
 
 from ..clock import SAMPLE_RATE, WINDOW_SAMPLES
 from ..config import ModelConfig, SceneConfig
-from ..delivery.protocol import (AnswerDelta, AnswerDone, AnswerStart, AnswerTimings, ErrorCode, ErrorEvent,
-                                 SceneEvent, SceneTimings)
+from ..delivery.protocol import (
+    AnswerDelta,
+    AnswerDone,
+    AnswerStart,
+    AnswerTimings,
+    ErrorCode,
+    ErrorEvent,
+    SceneEvent,
+    SceneTimings,
+)
 from .cache import FeatureCache
 from .scheduler import Job, QuestionJob, SceneJob, Scheduler
 
@@ -54,8 +62,15 @@ class ModelWorker:
         self.before_batch: Callable[[list[Job]], None] | None = None
         # per-stage timings (ms) of the latest job, for logs and /healthz
         self.stats: dict[str, float] = {}
-        self.counts = {"scenes": 0, "answers": 0, "preempted": 0, "expired": 0, "feature_batches": 0, "failed": 0,
-                       "out_of_memory": 0}
+        self.counts = {
+            "scenes": 0,
+            "answers": 0,
+            "preempted": 0,
+            "expired": 0,
+            "feature_batches": 0,
+            "failed": 0,
+            "out_of_memory": 0,
+        }
 
     def start(self) -> None:
         self._thread.start()
@@ -70,12 +85,13 @@ class ModelWorker:
         m = self.model_config
         t0 = time.monotonic()
         log.info("loading LTU-AS (checkpoint %s) on %s", m.checkpoint, m.device)
-        loaded = load_model(m.checkpoint, whisper=m.whisper, llm=m.llm, device=m.device, dtype=m.dtype,
-                            progress=True)
+        loaded = load_model(m.checkpoint, whisper=m.whisper, llm=m.llm, device=m.device, dtype=m.dtype, progress=True)
         arch = loaded.model.config
         if (arch.sampling_rate, arch.clip_samples) != (SAMPLE_RATE, WINDOW_SAMPLES):
-            raise ValueError(f"the checkpoint reads {arch.clip_samples} samples at {arch.sampling_rate} Hz; the "
-                             f"daemon's windows are {WINDOW_SAMPLES} samples at {SAMPLE_RATE} Hz")
+            raise ValueError(
+                f"the checkpoint reads {arch.clip_samples} samples at {arch.sampling_rate} Hz; the "
+                f"daemon's windows are {WINDOW_SAMPLES} samples at {SAMPLE_RATE} Hz"
+            )
         # warm-up: one window's features and one token
         feats = loaded.model.audio_features(loaded.processor.mel(np.zeros(SAMPLE_RATE, np.float32))[None])
         loaded.model.generate(feats, [loaded.processor.encode("warm up")], GenerationOptions(max_new_tokens=1).greedy())
@@ -102,24 +118,34 @@ class ModelWorker:
                 self.before_batch(list(batch))
             with torch.inference_mode():
                 if isinstance(batch[0], QuestionJob):
-                    self._questions(batch)  # type: ignore[arg-type]
+                    self._questions(batch)
                 else:
-                    self._scenes(batch)  # type: ignore[arg-type]
+                    self._scenes(batch)
         except torch.OutOfMemoryError as e:
             self.counts["out_of_memory"] += 1
-            log.error("out of memory on a batch of %d %s job(s) on %s: %s", len(batch), _kind(batch),
-                      batch[0].window.id, str(e).splitlines()[0] if str(e) else "")
+            log.error(
+                "out of memory on a batch of %d %s job(s) on %s: %s",
+                len(batch),
+                _kind(batch),
+                batch[0].window.id,
+                str(e).splitlines()[0] if str(e) else "",
+            )
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self._fail(batch, ErrorCode.OUT_OF_MEMORY, "the model ran out of memory on this question; retry, "
-                       "or ask for fewer tokens", OOM_RETRY_S)
+            self._fail(
+                batch,
+                ErrorCode.OUT_OF_MEMORY,
+                "the model ran out of memory on this question; retry, or ask for fewer tokens",
+                OOM_RETRY_S,
+            )
         except Exception as e:  # one failed job must not take the worker down
             self.counts["failed"] += 1
             log.exception("model job failed (%d %s job(s) on %s)", len(batch), _kind(batch), batch[0].window.id)
             self._fail(batch, ErrorCode.INTERNAL, f"model job failed: {type(e).__name__}: {e}", None)
 
-    def _fail(self, batch: list[QuestionJob] | list[SceneJob], code: ErrorCode, message: str,
-              retry_after_s: float | None) -> None:
+    def _fail(
+        self, batch: list[QuestionJob] | list[SceneJob], code: ErrorCode, message: str, retry_after_s: float | None
+    ) -> None:
         for job in batch:
             if isinstance(job, QuestionJob) and not job.ended:
                 job.ended = True
@@ -131,14 +157,31 @@ class ModelWorker:
                 self.counts["expired"] += 1
                 log.warning("scene job for %s expired in the queue", job.window.id)
             elif job.cancelled:  # cancelled while waiting: it ends like any cancelled answer
-                job.reply(AnswerDone(re=job.tag, text="", tokens=0, token_ids=[], reason="cancelled",
-                                     window=job.window.ref(),
-                                     timings=AnswerTimings(queue_ms=_ms(time.monotonic() - job.submitted),
-                                                           ttft_ms=None, tokens_per_s=None, total_ms=None)))
+                job.reply(
+                    AnswerDone(
+                        re=job.tag,
+                        text="",
+                        tokens=0,
+                        token_ids=[],
+                        reason="cancelled",
+                        window=job.window.ref(),
+                        timings=AnswerTimings(
+                            queue_ms=_ms(time.monotonic() - job.submitted),
+                            ttft_ms=None,
+                            tokens_per_s=None,
+                            total_ms=None,
+                        ),
+                    )
+                )
             else:
                 self.counts["expired"] += 1
-                job.reply(ErrorEvent(code=ErrorCode.DEADLINE_EXCEEDED, re=job.tag,
-                                     message="the question waited past its deadline; ask again"))
+                job.reply(
+                    ErrorEvent(
+                        code=ErrorCode.DEADLINE_EXCEEDED,
+                        re=job.tag,
+                        message="the question waited past its deadline; ask again",
+                    )
+                )
 
     def features(self, jobs: list[QuestionJob] | list[SceneJob]) -> torch.Tensor:
         """`[B, L, T, D]` features of the jobs' windows: from the cache, the rest computed in one batch."""
@@ -184,14 +227,31 @@ class ModelWorker:
         t1 = time.monotonic()
         for j, toks in zip(jobs, tokens, strict=True):
             self.counts["scenes"] += 1
-            j.reply(SceneEvent(stream=j.window.stream, window=j.window.ref(), text=processor.decode(toks).strip(),
-                               tokens=len(toks), skipped=j.skipped,
-                               timings=SceneTimings(queue_ms=_ms(t0 - j.submitted), features_ms=_ms(t_gen - t0),
-                                                    generate_ms=_ms(t1 - t_gen), batch=len(jobs))))
+            j.reply(
+                SceneEvent(
+                    stream=j.window.stream,
+                    window=j.window.ref(),
+                    text=processor.decode(toks).strip(),
+                    tokens=len(toks),
+                    skipped=j.skipped,
+                    timings=SceneTimings(
+                        queue_ms=_ms(t0 - j.submitted),
+                        features_ms=_ms(t_gen - t0),
+                        generate_ms=_ms(t1 - t_gen),
+                        batch=len(jobs),
+                    ),
+                )
+            )
         self.stats["scene_ms"] = _ms(t1 - t0)
-        log.info("described %s in %.0f ms (features %.0f, generate %.0f; batch %d; queue %s)",
-                 ", ".join(j.window.id for j in jobs), (t1 - t0) * 1000, (t_gen - t0) * 1000, (t1 - t_gen) * 1000,
-                 len(jobs), self.scheduler.depth)
+        log.info(
+            "described %s in %.0f ms (features %.0f, generate %.0f; batch %d; queue %s)",
+            ", ".join(j.window.id for j in jobs),
+            (t1 - t0) * 1000,
+            (t_gen - t0) * 1000,
+            (t1 - t_gen) * 1000,
+            len(jobs),
+            self.scheduler.depth,
+        )
 
     def _questions(self, jobs: list[QuestionJob]) -> None:
         assert self.loaded is not None
@@ -231,8 +291,16 @@ class ModelWorker:
         self.counts["answers"] += 1
         t = done.timings
         self.stats.update({k: v for k, v in t.model_dump().items() if v is not None})
-        log.info("answered %r on %s: %d tokens (%s), queue %s ms, first token %s ms, %s tokens/s", a.job.tag,
-                 a.job.window.id, done.tokens, reason, t.queue_ms, t.ttft_ms, t.tokens_per_s)
+        log.info(
+            "answered %r on %s: %d tokens (%s), queue %s ms, first token %s ms, %s tokens/s",
+            a.job.tag,
+            a.job.window.id,
+            done.tokens,
+            reason,
+            t.queue_ms,
+            t.ttft_ms,
+            t.tokens_per_s,
+        )
 
 
 class _Answer:
@@ -261,12 +329,21 @@ class _Answer:
         n = len(self.streamer.ids)
         first, last = self.first, self.last
         rate = (n - 1) / (last - first) if first is not None and n > 1 and last > first else None
-        timings = AnswerTimings(queue_ms=_ms(self.t0 - job.submitted),
-                                ttft_ms=_ms(first - job.submitted) if first is not None else None,
-                                tokens_per_s=round(rate, 2) if rate else None,
-                                total_ms=_ms(time.monotonic() - job.submitted))
-        done = AnswerDone(re=job.tag, text="".join(self.text), tokens=n, token_ids=list(self.streamer.ids),
-                          reason=reason, window=job.window.ref(), timings=timings)
+        timings = AnswerTimings(
+            queue_ms=_ms(self.t0 - job.submitted),
+            ttft_ms=_ms(first - job.submitted) if first is not None else None,
+            tokens_per_s=round(rate, 2) if rate else None,
+            total_ms=_ms(time.monotonic() - job.submitted),
+        )
+        done = AnswerDone(
+            re=job.tag,
+            text="".join(self.text),
+            tokens=n,
+            token_ids=list(self.streamer.ids),
+            reason=reason,
+            window=job.window.ref(),
+            timings=timings,
+        )
         job.ended = True
         job.reply(done)
         return done

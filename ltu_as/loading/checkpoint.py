@@ -34,7 +34,7 @@ def official_to_ours(key: str, adapter: str = "default") -> str | None:
     """Our state-dict name for an official key, or None when the key is not one the format defines."""
     if not key.startswith(OFFICIAL_PREFIX):
         return None
-    rest = key[len(OFFICIAL_PREFIX):]
+    rest = key[len(OFFICIAL_PREFIX) :]
     if rest.startswith(("audio_encoder.", "audio_proj.")):
         return rest
     m = _LORA.match(rest)
@@ -50,7 +50,7 @@ def ours_to_official(key: str, adapter: str = "default", with_adapter_name: bool
     prefix = "language_model.base_model.model.model."
     if not key.startswith(prefix):
         raise ValueError(f"{key} is not a trainable LTU-AS tensor")
-    rest = key[len(prefix):]
+    rest = key[len(prefix) :]
     if not with_adapter_name:
         rest = rest.replace(f".{adapter}.weight", ".weight")
     return OFFICIAL_PREFIX + rest
@@ -96,7 +96,9 @@ def load_official_checkpoint(model: LtuAsForConditionalGeneration, path: str | P
     return {"tensors": len(mapped), "parameters": sum(v.numel() for v in mapped.values())}
 
 
-def official_state_dict(model: LtuAsForConditionalGeneration, with_adapter_name: bool = True) -> dict[str, torch.Tensor]:
+def official_state_dict(
+    model: LtuAsForConditionalGeneration, with_adapter_name: bool = True
+) -> dict[str, torch.Tensor]:
     """The trainable tensors under the authors' names, float32 on CPU (what `torch.save` writes for a `.bin`)."""
     return {
         ours_to_official(k, with_adapter_name=with_adapter_name): v.detach().to("cpu", torch.float32).clone()
@@ -122,6 +124,7 @@ def report_mismatch(source: str, expected: dict[str, torch.Tensor], got: dict[st
         if tuple(got[k].shape) != tuple(expected[k].shape)
     )
     if missing or unexpected or bad:
+
         def show(items: list[str]) -> str:
             more = f" … and {len(items) - 10} more" if len(items) > 10 else ""
             return ("\n    " + "\n    ".join(items[:10]) + more) if items else " none"

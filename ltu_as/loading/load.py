@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
-
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
 
 from ..errors import CheckpointError, ModelNotFoundError
 from ..model.config import DEFAULT_CHECKPOINT_SOURCE, LtuAsConfig
@@ -23,9 +22,22 @@ from .sources import resolve
 
 log = logging.getLogger(__name__)
 
-_LLM_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "pad_token_id",
-             "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_theta")
+_LLM_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "hidden_act",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "rope_theta",
+)
 
 
 def read_llm_config(folder: Path) -> dict:
@@ -67,7 +79,9 @@ def load_components(
         for name, a, b in (("whisper", config.whisper, found.whisper), ("llm", config.llm, found.llm)):
             diff = {k: (a.get(k), b[k]) for k in b if k in a and a[k] != b[k] and k != "max_source_positions"}
             if diff:
-                raise CheckpointError(f"the {name} folder does not match the checkpoint's config: {diff} (config, folder)")
+                raise CheckpointError(
+                    f"the {name} folder does not match the checkpoint's config: {diff} (config, folder)"
+                )
     log.info("loading Whisper encoder from %s", whisper_dir)
     encoder = load_whisper_encoder(whisper_dir, found.n_positions)
     log.info("loading LLM from %s (%s on %s)", llm_dir, dt, dev)

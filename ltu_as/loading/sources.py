@@ -16,6 +16,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -39,15 +40,22 @@ _DBX = "https://www.dropbox.com/scl"
 AUTHORS_RELEASES: dict[str, Release] = {
     # Default checkpoint: fp16 features from A5000/A6000-class GPUs, 192-token training sequences.
     "ltuas_long_noqa_a6.bin": Release(
-        (f"{_DBX}/fi/ryoqai0ayt45k07ib71yt/ltuas_long_noqa_a6.bin?rlkey=1ivttmj8uorf63dptbdd6qb2i&dl=1",), "file"),
+        (f"{_DBX}/fi/ryoqai0ayt45k07ib71yt/ltuas_long_noqa_a6.bin?rlkey=1ivttmj8uorf63dptbdd6qb2i&dl=1",), "file"
+    ),
     "ltuas_long_noqa_old_gpu.bin": Release(
-        (f"{_DBX}/fi/co2m4ljyxym7f3w3dl6u4/ltuas_long_noqa_old_gpu.bin?rlkey=23sxa0f6l98wbci4t67y0se7v&dl=1",), "file"),
+        (f"{_DBX}/fi/co2m4ljyxym7f3w3dl6u4/ltuas_long_noqa_old_gpu.bin?rlkey=23sxa0f6l98wbci4t67y0se7v&dl=1",), "file"
+    ),
     "ltuas_ori_paper.bin": Release(
-        (f"{_DBX}/fi/34y1p8bfuwlcdepwd2e1o/ltuas_ori_paper.bin?rlkey=um20nlxzng1nig9o4ib2difoo&dl=1",), "file"),
+        (f"{_DBX}/fi/34y1p8bfuwlcdepwd2e1o/ltuas_ori_paper.bin?rlkey=um20nlxzng1nig9o4ib2difoo&dl=1",), "file"
+    ),
     # Vicuna-7B as the authors ship it: the `vicuna` weights plus the `vicuna_ltuas` config/tokenizer folder.
     "vicuna_ltuas": Release(
-        (f"{_DBX}/fo/mjn5wdnc1j67kkhbu0j9d/h?rlkey=anna5roa7netrmkjjm8p2hvyy&dl=1",
-         f"{_DBX}/fo/254wkiknythx5vlenic3j/h?rlkey=zzneclei6tmagbxhqlewkj7l3&dl=1"), "folder"),
+        (
+            f"{_DBX}/fo/mjn5wdnc1j67kkhbu0j9d/h?rlkey=anna5roa7netrmkjjm8p2hvyy&dl=1",
+            f"{_DBX}/fo/254wkiknythx5vlenic3j/h?rlkey=zzneclei6tmagbxhqlewkj7l3&dl=1",
+        ),
+        "folder",
+    ),
 }
 
 # What to fetch of a hub repo: configs, tokenizer and weights, preferring safetensors.
@@ -85,7 +93,9 @@ def resolve(source: str | Path, what: str, *, cache: Path | None = None, progres
     if source.startswith("authors:"):
         name = source.split(":", 1)[1]
         if name not in AUTHORS_RELEASES:
-            raise ModelNotFoundError(f"unknown authors' release {name!r} for the {what}; known: {sorted(AUTHORS_RELEASES)}")
+            raise ModelNotFoundError(
+                f"unknown authors' release {name!r} for the {what}; known: {sorted(AUTHORS_RELEASES)}"
+            )
         return fetch_release(name, AUTHORS_RELEASES[name], cache / "authors", what, progress)
     if source.startswith(("http://", "https://")):
         url, _, frag = source.partition("#sha256=")
@@ -102,13 +112,25 @@ def resolve(source: str | Path, what: str, *, cache: Path | None = None, progres
 def hub_snapshot(repo: str, what: str, *, progress: bool = True) -> Path:
     """Download (or find in the hub cache) a hub repo's configs, tokenizer and weights."""
     repo_id, _, revision = repo.partition("@")
-    kwargs = {"repo_id": repo_id, "revision": revision or None, "local_files_only": _offline()}
-    if not progress:
-        kwargs["tqdm_class"] = _SilentTqdm
+    tqdm_class = None if progress else _SilentTqdm
+
+    def snapshot(patterns: list[str]) -> Path:
+        return Path(
+            str(
+                snapshot_download(
+                    repo_id=repo_id,
+                    revision=revision or None,
+                    local_files_only=_offline(),
+                    tqdm_class=tqdm_class,
+                    allow_patterns=patterns,
+                )
+            )
+        )
+
     try:
-        folder = Path(snapshot_download(allow_patterns=_HUB_META + _HUB_SAFETENSORS, **kwargs))
+        folder = snapshot(_HUB_META + _HUB_SAFETENSORS)
         if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(allow_patterns=_HUB_META + _HUB_BIN, **kwargs))
+            folder = snapshot(_HUB_META + _HUB_BIN)
     except LocalEntryNotFoundError as e:
         raise ModelNotFoundError(
             f"the {what} {repo} is not in the Hugging Face cache and downloads are off or impossible "
@@ -121,7 +143,7 @@ def hub_snapshot(repo: str, what: str, *, progress: bool = True) -> Path:
 
 
 class _SilentTqdm(tqdm):
-    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["disable"] = True
         super().__init__(*args, **kwargs)
 
@@ -131,8 +153,9 @@ def _url_filename(url: str) -> str:
     return name or "download"
 
 
-def download_url(url: str, target: Path, what: str, *, sha256: str | None = None, progress: bool = True,
-                 timeout: float = 60.0) -> Path:
+def download_url(
+    url: str, target: Path, what: str, *, sha256: str | None = None, progress: bool = True, timeout: float = 60.0
+) -> Path:
     """Download `url` to `target` once: resumes a partial `.part` file with an HTTP Range request, shows a
     progress bar, checks the size against Content-Length and the sha256 when given, then renames into place."""
     if target.is_file():
@@ -153,10 +176,17 @@ def download_url(url: str, target: Path, what: str, *, sha256: str | None = None
                 have = 0
             length = response.headers.get("Content-Length")
             total = have + int(length) if length is not None else None
-            with open(part, "ab" if have else "wb") as out, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, desc=f"{what}: {target.name}",
-                disable=not progress,
-            ) as bar:
+            with (
+                open(part, "ab" if have else "wb") as out,
+                tqdm(
+                    total=total,
+                    initial=have,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"{what}: {target.name}",
+                    disable=not progress,
+                ) as bar,
+            ):
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))

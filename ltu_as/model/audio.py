@@ -29,7 +29,9 @@ def _mel_filters_np(n_mels: int, n_fft: int, sampling_rate: int) -> np.ndarray:
     ).T.astype(np.float32)  # [n_mels, n_fft // 2 + 1]
 
 
-def mel_filters(n_mels: int, n_fft: int = 400, sampling_rate: int = 16000, device: torch.device | str = "cpu") -> torch.Tensor:
+def mel_filters(
+    n_mels: int, n_fft: int = 400, sampling_rate: int = 16000, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Mel filter bank, `[n_mels, n_fft // 2 + 1]` float32."""
     return torch.from_numpy(_mel_filters_np(n_mels, n_fft, sampling_rate)).to(device)
 
@@ -48,7 +50,9 @@ def as_waveform(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
     if audio.ndim == 2 and 1 in audio.shape:
         audio = audio.reshape(-1)
     if audio.ndim != 1:
-        raise ValueError(f"audio must be mono, shape [samples]; got shape {tuple(audio.shape)} (mix channels down first)")
+        raise ValueError(
+            f"audio must be mono, shape [samples]; got shape {tuple(audio.shape)} (mix channels down first)"
+        )
     if audio.numel() == 0:
         raise ValueError("audio is empty")
     if not torch.isfinite(audio).all():
@@ -57,7 +61,11 @@ def as_waveform(audio: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def log_mel_spectrogram(
-    audio: np.ndarray | torch.Tensor, n_mels: int = 80, n_fft: int = 400, hop_length: int = 160, sampling_rate: int = 16000
+    audio: np.ndarray | torch.Tensor,
+    n_mels: int = 80,
+    n_fft: int = 400,
+    hop_length: int = 160,
+    sampling_rate: int = 16000,
 ) -> torch.Tensor:
     """Whisper log-mel of a whole clip.
 

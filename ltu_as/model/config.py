@@ -185,7 +185,11 @@ def trainable_parameter_counts(config: LtuAsConfig) -> dict[str, int]:
     n_layers = int(config.llm["num_hidden_layers"])
     heads, kv_heads = int(config.llm["num_attention_heads"]), int(config.llm.get("num_key_value_heads") or 0)
     head_dim = config.d_llm // heads
-    out_dims = {"q_proj": heads * head_dim, "k_proj": (kv_heads or heads) * head_dim,
-                "v_proj": (kv_heads or heads) * head_dim, "o_proj": config.d_llm}
+    out_dims = {
+        "q_proj": heads * head_dim,
+        "k_proj": (kv_heads or heads) * head_dim,
+        "v_proj": (kv_heads or heads) * head_dim,
+        "o_proj": config.d_llm,
+    }
     lora = n_layers * sum(config.lora.r * (config.d_llm + out_dims[m]) for m in config.lora.target_modules)
     return {"tltr": tltr, "audio_proj": proj, "lora": lora, "total": tltr + proj + lora}

@@ -47,8 +47,16 @@ def read_whisper_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelNotFoundError(f"{folder} is not a Hugging Face Whisper folder: no config.json")
     cfg = json.loads(path.read_text())
-    keys = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
-            "max_source_positions", "activation_function", "scale_embedding")
+    keys = (
+        "num_mel_bins",
+        "d_model",
+        "encoder_layers",
+        "encoder_attention_heads",
+        "encoder_ffn_dim",
+        "max_source_positions",
+        "activation_function",
+        "scale_embedding",
+    )
     return {k: cfg[k] for k in keys if k in cfg}
 
 
@@ -73,16 +81,16 @@ def _read_encoder_tensors(folder: Path) -> dict[str, torch.Tensor]:
         try:
             if file.suffix == ".safetensors":
                 with safe_open(str(file), framework="pt") as f:
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
                         for prefix in _ENCODER_PREFIXES:
                             if key.startswith(prefix):
-                                tensors[key[len(prefix):]] = f.get_tensor(key)
+                                tensors[key[len(prefix) :]] = f.get_tensor(key)
             else:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
                 for key, value in state.items():
                     for prefix in _ENCODER_PREFIXES:
                         if key.startswith(prefix):
-                            tensors[key[len(prefix):]] = value
+                            tensors[key[len(prefix) :]] = value
         except (OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"cannot read Whisper weights {file}: {e}; delete it and download again") from e
     return tensors

@@ -11,7 +11,6 @@ import dataclasses
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -71,10 +70,11 @@ def _warpers(options: GenerationOptions) -> LogitsProcessorList:
     return warpers
 
 
-@lru_cache(maxsize=4)
 def _cache_kwarg(cls: type) -> str:
-    # transformers 5.x renamed `past_key_values` to `cache` (both accepted until 5.40); use the model's own name.
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+    """The model class's name for the KV cache argument: transformers 5.x renamed `past_key_values` to `cache`
+    (both accepted until 5.40). Read once per generation, not per token."""
+    forward = getattr(cls, "forward")  # noqa: B009 (mypy's `type` has no `forward`)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def generate_tokens(
@@ -104,7 +104,9 @@ def generate_tokens(
     b = inputs_embeds.shape[0]
     device = inputs_embeds.device
     embed = llm.get_input_embeddings()
-    penalty = RepetitionPenaltyLogitsProcessor(options.repetition_penalty) if options.repetition_penalty != 1.0 else None
+    penalty = (
+        RepetitionPenaltyLogitsProcessor(options.repetition_penalty) if options.repetition_penalty != 1.0 else None
+    )
     warpers = _warpers(options)
     generator = None
     if options.do_sample and options.seed is not None:
@@ -121,12 +123,17 @@ def generate_tokens(
         kwargs: dict[str, Any] = {"use_cache": options.use_cache}
         if cache is not None:
             kwargs[cache_kw] = cache
-        out = llm(inputs_embeds=step_embeds, attention_mask=attention_mask, position_ids=step_positions,
-                  logits_to_keep=1, **kwargs)
+        out = llm(
+            inputs_embeds=step_embeds,
+            attention_mask=attention_mask,
+            position_ids=step_positions,
+            logits_to_keep=1,
+            **kwargs,
+        )
         logits = out.logits[:, -1, :].float()  # [B, vocab]
         if penalty is not None:
-            logits = torch.cat([penalty(history[i], logits[i:i + 1]) for i in range(b)])
-        logits = warpers(None, logits)  # temperature/top-k/top-p do not read input_ids
+            logits = torch.cat([penalty(history[i], logits[i : i + 1]) for i in range(b)])
+        logits = warpers(None, logits)  # type: ignore[arg-type]  # temperature/top-k/top-p do not read input_ids
         if options.do_sample:
             probs = logits.softmax(dim=-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -80,20 +80,29 @@ class LtuAsForConditionalGeneration(nn.Module):
     @property
     def llm(self) -> LlamaForCausalLM:
         """The stock `LlamaForCausalLM` (with LoRA layers injected by peft)."""
-        return self.language_model.base_model.model
+        llm = self.language_model.base_model.model
+        assert isinstance(llm, LlamaForCausalLM)
+        return llm
 
     @property
     def device(self) -> torch.device:
-        return self.audio_proj[1].weight.device
+        return cast(nn.Linear, self.audio_proj[1]).weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.audio_proj[1].weight.dtype
+        return cast(nn.Linear, self.audio_proj[1]).weight.dtype
+
+    def _eos(self, eos_token_id: int | None) -> int:
+        if eos_token_id is not None:
+            return int(eos_token_id)
+        eos = self.llm.config.eos_token_id
+        return int(eos[0] if isinstance(eos, list) else eos if eos is not None else 2)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors LTU-AS trains: TLTR, projector and LoRA, under this module's names."""
         return {
-            k: v for k, v in self.state_dict().items()
+            k: v
+            for k, v in self.state_dict().items()
             if k.startswith(("audio_encoder.", "audio_proj.")) or "lora_" in k
         }
 
@@ -145,15 +154,15 @@ class LtuAsForConditionalGeneration(nn.Module):
         mask = torch.zeros((b, t + longest), dtype=torch.long, device=self.device)
         for i, r in enumerate(rows):
             n = r.numel()
-            ids[i, longest - n:] = r
-            mask[i, longest - n:] = 1  # pads (longest - n of them), then audio + text
+            ids[i, longest - n :] = r
+            mask[i, longest - n :] = 1  # pads (longest - n of them), then audio + text
         text = self.embed_tokens(ids)  # [B, longest, d_llm]
         embeds = torch.empty((b, t + longest, text.shape[-1]), dtype=text.dtype, device=self.device)
         for i, r in enumerate(rows):
             p = longest - r.numel()
             embeds[i, :p] = text[i, :p]  # pad embeddings, masked out
-            embeds[i, p:p + t] = audio_embeds[i].to(text.dtype)
-            embeds[i, p + t:] = text[i, p:]
+            embeds[i, p : p + t] = audio_embeds[i].to(text.dtype)
+            embeds[i, p + t :] = text[i, p:]
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         return embeds, mask, positions
 
@@ -176,7 +185,7 @@ class LtuAsForConditionalGeneration(nn.Module):
             for i, lab in enumerate(labels):
                 lab = torch.as_tensor(lab, dtype=torch.long, device=self.device).reshape(-1)
                 if lab.numel():
-                    full_labels[i, s - lab.numel():] = lab
+                    full_labels[i, s - lab.numel() :] = lab
         return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=full_labels)
 
     # --- generation --------------------------------------------------------------------------------------------
@@ -194,9 +203,11 @@ class LtuAsForConditionalGeneration(nn.Module):
         caller can cancel between tokens.
         """
         options = options or GenerationOptions()
-        eos = int(self.llm.config.eos_token_id if eos_token_id is None else eos_token_id)
+        eos = self._eos(eos_token_id)
         embeds, mask, positions = self.assemble(self.audio_embeddings(features), input_ids)
-        yield from generate_tokens(self.llm, embeds, mask, positions, [list(map(int, r)) for r in input_ids], eos, options)
+        yield from generate_tokens(
+            self.llm, embeds, mask, positions, [list(map(int, r)) for r in input_ids], eos, options
+        )
 
     @torch.no_grad()
     def stream_shared(
@@ -218,7 +229,7 @@ class LtuAsForConditionalGeneration(nn.Module):
             raise ValueError(f"stream_shared takes one clip, got features for {features.shape[0]}")
         if not options.use_cache:
             raise ValueError("sharing a prefix needs options.use_cache=True")
-        eos = int(self.llm.config.eos_token_id if eos_token_id is None else eos_token_id)
+        eos = self._eos(eos_token_id)
         rows = [list(map(int, r)) for r in input_ids]
         b = len(rows)
         p = 0  # common prefix, leaving every row at least one token of its own to start decoding from
@@ -230,8 +241,14 @@ class LtuAsForConditionalGeneration(nn.Module):
         prefix = torch.cat([audio.to(self.dtype), self.embed_tokens(prefix_ids)], dim=1)  # [1, T + p, d]
         cache = DynamicCache()
         positions = torch.arange(t + p, device=self.device).unsqueeze(0)
-        self.llm(inputs_embeds=prefix, attention_mask=torch.ones((1, t + p), dtype=torch.long, device=self.device),
-                 position_ids=positions, use_cache=True, logits_to_keep=1, **{_cache_kwarg(type(self.llm)): cache})
+        self.llm(
+            inputs_embeds=prefix,
+            attention_mask=torch.ones((1, t + p), dtype=torch.long, device=self.device),
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{_cache_kwarg(type(self.llm)): cache},
+        )
         cache.batch_repeat_interleave(b)
         suffixes = [r[p:] for r in rows]
         s = max(len(x) for x in suffixes)
@@ -241,9 +258,9 @@ class LtuAsForConditionalGeneration(nn.Module):
         mask[:, : t + p] = 1
         pos = torch.zeros((b, s), dtype=torch.long, device=self.device)
         for i, x in enumerate(suffixes):
-            ids[i, s - len(x):] = torch.tensor(x, dtype=torch.long, device=self.device)
-            mask[i, t + p + s - len(x):] = 1
-            pos[i, s - len(x):] = torch.arange(t + p, t + p + len(x), device=self.device)
+            ids[i, s - len(x) :] = torch.tensor(x, dtype=torch.long, device=self.device)
+            mask[i, t + p + s - len(x) :] = 1
+            pos[i, s - len(x) :] = torch.arange(t + p, t + p + len(x), device=self.device)
         yield from generate_tokens(self.llm, self.embed_tokens(ids), mask, pos, rows, eos, options, cache=cache)
 
     @torch.no_grad()

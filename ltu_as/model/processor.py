@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ModelNotFoundError
 from .audio import log_mel_spectrogram, pad_or_trim_mel
 from .config import LtuAsConfig
-from ..errors import ModelNotFoundError
 from .prompt import build_prompt, extract_answer
 
 
@@ -29,10 +29,12 @@ class LtuAsProcessor:
         self.config = config
 
     @classmethod
-    def from_pretrained(cls, llm_folder: str | Path, config: LtuAsConfig) -> LtuAsProcessor:
+    def from_pretrained(cls, llm_folder: str | Path | None, config: LtuAsConfig) -> LtuAsProcessor:
         """Load the tokenizer saved in an LLM folder (`tokenizer.model` + `tokenizer_config.json`)."""
         from transformers import AutoTokenizer
 
+        if llm_folder is None:  # a model built in memory has no folder to read a tokenizer from
+            raise ModelNotFoundError("no LLM folder to load the tokenizer from; load the LLM from a folder")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(llm_folder))
         except (OSError, ValueError) as e:
@@ -64,8 +66,10 @@ class LtuAsProcessor:
         """A training sequence: BOS + prompt + answer tokenized together (as the reference does, so the answer's
         first word gets its SentencePiece space), and the length of the prompt part (for response-only loss).
         No EOS is appended (the reference's add_eos_token=False)."""
-        full = [self.bos_token_id, *self.tokenizer(self.build_prompt(question, transcript) + answer,
-                                                   add_special_tokens=False)["input_ids"]]
+        full = [
+            self.bos_token_id,
+            *self.tokenizer(self.build_prompt(question, transcript) + answer, add_special_tokens=False)["input_ids"],
+        ]
         return full, len(self.encode(question, transcript))
 
     @property
@@ -104,14 +108,14 @@ class TextStreamer:
 
     def push(self, tok: int) -> str:
         self.ids.append(tok)
-        printed = self.decode(self.ids[self._prefix:self._read])
-        text = self.decode(self.ids[self._prefix:])
+        printed = self.decode(self.ids[self._prefix : self._read])
+        text = self.decode(self.ids[self._prefix :])
         if len(text) > len(printed) and not text.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self.ids)
-            return text[len(printed):]
+            return text[len(printed) :]
         return ""
 
     def finish(self) -> str:
-        printed, text = self.decode(self.ids[self._prefix:self._read]), self.decode(self.ids[self._prefix:])
+        printed, text = self.decode(self.ids[self._prefix : self._read]), self.decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
-        return text[len(printed):] if len(text) > len(printed) else ""
+        return text[len(printed) :] if len(text) > len(printed) else ""

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from ..model.generation import GenerationOptions
 from ..loading.load import LoadedModel
+from ..model.generation import GenerationOptions
 
 
 def ask_stream(
@@ -27,7 +27,12 @@ def ask_stream(
     yield from processor.stream_text(step[0] for step in steps)
 
 
-def ask(loaded: LoadedModel, audio: np.ndarray | torch.Tensor, question: str, transcript: str | None = None,
-        options: GenerationOptions | None = None) -> str:
+def ask(
+    loaded: LoadedModel,
+    audio: np.ndarray | torch.Tensor,
+    question: str,
+    transcript: str | None = None,
+    options: GenerationOptions | None = None,
+) -> str:
     """The whole answer, stripped."""
     return "".join(ask_stream(loaded, audio, question, transcript, options)).strip()

@@ -11,8 +11,12 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from faster_whisper import WhisperModel
 
 from ..errors import ModelNotFoundError
 
@@ -21,11 +25,20 @@ log = logging.getLogger(__name__)
 DEFAULT_ASR_MODEL = "large-v2"
 
 # Whole-segment phrases Whisper invents on silence or music (compared lower-case, punctuation stripped).
-HALLUCINATIONS = frozenset({
-    "thanks for watching", "thank you for watching", "thanks for watching and see you next time",
-    "please subscribe", "subscribe to my channel", "like and subscribe", "thank you", "you",
-    "subtitles by the amaraorg community", "transcription by castingwords",
-})
+HALLUCINATIONS = frozenset(
+    {
+        "thanks for watching",
+        "thank you for watching",
+        "thanks for watching and see you next time",
+        "please subscribe",
+        "subscribe to my channel",
+        "like and subscribe",
+        "thank you",
+        "you",
+        "subtitles by the amaraorg community",
+        "transcription by castingwords",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -48,8 +61,12 @@ def is_hallucination(text: str) -> bool:
     return norm in HALLUCINATIONS
 
 
-def load_asr(model: str | Path = DEFAULT_ASR_MODEL, device: str = "auto", compute_type: str = "default",  # type: ignore[no-untyped-def]
-             cpu_threads: int = 0):
+def load_asr(
+    model: str | Path = DEFAULT_ASR_MODEL,
+    device: str = "auto",
+    compute_type: str = "default",
+    cpu_threads: int = 0,
+) -> WhisperModel:
     """A `faster_whisper.WhisperModel` from a size name (`large-v2`), hub id or CTranslate2 folder.
     `cpu_threads` 0 lets CTranslate2 choose."""
     from faster_whisper import WhisperModel
@@ -72,12 +89,12 @@ class Transcript:
     dropped: int
 
 
-def transcribe(asr, audio: np.ndarray, options: AsrOptions | None = None) -> str:  # type: ignore[no-untyped-def]
+def transcribe(asr: WhisperModel, audio: np.ndarray, options: AsrOptions | None = None) -> str:
     """Transcribe one clip (`[samples]` float32 at 16 kHz) to a single line of text."""
     return transcribe_detailed(asr, audio, options).text
 
 
-def transcribe_detailed(asr, audio: np.ndarray, options: AsrOptions | None = None) -> Transcript:  # type: ignore[no-untyped-def]
+def transcribe_detailed(asr: WhisperModel, audio: np.ndarray, options: AsrOptions | None = None) -> Transcript:
     """`transcribe`, also saying how many segments the hallucination defences dropped."""
     o = options or AsrOptions()
     language = o.language if asr.model.is_multilingual else None
@@ -100,8 +117,11 @@ def transcribe_detailed(asr, audio: np.ndarray, options: AsrOptions | None = Non
         if not text:
             continue
         # faster-whisper keeps its best attempt even when every temperature failed the compression test.
-        if (is_hallucination(text) or seg.compression_ratio > o.compression_ratio_threshold
-                or (seg.no_speech_prob > o.no_speech_threshold and seg.avg_logprob < o.logprob_threshold)):
+        if (
+            is_hallucination(text)
+            or seg.compression_ratio > o.compression_ratio_threshold
+            or (seg.no_speech_prob > o.no_speech_threshold and seg.avg_logprob < o.logprob_threshold)
+        ):
             dropped += 1
             continue
         kept.append(text)

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..model.generation import GenerationOptions
 from .data import Record
 from .featurestore import FeatureStore
-from ..model.generation import GenerationOptions
 
 
 class Embedder:
@@ -64,14 +64,21 @@ def wer(ref: str, hyp: str) -> tuple[int, int]:
     return d[len(h)], len(r)
 
 
-def generate_answers(loaded: Any, records: list[Record], store: FeatureStore, *, max_new_tokens: int = 32,
-                     batch_size: int = 16, progress: bool = True) -> list[str]:
+def generate_answers(
+    loaded: Any,
+    records: list[Record],
+    store: FeatureStore,
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
     """Greedy answers for every record (batched, left-padded: the same as one by one)."""
     model, processor = loaded.model, loaded.processor
     options = GenerationOptions(max_new_tokens=max_new_tokens).greedy()
     answers: list[str] = []
     for i in tqdm(range(0, len(records), batch_size), desc="answering", disable=not progress):
-        batch = records[i:i + batch_size]
+        batch = records[i : i + batch_size]
         feats = torch.stack([store.load(r.audio_id) for r in batch])
         ids = [processor.encode(r.instruction, r.input) for r in batch]
         out = model.generate(feats, ids, options, eos_token_id=processor.eos_token_id)

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -59,7 +60,7 @@ class FeatureStore:
         os.replace(tmp, self.folder / MANIFEST)  # atomic: an interrupted run never leaves a broken manifest
 
 
-def _decode(path: Path):  # noqa: ANN202
+def _decode(path: Path) -> np.ndarray:
     from ..model.audio import load_audio
 
     audio = load_audio(str(path))
@@ -72,46 +73,62 @@ class FeatureEncoder:
     """Only the frozen Whisper encoder (no LLM): what feature extraction needs."""
 
     def __init__(self, whisper: str | Path, device: str = "auto", dtype: str = "auto") -> None:
+        from ..loading.precision import resolve_device, resolve_dtype
+        from ..loading.sources import resolve
         from ..model.config import LtuAsConfig
         from ..model.encoder import load_whisper_encoder, read_whisper_config
-        from ..loading.precision import resolve_device, resolve_dtype
         from ..model.processor import LtuAsProcessor
-        from ..loading.sources import resolve
 
         folder = resolve(str(whisper), "Whisper encoder")
         base = LtuAsConfig()
         self.config = base.replace(whisper={**base.whisper, **read_whisper_config(folder)}, whisper_source=str(whisper))
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.encoder = load_whisper_encoder(folder, self.config.n_positions).to(self.device, self.dtype).eval()
+        encoder = load_whisper_encoder(folder, self.config.n_positions)
+        # transformers' `@wraps(nn.Module.to)` on its override hides the bound signature from type checkers
+        self.encoder = encoder.to(device=self.device, dtype=self.dtype).eval()  # type: ignore[call-arg]
         self.processor = LtuAsProcessor(None, self.config)  # for its log-mel only
 
     @torch.no_grad()
     def __call__(self, mel: torch.Tensor) -> torch.Tensor:
-        """`[B, n_mels, 1000]` → `[B, L, T, D]` (the same computation as `LtuAsForConditionalGeneration.audio_features`)."""
+        """`[B, n_mels, 1000]` → `[B, L, T, D]` (as `LtuAsForConditionalGeneration.audio_features` computes it)."""
         from ..model.encoder import pooled_layer_states
 
         return pooled_layer_states(self.encoder, mel.to(self.device, self.dtype), self.config.pool)
 
 
-def extract_features(encoder: FeatureEncoder, audio_ids: Iterable[str], audio_root: str | Path, out: str | Path,
-                     *, batch_size: int = 8, progress: bool = True) -> FeatureStore:
+def extract_features(
+    encoder: FeatureEncoder,
+    audio_ids: Iterable[str],
+    audio_root: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> FeatureStore:
     """Compute features for every audio id not yet in `out`, batched."""
     store = FeatureStore(out)
     (store.folder / "features").mkdir(parents=True, exist_ok=True)
-    meta = {"dtype": str(encoder.dtype).removeprefix("torch."), "device_type": encoder.device.type,
-            "device_name": torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else "cpu",
-            "encoder": encoder.config.whisper_source, "feature_shape": list(encoder.config.feature_shape)}
+    meta = {
+        "dtype": str(encoder.dtype).removeprefix("torch."),
+        "device_type": encoder.device.type,
+        "device_name": torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else "cpu",
+        "encoder": encoder.config.whisper_source,
+        "feature_shape": list(encoder.config.feature_shape),
+    }
     if store.manifest["meta"] and {k: store.manifest["meta"].get(k) for k in ("dtype", "device_type", "encoder")} != {
-            k: meta[k] for k in ("dtype", "device_type", "encoder")}:
-        raise ValueError(f"{out} holds features made with {store.manifest['meta']}; these would be {meta}. "
-                         "Use another --out (features differ by encoder, dtype and device type)")
+        k: meta[k] for k in ("dtype", "device_type", "encoder")
+    }:
+        raise ValueError(
+            f"{out} holds features made with {store.manifest['meta']}; these would be {meta}. "
+            "Use another --out (features differ by encoder, dtype and device type)"
+        )
     store.manifest["meta"] = meta
     todo = sorted({a for a in audio_ids if a not in store and a not in store.failed})
     bar = tqdm(total=len(todo), desc="features", unit="file", disable=not progress)
     for i in range(0, len(todo), batch_size):
         batch, mels = [], []
-        for audio_id in todo[i:i + batch_size]:
+        for audio_id in todo[i : i + batch_size]:
             try:
                 mels.append(encoder.processor.mel(_decode(resolve_audio(audio_root, audio_id))))
                 batch.append(audio_id)
@@ -125,6 +142,6 @@ def extract_features(encoder: FeatureEncoder, audio_ids: Iterable[str], audio_ro
                 save_file({"features": f.contiguous()}, str(store.folder / "features" / name))
                 store.manifest["files"][audio_id] = name
         store.save_manifest()  # after every batch: an interrupted run resumes here
-        bar.update(len(todo[i:i + batch_size]))
+        bar.update(len(todo[i : i + batch_size]))
     bar.close()
     return store

@@ -1,7 +1,7 @@
 """The LTU-AS training curriculum (section 6 of the reference facts) as one resumable trainer.
 
-Stages differ only in their `TrainConfig` (shipped as `config/train/stage{1,2,3}.toml`): which parameter groups
-train, learning rate, epochs, cutoff length, batch sizes. Each stage starts from the previous stage's output.
+Stages differ only in their `TrainConfig` (shipped as `ltu_as/training/stages/stage{1,2,3}.toml`): which parameter
+groups train, learning rate, epochs, cutoff length, batch sizes. Each stage starts from the previous stage's output.
 Features are precomputed (`featurestore`); the frozen Whisper encoder is not run while training.
 
 Exact resume: the data order is a function of (seed, epoch), and a checkpoint holds the trainable weights, the
@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import Record
 from ..loading.load import load_trainable
+from .data import Record
 from .featurestore import FeatureStore
 
 log = logging.getLogger(__name__)
 
-STAGES = Path(__file__).resolve().parent / "stages"  # the shipped stage configs (package data; config/train links here)
+# the shipped stage configs (package data; config/train in a checkout links here)
+STAGES = Path(__file__).resolve().parent / "stages"
 GROUPS = {"audio_proj": ("audio_proj.",), "audio_encoder": ("audio_encoder.",), "lora": ("lora_",)}
 STATE = "training_state.pt"
 
@@ -84,8 +85,9 @@ def set_trainable(model: torch.nn.Module, groups: tuple[str, ...]) -> dict[str, 
     """Freeze everything, then unfreeze the named groups. Returns parameter counts per group."""
     counts = {g: 0 for g in groups}
     for name, p in model.named_parameters():
-        hit = next((g for g in groups if any(m in name if m == "lora_" else name.startswith(m)
-                                              for m in GROUPS[g])), None)
+        hit = next(
+            (g for g in groups if any(m in name if m == "lora_" else name.startswith(m) for m in GROUPS[g])), None
+        )
         p.requires_grad_(hit is not None)
         if hit is not None:
             counts[hit] += p.numel()
@@ -99,8 +101,9 @@ class Example:
     labels: list[int]
 
 
-def make_examples(processor: Any, records: list[Record], store: FeatureStore, cutoff: int, loss: str
-                  ) -> tuple[list[Example], list[str]]:
+def make_examples(
+    processor: Any, records: list[Record], store: FeatureStore, cutoff: int, loss: str
+) -> tuple[list[Example], list[str]]:
     """Tokenized examples, and the audio ids left out because their features are missing or failed."""
     out, missing = [], []
     for r in records:
@@ -131,15 +134,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, model: Any, processor: Any, examples: list[Example], store: FeatureStore, cfg: TrainConfig,
-                 out: str | Path, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        examples: list[Example],
+        store: FeatureStore,
+        cfg: TrainConfig,
+        out: str | Path,
+        progress: bool = True,
+    ) -> None:
         from accelerate import Accelerator
 
         if not examples:
             raise ValueError("no training examples (are the features extracted?)")
         mixed = "no"
-        if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()
-                                       and torch.cuda.is_bf16_supported()):
+        if cfg.precision == "bf16" or (
+            cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        ):
             mixed = "bf16"
         self.acc = Accelerator(mixed_precision=mixed, cpu=model.device.type == "cpu")
         self.cfg, self.processor, self.examples, self.store = cfg, processor, examples, store
@@ -164,12 +176,15 @@ class Trainer:
 
     def _rows(self, step: int, micro: int) -> list[Example]:
         per_epoch = self.steps_per_epoch * self.rows_per_step
-        start = step * self.rows_per_step + (micro * self.acc.num_processes + self.acc.process_index) \
-            * self.cfg.micro_batch_size
+        start = (
+            step * self.rows_per_step
+            + (micro * self.acc.num_processes + self.acc.process_index) * self.cfg.micro_batch_size
+        )
         epoch, offset = divmod(start, per_epoch)
         order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-        idx = [int(order[(offset + i) % len(order)]) for i in range(self.cfg.micro_batch_size)
-               if offset + i < per_epoch]
+        idx = [
+            int(order[(offset + i) % len(order)]) for i in range(self.cfg.micro_batch_size) if offset + i < per_epoch
+        ]
         return [self.examples[i] for i in idx]
 
     def _loss(self, rows: list[Example]) -> torch.Tensor:
@@ -186,8 +201,16 @@ class Trainer:
             return self.out
         folder = self.out / f"checkpoint-{self.step}"
         self.acc.unwrap_model(self.model).save_pretrained(folder)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "rng": _rng_state(), "config": dataclasses.asdict(self.cfg)}, folder / STATE)
+        torch.save(
+            {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": self.step,
+                "rng": _rng_state(),
+                "config": dataclasses.asdict(self.cfg),
+            },
+            folder / STATE,
+        )
         olds = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
         for old in olds[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old)
@@ -214,8 +237,13 @@ class Trainer:
         """Train to `total_steps` (or stop after `stop_after` steps: for tests of resume). Returns step losses."""
         self.model.train()
         losses = []
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.cfg.stage}", unit="step",
-                   disable=not self.progress or not self.acc.is_main_process)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"stage {self.cfg.stage}",
+            unit="step",
+            disable=not self.progress or not self.acc.is_main_process,
+        )
         t0, done = time.monotonic(), 0
         while self.step < self.total_steps and (stop_after is None or done < stop_after):
             self.optimizer.zero_grad(set_to_none=True)
@@ -251,4 +279,3 @@ class Trainer:
         model = self.acc.unwrap_model(self.model)
         model.save_pretrained(self.out)
         return self.out, save_official_checkpoint(model, self.out / "ltuas.bin")
-

@@ -44,18 +44,31 @@ max_new_tokens = 24
 
 
 class Daemon:
-    def __init__(self, tmp: Path, config: str, *args: str, env: dict[str, str] | None = None,
-                 wait_ready: bool = True) -> None:
+    def __init__(
+        self, tmp: Path, config: str, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True
+    ) -> None:
         self.port = free_port()
         self.config_path = tmp / f"daemon-{self.port}.toml"
         self.config_path.write_text(config)
         self.log_path = tmp / f"daemon-{self.port}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "start", "--config", str(self.config_path),
-             "--set", f"server.port={self.port}", *args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+            [
+                sys.executable,
+                "-m",
+                "daemon.cli",
+                "start",
+                "--config",
+                str(self.config_path),
+                "--set",
+                f"server.port={self.port}",
+                *args,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+        )
         if wait_ready:
             self.wait_ready()
 

@@ -17,8 +17,10 @@ class Pulse:
     def __init__(self, runtime: Path) -> None:
         missing = [t for t in ("pulseaudio", "pactl", "pacat", "paplay") if shutil.which(t) is None]
         if missing:
-            raise RuntimeError(f"missing {missing}: apt-get install pulseaudio pulseaudio-utils libasound2-plugins "
-                               "libportaudio2 (.ci/run does)")
+            raise RuntimeError(
+                f"missing {missing}: apt-get install pulseaudio pulseaudio-utils libasound2-plugins "
+                "libportaudio2 (.ci/run does)"
+            )
         runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.runtime = runtime
         self.env = {"XDG_RUNTIME_DIR": str(runtime), "PULSE_SERVER": f"unix:{runtime}/native"}
@@ -28,9 +30,14 @@ class Pulse:
         return subprocess.run(args, env={**os.environ, **self.env}, capture_output=True, check=check, timeout=30)
 
     def start(self) -> None:
-        self._run("pulseaudio", "--daemonize=yes", "--exit-idle-time=-1", "-n",
-                  f"--load=module-native-protocol-unix auth-anonymous=1 socket={self.runtime}/native",
-                  "--load=module-null-sink sink_name=vsink rate=16000 channels=1")
+        self._run(
+            "pulseaudio",
+            "--daemonize=yes",
+            "--exit-idle-time=-1",
+            "-n",
+            f"--load=module-native-protocol-unix auth-anonymous=1 socket={self.runtime}/native",
+            "--load=module-null-sink sink_name=vsink rate=16000 channels=1",
+        )
         for _ in range(100):
             if self._run("pactl", "info", check=False).returncode == 0:
                 break
@@ -41,9 +48,21 @@ class Pulse:
         self._run("pactl", "set-default-source", "vsink.monitor")
         # Keeps the null sink clocked in real time; without it capture starts late and arrives in bursts.
         self._keepalive = subprocess.Popen(
-            ["pacat", "--playback", "--raw", "--rate=16000", "--channels=1", "--format=s16le", "--device=vsink",
-             "--latency-msec=20", "/dev/zero"], env={**os.environ, **self.env},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "pacat",
+                "--playback",
+                "--raw",
+                "--rate=16000",
+                "--channels=1",
+                "--format=s16le",
+                "--device=vsink",
+                "--latency-msec=20",
+                "/dev/zero",
+            ],
+            env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(1.0)
 
     def stop(self) -> None:
@@ -58,5 +77,9 @@ class Pulse:
             time.sleep(0.05)
 
     def play(self, wav: Path) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(["paplay", "--device=vsink", str(wav)], env={**os.environ, **self.env},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(
+            ["paplay", "--device=vsink", str(wav)],
+            env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )

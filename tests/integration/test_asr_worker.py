@@ -31,14 +31,15 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-def job(stream: str, index: int, seconds: float, final: bool, rng: np.random.Generator,
-        reply: Reply[AsrResult]) -> AsrJob:
+def job(
+    stream: str, index: int, seconds: float, final: bool, rng: np.random.Generator, reply: Reply[AsrResult]
+) -> AsrJob:
     audio = (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
     end = SpeechEnd(index, 0, len(audio), len(audio), "silence") if final else None
     return AsrJob(stream, index, 0, len(audio), audio, end, time.monotonic(), reply)
 
 
-def test_priorities_and_latest_wins(tiny, loop: asyncio.AbstractEventLoop) -> None:  # noqa: ANN001
+def test_priorities_and_latest_wins(tiny, loop: asyncio.AbstractEventLoop) -> None:
     results: list[AsrResult] = []
     done = threading.Event()
 
@@ -48,8 +49,16 @@ def test_priorities_and_latest_wins(tiny, loop: asyncio.AbstractEventLoop) -> No
             done.set()
 
     reply = Reply(loop, on_result)
-    worker = AsrWorker(AsrConfig(model=str(tiny.whisper_ct2), device="cpu", compute_type="float32", beam_size=1,
-                                 max_new_tokens=24, final_queue=2))
+    worker = AsrWorker(
+        AsrConfig(
+            model=str(tiny.whisper_ct2),
+            device="cpu",
+            compute_type="float32",
+            beam_size=1,
+            max_new_tokens=24,
+            final_queue=2,
+        )
+    )
     worker.start()
     assert worker.ready.wait(60) and worker.error is None
     rng = np.random.default_rng(0)
@@ -79,7 +88,7 @@ def test_priorities_and_latest_wins(tiny, loop: asyncio.AbstractEventLoop) -> No
     assert all(r.decode_s > 0 and r.wait_s >= 0 for r in results)
 
 
-def test_missing_model_is_reported(tmp_path) -> None:  # noqa: ANN001
+def test_missing_model_is_reported(tmp_path) -> None:
     worker = AsrWorker(AsrConfig(model=str(tmp_path / "nope"), device="cpu"))
     worker.start()
     assert worker.ready.wait(60)

@@ -26,7 +26,7 @@ SR = 16000
 
 
 @pytest.fixture(scope="module")
-def pulse(tmp_path_factory):  # noqa: ANN001, ANN201
+def pulse(tmp_path_factory):
     p = Pulse(tmp_path_factory.mktemp("pulse"))
     p.start()
     saved = {k: os.environ.get(k) for k in p.env}
@@ -45,7 +45,7 @@ def pulse(tmp_path_factory):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def speech_wav(speech: np.ndarray, tmp_path_factory) -> Path:  # noqa: ANN001
+def speech_wav(speech: np.ndarray, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("wav") / "speech.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -86,7 +86,7 @@ def best_correlation(recorded: np.ndarray, played: np.ndarray) -> float:
     n = len(recorded) + len(played)
     xc = np.fft.irfft(np.fft.rfft(recorded, n) * np.conj(np.fft.rfft(played, n)), n)
     lag = int(np.argmax(xc[: len(recorded)]))
-    seg = recorded[lag: lag + len(played)]
+    seg = recorded[lag : lag + len(played)]
     return float(np.corrcoef(seg, played[: len(seg)])[0, 1])
 
 
@@ -103,7 +103,7 @@ def test_microphone_records_what_is_played(pulse: Pulse, speech: np.ndarray, spe
     assert isinstance(other[0], Status) and other[0].state == "open" and "44100 Hz" in other[0].detail
     assert 6.5 * SR < len(recorded) <= 8.0 * SR  # the device takes a moment to start
     # seconds 1-6 of the clip hold a sentence and the tone: they must be in the recording, sample for sample
-    assert best_correlation(recorded, speech[SR: 6 * SR]) > 0.99
+    assert best_correlation(recorded, speech[SR : 6 * SR]) > 0.99
 
 
 def test_vanished_device_is_reopened_with_a_gap(pulse: Pulse) -> None:
@@ -128,14 +128,21 @@ def test_vanished_device_is_reopened_with_a_gap(pulse: Pulse) -> None:
     assert len(recorded) > 4 * SR  # audio before and after the outage
 
 
-def test_daemon_transcribes_the_microphone(pulse: Pulse, tiny, tmp_path: Path, speech_wav: Path) -> None:  # noqa: ANN001
-    d = Daemon(tmp_path, tiny_asr_config(tiny) + '\n[[streams]]\nname = "room"\nsource = "mic"\ndevice = "pulse"\n',
-               env=pulse.env)
+def test_daemon_transcribes_the_microphone(pulse: Pulse, tiny, tmp_path: Path, speech_wav: Path) -> None:
+    d = Daemon(
+        tmp_path,
+        tiny_asr_config(tiny) + '\n[[streams]]\nname = "room"\nsource = "mic"\ndevice = "pulse"\n',
+        env=pulse.env,
+    )
     try:
+
         async def go() -> list[dict[str, Any]]:
             async with connect(d.url) as ws:
-                await ws.send(json.dumps({"type": "hello", "protocol": 1,
-                                          "subscribe": {"events": ["transcript.final", "stream.*"]}}))
+                await ws.send(
+                    json.dumps(
+                        {"type": "hello", "protocol": 1, "subscribe": {"events": ["transcript.final", "stream.*"]}}
+                    )
+                )
                 assert json.loads(await ws.recv())["type"] == "welcome"
                 player = pulse.play(speech_wav)
                 got: list[dict[str, Any]] = []
@@ -143,6 +150,7 @@ def test_daemon_transcribes_the_microphone(pulse: Pulse, tiny, tmp_path: Path, s
                     got.append(json.loads(await asyncio.wait_for(ws.recv(), 40)))
                 player.wait(30)
                 return got
+
         got = asyncio.run(go())
     finally:
         assert d.stop() == 0
@@ -157,8 +165,13 @@ def test_devices_lists_the_virtual_microphone(pulse: Pulse) -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "daemon.cli", "devices"], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, **pulse.env})
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "devices"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **pulse.env},
+    )
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()[1:] if line.strip() and line.strip()[0].isdigit()]
     assert any(r[-1] == "pulse" for r in rows), out.stdout

@@ -46,15 +46,38 @@ def run_cli(*args: str, module: bool = False) -> subprocess.CompletedProcess:
 
 
 def model_args(tiny) -> list[str]:
-    return ["--checkpoint", str(tiny.checkpoint), "--whisper", str(tiny.whisper), "--llm", str(tiny.llm),
-            "--device", "cpu"]
+    return [
+        "--checkpoint",
+        str(tiny.checkpoint),
+        "--whisper",
+        str(tiny.whisper),
+        "--llm",
+        str(tiny.llm),
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.mark.parametrize("module", [False, True], ids=["ltu-as", "python -m ltu_as"])
 def test_ask_streams_the_same_answer_as_the_library(tiny, loaded, wav: Path, module: bool) -> None:
-    proc = run_cli("ask", "--audio", str(wav), "--question", QUESTION, *model_args(tiny),
-                   "--asr-model", str(tiny.whisper_ct2), "--asr-beam-size", "1", "--asr-max-new-tokens", "20",
-                   "--greedy", "--max-new-tokens", "16", module=module)
+    proc = run_cli(
+        "ask",
+        "--audio",
+        str(wav),
+        "--question",
+        QUESTION,
+        *model_args(tiny),
+        "--asr-model",
+        str(tiny.whisper_ct2),
+        "--asr-beam-size",
+        "1",
+        "--asr-max-new-tokens",
+        "20",
+        "--greedy",
+        "--max-new-tokens",
+        "16",
+        module=module,
+    )
     assert proc.returncode == 0, proc.stderr
     # Independent path: decode, transcribe with faster-whisper, and ask in this process.
     audio = decode_audio(str(wav), sampling_rate=16000)
@@ -66,12 +89,26 @@ def test_ask_streams_the_same_answer_as_the_library(tiny, loaded, wav: Path, mod
 
 
 def test_given_transcript_skips_asr(tiny, loaded, wav: Path) -> None:
-    proc = run_cli("ask", "--audio", str(wav), "--question", QUESTION, "--transcript", "the dog is barking",
-                   *model_args(tiny), "--asr-model", "/nonexistent", "--greedy", "--max-new-tokens", "8")
+    proc = run_cli(
+        "ask",
+        "--audio",
+        str(wav),
+        "--question",
+        QUESTION,
+        "--transcript",
+        "the dog is barking",
+        *model_args(tiny),
+        "--asr-model",
+        "/nonexistent",
+        "--greedy",
+        "--max-new-tokens",
+        "8",
+    )
     assert proc.returncode == 0, proc.stderr
     audio = decode_audio(str(wav), sampling_rate=16000)
-    assert proc.stdout.strip() == ask(loaded, audio, QUESTION, "the dog is barking",
-                                      GenerationOptions(max_new_tokens=8).greedy())
+    assert proc.stdout.strip() == ask(
+        loaded, audio, QUESTION, "the dog is barking", GenerationOptions(max_new_tokens=8).greedy()
+    )
 
 
 def test_bad_inputs_exit_with_clear_errors(tiny, tmp_path: Path, wav: Path) -> None:
@@ -81,8 +118,17 @@ def test_bad_inputs_exit_with_clear_errors(tiny, tmp_path: Path, wav: Path) -> N
     junk.write_bytes(b"this is not audio" * 10)
     bad = run_cli("ask", "--audio", str(junk), "--question", "q", "--no-transcript")
     assert bad.returncode == 2 and "cannot decode" in bad.stderr
-    no_ckpt = run_cli("ask", "--audio", str(wav), "--question", "q", "--no-transcript", *model_args(tiny)[2:],
-                      "--checkpoint", str(tmp_path / "missing.bin"))
+    no_ckpt = run_cli(
+        "ask",
+        "--audio",
+        str(wav),
+        "--question",
+        "q",
+        "--no-transcript",
+        *model_args(tiny)[2:],
+        "--checkpoint",
+        str(tmp_path / "missing.bin"),
+    )
     assert no_ckpt.returncode == 3 and "missing.bin" in no_ckpt.stderr
     opts = run_cli("ask", "--audio", str(wav), "--question", "q", "--no-transcript", "--top-p", "0")
     assert opts.returncode == 2 and "top_p" in opts.stderr

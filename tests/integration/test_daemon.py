@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import os
 import signal
@@ -24,8 +25,8 @@ from daemon_harness import Daemon, tiny_asr_config
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from daemon.config import VadConfig
 from daemon.capture.vad import Segmenter, SpeechEnd
+from daemon.config import VadConfig
 from ltu_as.serving.transcribe import AsrOptions, load_asr, transcribe_detailed
 
 pytestmark = pytest.mark.integration
@@ -34,7 +35,9 @@ SR = 16000
 
 
 def config(tiny: Any, *, extra: str = "", loop: bool = True) -> str:
-    return tiny_asr_config(tiny) + f"""
+    return (
+        tiny_asr_config(tiny)
+        + f"""
 [server]
 client_queue = 64
 messages_burst = 5000         # the stalled client below floods replies; rate limits have their own test
@@ -56,10 +59,11 @@ loop = {str(loop).lower()}
 name = "sat"
 source = "remote"
 """
+    )
 
 
 @pytest.fixture(scope="module")
-def daemon(tiny, tmp_path_factory):  # noqa: ANN001, ANN201
+def daemon(tiny, tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp("daemon"), config(tiny))
     yield d
     assert d.stop() == 0, d.log()
@@ -80,8 +84,14 @@ async def hello(ws: Any, **fields: Any) -> dict[str, Any]:
     return json.loads(await ws.recv())
 
 
-async def collect(url: str, *, finals: int, events: list[str], streams: list[str] = ["*"],  # noqa: B006
-                  timeout: float = 60) -> list[dict[str, Any]]:
+async def collect(
+    url: str,
+    *,
+    finals: int,
+    events: list[str],
+    streams: tuple[str, ...] = ("*",),
+    timeout: float = 60,
+) -> list[dict[str, Any]]:
     got: list[dict[str, Any]] = []
     async with connect(url) as ws:
         welcome = await hello(ws, subscribe={"streams": streams, "events": events})
@@ -120,7 +130,7 @@ def check_transcript_order(events: list[dict[str, Any]], expected: list[tuple[fl
     numbers = [int(e["id"].split("/")[1]) for e in finals]
     assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # ids are consecutive, in order
     assert [e["seq"] for e in finals] == list(range(finals[0]["seq"], finals[0]["seq"] + len(finals)))
-    assert all(a["end"] <= b["start"] for a, b in zip(finals, finals[1:]))
+    assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(finals))
     return complete
 
 
@@ -133,18 +143,18 @@ def test_health_and_welcome(daemon: Daemon) -> None:
     async def go() -> dict[str, Any]:
         async with connect(daemon.url) as ws:
             return await hello(ws, id="h1", client="test")
+
     welcome = asyncio.run(go())
     assert welcome["type"] == "welcome" and welcome["re"] == "h1" and welcome["protocol"] == 1
     assert [s["name"] for s in welcome["streams"]] == ["talk", "sat"]
     assert "transcript.final" in welcome["events"]
 
 
-def test_clients_get_the_same_ordered_events(daemon: Daemon, expected_utterances, tiny,  # noqa: ANN001
-                                             speech: np.ndarray) -> None:
+def test_clients_get_the_same_ordered_events(daemon: Daemon, expected_utterances, tiny, speech: np.ndarray) -> None:
     async def go() -> list[list[dict[str, Any]]]:
         kinds = ["speech.start", "transcript.*"]
-        return await asyncio.gather(*(collect(daemon.url, finals=3, events=kinds, streams=["talk"])
-                                      for _ in range(3)))
+        return await asyncio.gather(*(collect(daemon.url, finals=3, events=kinds, streams=["talk"]) for _ in range(3)))
+
     runs = asyncio.run(go())
     for events in runs:
         assert check_transcript_order(events, expected_utterances) >= 2
@@ -177,10 +187,11 @@ def test_level_events(daemon: Daemon) -> None:
         async with connect(daemon.url) as ws:
             await hello(ws, subscribe={"streams": ["talk"], "events": ["level"]})
             return [json.loads(await ws.recv()) for _ in range(15)]
+
     levels = asyncio.run(go())
     assert all(e["type"] == "level" and -120 <= e["rms_dbfs"] <= e["peak_dbfs"] <= 0 for e in levels)
     assert [e["seq"] for e in levels] == list(range(levels[0]["seq"], levels[0]["seq"] + 15))
-    assert all(b["start"] == a["end"] for a, b in zip(levels, levels[1:]))
+    assert all(b["start"] == a["end"] for a, b in itertools.pairwise(levels))
     assert all(e["end"] - e["start"] == pytest.approx(0.1, abs=0.11) for e in levels)
 
 
@@ -190,8 +201,12 @@ def raw_stalled_client(port: int, n_subscribes: int) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    s.sendall(
+        (
+            f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     head = b""
     while b"\r\n\r\n" not in head:
         head += s.recv(1)
@@ -235,6 +250,7 @@ def test_stalled_client_is_dropped_and_others_keep_receiving(daemon: Daemon) -> 
                 pass
             stalled.close()
             return got, dropped_after
+
     got, _ = asyncio.run(go())
     assert all(e["type"] == "level" for e in got)
     assert [e["seq"] for e in got] == list(range(got[0]["seq"], got[0]["seq"] + 10))
@@ -247,17 +263,19 @@ def test_bad_input_gets_errors_and_changes_nothing(daemon: Daemon) -> None:
             await hello(watcher, subscribe={"streams": ["talk"], "events": ["level"]})
             await hello(ws, subscribe={"streams": ["none"], "events": ["none"]})
             replies = []
-            for message in ["{bad json", json.dumps({"type": "dance", "id": 1}),
-                            json.dumps({"type": "ping", "id": "p", "pad": "x" * 5000}),
-                            json.dumps({"type": "audio.start", "stream": "nope", "rate": 16000, "id": 2}),
-                            json.dumps({"type": "audio.start", "stream": "talk", "rate": 16000, "id": 3}),
-                            json.dumps({"type": "hello", "protocol": 1, "id": 4})]:
+            for message in [
+                "{bad json",
+                json.dumps({"type": "dance", "id": 1}),
+                json.dumps({"type": "ping", "id": "p", "pad": "x" * 5000}),
+                json.dumps({"type": "audio.start", "stream": "nope", "rate": 16000, "id": 2}),
+                json.dumps({"type": "audio.start", "stream": "talk", "rate": 16000, "id": 3}),
+                json.dumps({"type": "hello", "protocol": 1, "id": 4}),
+            ]:
                 await ws.send(message)
                 replies.append(json.loads(await ws.recv()))
             await ws.send(b"\x00\x01" * 100)  # audio before audio.start
             replies.append(json.loads(await ws.recv()))
-            await ws.send(json.dumps({"type": "audio.start", "stream": "sat", "rate": 48000, "channels": 2,
-                                      "id": 5}))
+            await ws.send(json.dumps({"type": "audio.start", "stream": "sat", "rate": 48000, "channels": 2, "id": 5}))
             replies.append(json.loads(await ws.recv()))
             await ws.send(b"\x00\x01\x02")  # not whole 4-byte stereo s16 frames
             replies.append(json.loads(await ws.recv()))
@@ -272,11 +290,20 @@ def test_bad_input_gets_errors_and_changes_nothing(daemon: Daemon) -> None:
                 code = e.rcvd.code if e.rcvd else None
             watched = [json.loads(await asyncio.wait_for(watcher.recv(), 5)) for _ in range(5)]
             return replies, code, watched
+
     replies, code, watched = asyncio.run(go())
     assert [(r["type"], r.get("code"), r.get("re")) for r in replies] == [
-        ("error", "bad_json", None), ("error", "unknown_type", 1), ("error", "too_large", None),
-        ("error", "unknown_stream", 2), ("error", "unknown_stream", 3), ("error", "bad_message", 4),
-        ("error", "not_started", None), ("audio.ready", None, 5), ("error", "bad_audio", None), ("pong", None, 6)]
+        ("error", "bad_json", None),
+        ("error", "unknown_type", 1),
+        ("error", "too_large", None),
+        ("error", "unknown_stream", 2),
+        ("error", "unknown_stream", 3),
+        ("error", "bad_message", 4),
+        ("error", "not_started", None),
+        ("audio.ready", None, 5),
+        ("error", "bad_audio", None),
+        ("pong", None, 6),
+    ]
     assert "whole number" in replies[8]["message"]
     assert code == 1009
     assert all(e["type"] == "level" for e in watched)
@@ -291,21 +318,34 @@ def test_origin_check(daemon: Daemon) -> None:
                 return (await hello(ws))["type"]
         except InvalidStatus as e:
             return str(e.response.status_code)
+
     assert asyncio.run(go("http://localhost:3000")) == "welcome"
     assert asyncio.run(go("https://evil.example")) == "403"
 
 
-def test_satellite_feeds_a_remote_stream(daemon: Daemon, expected_utterances) -> None:  # noqa: ANN001
+def test_satellite_feeds_a_remote_stream(daemon: Daemon, expected_utterances) -> None:
     async def go() -> tuple[list[dict[str, Any]], dict[str, Any]]:
         async with connect(daemon.url) as ws, connect(daemon.url) as rival:
             await hello(ws, subscribe={"streams": ["sat"], "events": ["transcript.final", "stream.status"]})
             await hello(rival, subscribe={"streams": ["none"]})
             sat = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "clients.satellite", "--url", daemon.url, "--stream", "sat", "--file",
-                str(ASSET), "--fast")
+                sys.executable,
+                "-m",
+                "clients.satellite",
+                "--url",
+                daemon.url,
+                "--stream",
+                "sat",
+                "--file",
+                str(ASSET),
+                "--fast",
+            )
             got = []
             busy = None
-            closed = lambda: any(e["type"] == "stream.status" and e["state"] == "closed" for e in got)  # noqa: E731
+
+            def closed() -> bool:
+                return any(e["type"] == "stream.status" and e["state"] == "closed" for e in got)
+
             while not closed() or sum(e["type"] == "transcript.final" for e in got) < 5:
                 got.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
                 if busy is None and got[-1]["type"] == "stream.status" and got[-1]["state"] == "open":
@@ -313,6 +353,7 @@ def test_satellite_feeds_a_remote_stream(daemon: Daemon, expected_utterances) ->
                     busy = json.loads(await rival.recv())
             assert await sat.wait() == 0
             return got, busy or {}
+
     got, busy = asyncio.run(go())
     assert busy.get("code") == "stream_busy"
     finals = [e for e in got if e["type"] == "transcript.final"]
@@ -321,16 +362,17 @@ def test_satellite_feeds_a_remote_stream(daemon: Daemon, expected_utterances) ->
     one_pass = expected_utterances[:5]
     offset = finals[0]["start"] - one_pass[0][0]
     assert len(finals) == len(one_pass)
-    for f, (start, speech_end, end) in zip(finals, one_pass):
+    for f, (start, speech_end, end) in zip(finals, one_pass, strict=True):
         assert f["start"] - offset == pytest.approx(start, abs=0.1)
         assert f["speech_end"] - offset == pytest.approx(speech_end, abs=0.1)
         assert f["end"] - offset == pytest.approx(end, abs=0.1)
     assert finals[-1]["reason"] in ("silence", "flush")
 
 
-def test_token_auth(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_token_auth(tiny, tmp_path: Path) -> None:
     d = Daemon(tmp_path, tiny_asr_config(tiny) + '\n[server]\ntoken = "s3cret-token"\n')
     try:
+
         async def go() -> list[object]:
             out: list[object] = []
             try:
@@ -348,6 +390,7 @@ def test_token_auth(tiny, tmp_path: Path) -> None:  # noqa: ANN001
             async with connect(d.url) as ws:
                 out.append((await hello(ws, token="s3cret-token"))["type"])
             return out
+
         assert asyncio.run(go()) == [401, "unauthorized", 4001, "welcome", "welcome"]
         assert d.health()[1]["rejected_connections"] == 2
         assert "s3cret-token" not in d.log()
@@ -355,7 +398,7 @@ def test_token_auth(tiny, tmp_path: Path) -> None:  # noqa: ANN001
         assert d.stop() == 0
 
 
-def test_sigterm_flushes_the_open_utterance_and_closes_clients(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_sigterm_flushes_the_open_utterance_and_closes_clients(tiny, tmp_path: Path) -> None:
     d = Daemon(tmp_path, config(tiny, loop=False))
 
     async def go() -> tuple[list[dict[str, Any]], int | None]:
@@ -373,6 +416,7 @@ def test_sigterm_flushes_the_open_utterance_and_closes_clients(tiny, tmp_path: P
                     got.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
             except ConnectionClosed as e:
                 return got, e.rcvd.code if e.rcvd else None
+
     got, code = asyncio.run(go())
     assert d.proc.wait(30) == 0, d.log()
     d.stop()
@@ -382,20 +426,32 @@ def test_sigterm_flushes_the_open_utterance_and_closes_clients(tiny, tmp_path: P
     assert last["end"] - last["start"] >= 0.5
 
 
-def test_config_typo_and_check(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_config_typo_and_check(tiny, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[vad]\nhangover = 300\n")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "daemon.cli", *a], capture_output=True,  # noqa: E731
-                                    text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", *a],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+
     started = run("start", "--config", str(bad))
     assert started.returncode == 2 and "vad.hangover: unknown key" in started.stderr
     good = tmp_path / "good.toml"
     good.write_text(config(tiny))
     assert run("check", "--config", str(good)).returncode == 0
     missing = tmp_path / "missing.toml"
-    missing.write_text(config(tiny).replace(str(ASSET), str(tmp_path / "gone.ogg"))
-                       .replace(str(tiny.whisper_ct2), str(tmp_path)).replace("enabled = false", "enabled = true")
-                       .replace(str(tiny.checkpoint), str(tmp_path / "nope.bin")))
+    missing.write_text(
+        config(tiny)
+        .replace(str(ASSET), str(tmp_path / "gone.ogg"))
+        .replace(str(tiny.whisper_ct2), str(tmp_path))
+        .replace("enabled = false", "enabled = true")
+        .replace(str(tiny.checkpoint), str(tmp_path / "nope.bin"))
+    )
     checked = run("check", "--config", str(missing))
     assert checked.returncode == 1
     assert "gone.ogg" in checked.stdout and "not a CTranslate2 Whisper folder" in checked.stdout

@@ -17,6 +17,7 @@ Schema keywords our schema uses (and refuses any other, so nothing is silently l
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -36,9 +37,31 @@ pytestmark = pytest.mark.integration
 
 EXAMPLES = int(os.environ.get("LTU_FUZZ_EXAMPLES", "1500"))  # schema-driven frames; malformed: a third of that
 DOCUMENTED_CLOSES = {1007}  # bad UTF-8; nothing else should close a well-behaved-size frame's connection
-_KNOWN = {"$ref", "const", "enum", "anyOf", "oneOf", "type", "properties", "required", "additionalProperties",
-          "items", "minItems", "maxItems", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
-          "maxLength", "pattern", "default", "title", "description", "discriminator"}
+_KNOWN = {
+    "$ref",
+    "const",
+    "enum",
+    "anyOf",
+    "oneOf",
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "default",
+    "title",
+    "description",
+    "discriminator",
+}
 
 
 def from_schema(node: dict[str, Any], defs: dict[str, Any]) -> st.SearchStrategy[Any]:
@@ -63,27 +86,40 @@ def from_schema(node: dict[str, Any], defs: dict[str, Any]) -> st.SearchStrategy
         return st.integers(node.get("minimum"), node.get("maximum"))
     if t == "number":
         lo, hi = node.get("minimum", node.get("exclusiveMinimum")), node.get("maximum", node.get("exclusiveMaximum"))
-        return st.floats(lo, hi, allow_nan=False, allow_infinity=False, exclude_min="exclusiveMinimum" in node,
-                         exclude_max="exclusiveMaximum" in node)
+        return st.floats(
+            lo,
+            hi,
+            allow_nan=False,
+            allow_infinity=False,
+            exclude_min="exclusiveMinimum" in node,
+            exclude_max="exclusiveMaximum" in node,
+        )
     if t == "string":
         lo, hi = node.get("minLength", 0), node.get("maxLength")
         if "pattern" in node:
             return st.from_regex(node["pattern"], fullmatch=True).filter(lambda s: lo <= len(s) <= (hi or len(s)))
         return st.text(min_size=lo, max_size=min(hi or 50, 200))
     if t == "array":
-        return st.lists(from_schema(node.get("items", {}), defs), min_size=node.get("minItems", 0),
-                        max_size=min(node.get("maxItems", 5), 5))
+        return st.lists(
+            from_schema(node.get("items", {}), defs),
+            min_size=node.get("minItems", 0),
+            max_size=min(node.get("maxItems", 5), 5),
+        )
     if t == "object":
         props = node.get("properties", {})
         required = set(node.get("required", ()))
-        return st.fixed_dictionaries({k: from_schema(v, defs) for k, v in props.items() if k in required},
-                                     optional={k: from_schema(v, defs) for k, v in props.items() if k not in required})
+        return st.fixed_dictionaries(
+            {k: from_schema(v, defs) for k, v in props.items() if k in required},
+            optional={k: from_schema(v, defs) for k, v in props.items() if k not in required},
+        )
     raise NotImplementedError(f"schema node {node}")
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                      max_size=4), max_leaves=12)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @st.composite
@@ -104,10 +140,15 @@ def mutated(draw: st.DrawFn, valid: st.SearchStrategy[dict[str, Any]]) -> dict[s
 CLIENT = SCHEMA["$defs"]["ClientMessage"]
 valid_messages = from_schema(CLIENT, SCHEMA["$defs"])
 # the daemon's real names, so that claims, audio and scopes get past the lookups too
-known = st.sampled_from([{"type": "audio.start", "id": "a", "stream": "sat", "rate": 16000},
-                         {"type": "audio.start", "id": "b", "stream": "sat", "rate": 44100, "channels": 2},
-                         {"type": "audio.stop", "id": "c"}, {"type": "subscribe", "id": "d", "streams": ["talk"]},
-                         {"type": "ask", "id": "e", "question": "?", "stream": "talk"}])
+known = st.sampled_from(
+    [
+        {"type": "audio.start", "id": "a", "stream": "sat", "rate": 16000},
+        {"type": "audio.start", "id": "b", "stream": "sat", "rate": 44100, "channels": 2},
+        {"type": "audio.stop", "id": "c"},
+        {"type": "subscribe", "id": "d", "streams": ["talk"]},
+        {"type": "ask", "id": "e", "question": "?", "stream": "talk"},
+    ]
+)
 schema_frames = st.one_of(valid_messages, mutated(valid_messages), known).map(json.dumps)
 
 
@@ -119,10 +160,17 @@ malformed_frames = st.one_of(
     json_values.map(json.dumps),
     st.text(max_size=200),
     st.integers(2, 3000).map(nested),
-    st.sampled_from(['{"type": "ping", "id": 1, "x": NaN}', '{"type": "ping", "id": 2, "x": Infinity}',
-                     '{"type": "ping", "id": 3, "x": 1e999}', '{"type": "ping", "id": 4, "id": 5}',
-                     '{"type": "ping", "id": 6, "x": ' + "7" * 5000 + "}", '{"type": "ping", "id": true}',
-                     '{"type": "ask", "id": 8, "question": "?", "window": "a:w1", "at": 1}']),
+    st.sampled_from(
+        [
+            '{"type": "ping", "id": 1, "x": NaN}',
+            '{"type": "ping", "id": 2, "x": Infinity}',
+            '{"type": "ping", "id": 3, "x": 1e999}',
+            '{"type": "ping", "id": 4, "id": 5}',
+            '{"type": "ping", "id": 6, "x": ' + "7" * 5000 + "}",
+            '{"type": "ping", "id": true}',
+            '{"type": "ask", "id": 8, "question": "?", "window": "a:w1", "at": 1}',
+        ]
+    ),
     st.binary(max_size=64).map(lambda b: ("text-bytes", b)),  # a text frame that may not be UTF-8
     st.binary(max_size=512).map(lambda b: ("binary", b)),
     st.binary(max_size=4096).map(lambda b: ("audio", b)),  # binary on a stream this connection has claimed
@@ -151,8 +199,9 @@ def echo_id(text: str) -> tuple[bool, object]:
     if not isinstance(raw, dict) or "id" not in raw:
         return False, None
     v = raw["id"]
-    ok = (isinstance(v, str) and len(v) <= 128) or (isinstance(v, int) and not isinstance(v, bool)
-                                                    and abs(v) <= 2**53 - 1)
+    ok = (isinstance(v, str) and len(v) <= 128) or (
+        isinstance(v, int) and not isinstance(v, bool) and abs(v) <= 2**53 - 1
+    )
     return ok, v
 
 
@@ -241,8 +290,9 @@ class Watcher(threading.Thread):
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
         self.ws = connect(url, open_timeout=10)
-        self.ws.send(json.dumps({"type": "hello", "protocol": 1,
-                                 "subscribe": {"streams": ["talk"], "events": ["level"]}}))
+        self.ws.send(
+            json.dumps({"type": "hello", "protocol": 1, "subscribe": {"streams": ["talk"], "events": ["level"]}})
+        )
         assert json.loads(self.ws.recv(10))["type"] == "welcome"
         self.seqs: list[int] = []
         self.times: list[float] = []
@@ -262,7 +312,10 @@ class Watcher(threading.Thread):
 
 @pytest.fixture(scope="module")
 def target(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    d = Daemon(tmp_path_factory.mktemp("fuzz"), tiny_asr_config(tiny) + f"""
+    d = Daemon(
+        tmp_path_factory.mktemp("fuzz"),
+        tiny_asr_config(tiny)
+        + f"""
 [server]
 messages_per_s = 100000.0     # rate limits have their own test; here every frame must be handled
 messages_burst = 100000
@@ -283,7 +336,8 @@ loop = true
 [[streams]]
 name = "sat"
 source = "remote"
-""")
+""",
+    )
     yield d
     assert d.stop() == 0, d.log()
 
@@ -314,11 +368,11 @@ def test_fuzzed_frames_get_documented_answers(target: Daemon) -> None:
     log = target.log()
     print(f"fuzz: {fuzzer.n} frames in {elapsed:.1f} s; outcomes {sorted(fuzzer.counts.items())}")
     assert fuzzer.n >= EXAMPLES
-    assert "Traceback" not in log, log[log.index("Traceback") - 500:][:3000]
+    assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]
     assert "ERROR" not in log
     # the watcher kept receiving: consecutive level events, never a pause of more than a second
     assert len(watcher.seqs) > 10 * elapsed * 0.5
     assert watcher.seqs == list(range(watcher.seqs[0], watcher.seqs[0] + len(watcher.seqs)))
-    assert max(b - a for a, b in zip(watcher.times, watcher.times[1:])) < 1.0
+    assert max(b - a for a, b in itertools.pairwise(watcher.times)) < 1.0
     status, health = target.health()
     assert status == 200 and health["ready"]

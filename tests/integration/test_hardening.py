@@ -58,7 +58,9 @@ async def running(service: Service) -> AsyncIterator[Service]:
 
 def test_failing_and_out_of_memory_model_jobs_end_the_question_with_its_id(tiny, tmp_path: Path) -> None:
     path = tmp_path / "d.toml"
-    path.write_text(tiny_asr_config(tiny, model=True) + f"""
+    path.write_text(
+        tiny_asr_config(tiny, model=True)
+        + f"""
 [server]
 port = 0
 
@@ -70,7 +72,8 @@ name = "talk"
 source = "file"
 path = "{ASSET}"
 realtime = false
-""")
+"""
+    )
     service = Service(load_config(path, environ={}))
     faults: dict[str, Callable[[], None]] = {}
 
@@ -122,7 +125,9 @@ realtime = false
 
 
 def transcripts_only(tiny: Any, server: str = "") -> str:
-    return tiny_asr_config(tiny) + f"""
+    return (
+        tiny_asr_config(tiny)
+        + f"""
 [server]
 {server}
 
@@ -133,13 +138,19 @@ path = "{ASSET}"
 realtime = true
 loop = true
 """
+    )
 
 
 @pytest.fixture(scope="module")
 def small(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    d = Daemon(tmp_path_factory.mktemp("hardening"), transcripts_only(
-        tiny, "max_clients = 64\nmessages_per_s = 5.0\nmessages_burst = 10\nquestions_per_s = 1.0\n"
-              "questions_burst = 2\nclient_queue = 4096"))
+    d = Daemon(
+        tmp_path_factory.mktemp("hardening"),
+        transcripts_only(
+            tiny,
+            "max_clients = 64\nmessages_per_s = 5.0\nmessages_burst = 10\nquestions_per_s = 1.0\n"
+            "questions_burst = 2\nclient_queue = 4096",
+        ),
+    )
     yield d
     assert d.stop() == 0, d.log()
 
@@ -186,6 +197,7 @@ def test_rate_limits_answer_with_the_id_then_close_with_1008(small: Daemon) -> N
                     await asyncio.wait_for(ws.recv(), 10)
             except ConnectionClosed as e:
                 return got, e.rcvd.code if e.rcvd else None
+
     got, code = asyncio.run(go())
     pongs = [e["re"] for e in got if e["type"] == "pong"]
     limited = [e for e in got if e["type"] == "error"]
@@ -203,6 +215,7 @@ def test_question_rate_limit(small: Daemon) -> None:
             for i in range(4):
                 await ws.send(json.dumps({"type": "ask", "id": f"q{i}", "question": "?"}))
             return [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(4)]
+
     # this daemon has no model: questions within the limit get model_disabled, the others rate_limited
     codes = [(e["re"], e["code"]) for e in asyncio.run(go())]
     assert codes[:2] == [("q0", "model_disabled"), ("q1", "model_disabled")]
@@ -214,6 +227,7 @@ def test_disconnects_are_logged_with_their_reason(small: Daemon) -> None:
         async with connect(small.url) as ws:
             await hello(ws, client="logged-client", subscribe={"events": ["-"]})
             await ws.close(4321, "bye for now")
+
     asyncio.run(go())
     for _ in range(50):
         if "(logged-client) disconnected" in small.log():

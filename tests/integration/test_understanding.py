@@ -18,13 +18,25 @@ from ltu_as import GenerationOptions
 
 pytestmark = pytest.mark.integration
 SR = 16000
-QUESTIONS = ["What can be inferred from the audio?", "Is the dog barking?", "What did they say?", "Why?",
-             "Who is speaking?", "What is the mood?", "Is it loud?", "Where is this?", "Any alarms?", "What next?"]
+QUESTIONS = [
+    "What can be inferred from the audio?",
+    "Is the dog barking?",
+    "What did they say?",
+    "Why?",
+    "Who is speaking?",
+    "What is the mood?",
+    "Is it loud?",
+    "Where is this?",
+    "Any alarms?",
+    "What next?",
+]
 
 
 @pytest.fixture(scope="module")
-def daemon(tiny, tmp_path_factory):  # noqa: ANN001, ANN201
-    config = tiny_asr_config(tiny, model=True) + f"""
+def daemon(tiny, tmp_path_factory):
+    config = (
+        tiny_asr_config(tiny, model=True)
+        + f"""
 [scene]
 max_new_tokens = 12
 
@@ -38,6 +50,7 @@ source = "file"
 path = "{ASSET}"
 realtime = true
 """
+    )
     d = Daemon(tmp_path_factory.mktemp("understanding"), config)
     yield d
     assert d.stop() == 0, d.log()
@@ -65,15 +78,16 @@ async def ask(url: str, question: str, retries: int = 100, **fields: Any) -> tup
             return events, busy
 
 
-def direct_tokens(loaded, audio: np.ndarray, question: str, transcript: str, n: int) -> list[int]:  # noqa: ANN001
+def direct_tokens(loaded, audio: np.ndarray, question: str, transcript: str, n: int) -> list[int]:
     model, processor = loaded.model, loaded.processor
     features = model.audio_features(processor.mel(audio)[None])
     ids = processor.encode(question, transcript)
-    return model.generate(features, [ids], GenerationOptions(max_new_tokens=n).greedy(),
-                          eos_token_id=processor.eos_token_id)[0]
+    return model.generate(
+        features, [ids], GenerationOptions(max_new_tokens=n).greedy(), eos_token_id=processor.eos_token_id
+    )[0]
 
 
-def test_windows_scenes_and_answers(daemon: Daemon, loaded, speech: np.ndarray) -> None:  # noqa: ANN001
+def test_windows_scenes_and_answers(daemon: Daemon, loaded, speech: np.ndarray) -> None:
     async def go() -> dict[str, Any]:
         out: dict[str, Any] = {}
         async with connect(daemon.url) as watch:
@@ -87,8 +101,9 @@ def test_windows_scenes_and_answers(daemon: Daemon, loaded, speech: np.ndarray) 
             # one question, greedy: the reference for everything below
             out["one"], _ = await ask(daemon.url, QUESTIONS[0], window=w1, greedy=True, max_new_tokens=10)
             # ten clients at once, each with its own question about the same window
-            ten = await asyncio.gather(*(ask(daemon.url, q, window=w1, greedy=True, max_new_tokens=10)
-                                         for q in QUESTIONS))
+            ten = await asyncio.gather(
+                *(ask(daemon.url, q, window=w1, greedy=True, max_new_tokens=10) for q in QUESTIONS)
+            )
             out["ten"] = ten
             # scope by time on the stream, and errors
             out["at"], _ = await ask(daemon.url, QUESTIONS[1], stream="talk", at=3.5, greedy=True, max_new_tokens=4)
@@ -97,8 +112,18 @@ def test_windows_scenes_and_answers(daemon: Daemon, loaded, speech: np.ndarray) 
             # cancel a long answer
             async with connect(daemon.url) as ws:
                 await hello(ws)
-                await ws.send(json.dumps({"type": "ask", "id": "long", "question": "Tell me everything.",
-                                          "window": w1, "greedy": True, "max_new_tokens": 512}))
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "ask",
+                            "id": "long",
+                            "question": "Tell me everything.",
+                            "window": w1,
+                            "greedy": True,
+                            "max_new_tokens": 512,
+                        }
+                    )
+                )
                 await ws.send(json.dumps({"type": "cancel", "id": "c", "target": "long"}))
                 events = []
                 while not events or events[-1]["type"] != "answer.done":
@@ -156,16 +181,34 @@ def test_ltu_ask_cli(daemon: Daemon) -> None:
         if daemon.health()[1]["streams"]["talk"]["windows"]:
             break
         asyncio.run(asyncio.sleep(0.1))
-    out = subprocess.run([sys.executable, "-m", "clients.ask", "What can be inferred from the audio?", "--url",
-                          daemon.url, "--greedy", "--max-new-tokens", "6"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clients.ask",
+            "What can be inferred from the audio?",
+            "--url",
+            daemon.url,
+            "--greedy",
+            "--max-new-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "[talk:w" in out.stderr and "tokens" in out.stderr
-    bad = subprocess.run([sys.executable, "-m", "clients.ask", "?", "--url", daemon.url, "--window", "talk:w999"],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "clients.ask", "?", "--url", daemon.url, "--window", "talk:w999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "unknown_window" in bad.stderr
 
 
-def test_model_disabled_answers_with_a_clear_error(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_model_disabled_answers_with_a_clear_error(tiny, tmp_path: Path) -> None:
     d = Daemon(tmp_path, tiny_asr_config(tiny))
     try:
         events, _ = asyncio.run(ask(d.url, "?"))
@@ -174,11 +217,13 @@ def test_model_disabled_answers_with_a_clear_error(tiny, tmp_path: Path) -> None
     assert events[-1]["code"] == "model_disabled"
 
 
-def test_question_is_not_delayed_behind_a_scene_backlog(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_question_is_not_delayed_behind_a_scene_backlog(tiny, tmp_path: Path) -> None:
     """Overlapping windows every second and long descriptions keep the model permanently behind on scenes. A
     question must go first: no scene finishes between the ask and the answer's start (the scene being generated
     yields to it), and the backlog shows up as skipped windows rather than a growing queue."""
-    config = tiny_asr_config(tiny, model=True) + f"""
+    config = (
+        tiny_asr_config(tiny, model=True)
+        + f"""
 [windows]
 hop_s = 1.0
 
@@ -192,6 +237,7 @@ path = "{ASSET}"
 realtime = true
 loop = true
 """
+    )
     d = Daemon(tmp_path, config)
 
     async def go() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -200,8 +246,11 @@ loop = true
             before = []
             while len(before) < 2:  # scenes are flowing, and the model is behind
                 before.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
-            await ws.send(json.dumps({"type": "ask", "id": "q", "question": "What was that?", "greedy": True,
-                                      "max_new_tokens": 8}))
+            await ws.send(
+                json.dumps(
+                    {"type": "ask", "id": "q", "question": "What was that?", "greedy": True, "max_new_tokens": 8}
+                )
+            )
             between = []
             while True:
                 e = json.loads(await asyncio.wait_for(ws.recv(), 60))
@@ -209,6 +258,7 @@ loop = true
                     break
                 between.append(e)
             return before, between
+
     try:
         before, between = asyncio.run(go())
         model = d.health()[1]["model"]

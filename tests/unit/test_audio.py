@@ -18,7 +18,7 @@ def numpy_log_mel(audio: np.ndarray, n_frames: int) -> np.ndarray:
     x = np.pad(audio.astype(np.float64), n_fft // 2, mode="reflect")
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
     n = 1 + (len(x) - n_fft) // hop
-    frames = np.stack([x[i * hop:i * hop + n_fft] * window for i in range(n)], axis=1)
+    frames = np.stack([x[i * hop : i * hop + n_fft] * window for i in range(n)], axis=1)
     power = np.abs(np.fft.rfft(frames, axis=0)) ** 2
     mel = filters @ power[:, :-1]
     log = np.log10(np.maximum(mel, 1e-10))
@@ -42,7 +42,7 @@ def test_mel_matches_numpy_reference(processor: LtuAsProcessor, seconds: float) 
     t = np.arange(n) / 16000
     audio = (0.2 * np.sin(2 * np.pi * 300 * t) + 0.05 * rng.standard_normal(n)).astype(np.float32)
     if seconds > 10:
-        audio[12 * 16000:] *= 20  # loud tail past 10 s: it still sets the max - 8 floor
+        audio[12 * 16000 :] *= 20  # loud tail past 10 s: it still sets the max - 8 floor
     ours = processor.mel(audio).numpy()
     assert ours.shape == (80, 1000)
     np.testing.assert_allclose(ours, numpy_log_mel(audio, 1000), atol=2e-4)
@@ -63,7 +63,7 @@ def test_short_clip_pads_the_mel_not_the_waveform(processor: LtuAsProcessor) -> 
 def test_long_clip_floor_uses_whole_clip() -> None:
     quiet = np.full(16000 * 12, 1e-3, np.float32)
     loud = quiet.copy()
-    loud[11 * 16000:] = np.sin(np.arange(16000) / 3.0).astype(np.float32)  # loud only after 10 s
+    loud[11 * 16000 :] = np.sin(np.arange(16000) / 3.0).astype(np.float32)  # loud only after 10 s
     a = pad_or_trim_mel(log_mel_spectrogram(quiet), 1000)
     b = pad_or_trim_mel(log_mel_spectrogram(loud), 1000)
     assert not torch.allclose(a, b)  # the loud tail raised the floor of the first 10 s

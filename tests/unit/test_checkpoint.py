@@ -22,8 +22,12 @@ def official_keys(n_layers: int) -> set[str]:
         keys |= {f"{a}{ln}.{w}" for ln in ("attn_ln", "mlp_ln") for w in ("weight", "bias")}
         keys |= {f"{a}mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
     keys |= {f"{p}audio_proj.1.weight", f"{p}audio_proj.1.bias"}
-    keys |= {f"{p}layers.{i}.self_attn.{m}.lora_{ab}.default.weight"
-             for i in range(n_layers) for m in ("q_proj", "v_proj") for ab in "AB"}
+    keys |= {
+        f"{p}layers.{i}.self_attn.{m}.lora_{ab}.default.weight"
+        for i in range(n_layers)
+        for m in ("q_proj", "v_proj")
+        for ab in "AB"
+    }
     return keys
 
 

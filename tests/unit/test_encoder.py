@@ -43,8 +43,10 @@ def test_encoder_uses_first_positions_of_saved_table(tiny) -> None:
     saved = load_file(str(tiny.whisper / "model.safetensors"))["model.encoder.embed_positions.weight"]
     assert saved.shape[0] == 1500 and encoder.embed_positions.weight.shape[0] == 500
     torch.testing.assert_close(encoder.embed_positions.weight, saved[:500])
-    torch.testing.assert_close(encoder.layers[0].fc1.weight, load_file(str(tiny.whisper / "model.safetensors"))[
-        "model.encoder.layers.0.fc1.weight"])
+    torch.testing.assert_close(
+        encoder.layers[0].fc1.weight,
+        load_file(str(tiny.whisper / "model.safetensors"))["model.encoder.layers.0.fc1.weight"],
+    )
     assert not any(p.requires_grad for p in encoder.parameters())
 
 
@@ -53,8 +55,11 @@ def test_features_differ_from_padding_the_mel_to_3000(loaded, clip) -> None:
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     model = loaded.model
-    full = WhisperEncoder(model.whisper_encoder.config.__class__(**{**model.whisper_encoder.config.to_dict(),
-                                                                    "max_source_positions": 1500})).eval()
+    full = WhisperEncoder(
+        model.whisper_encoder.config.__class__(
+            **{**model.whisper_encoder.config.to_dict(), "max_source_positions": 1500}
+        )
+    ).eval()
     state = {k: v for k, v in model.whisper_encoder.state_dict().items() if k != "embed_positions.weight"}
     full.load_state_dict(state, strict=False)
     with torch.no_grad():
@@ -63,5 +68,6 @@ def test_features_differ_from_padding_the_mel_to_3000(loaded, clip) -> None:
         padded = torch.nn.functional.pad(mel, (0, 2000))
         ours = model.audio_features(mel)
         from ltu_as.model.encoder import pooled_layer_states
+
         theirs = pooled_layer_states(full, padded, 20)[:, :, :25]
     assert not torch.allclose(ours, theirs, atol=1e-3)

@@ -22,7 +22,7 @@ def test_ring_wraps_and_refuses_evicted_audio() -> None:
     ring = AudioRing(1000)
     x = np.arange(2500, dtype=np.float32)
     for i in range(0, 2500, 333):
-        assert ring.write(x[i:i + 333]) == i
+        assert ring.write(x[i : i + 333]) == i
     assert ring.end == 2500 and ring.start == 1500
     np.testing.assert_array_equal(ring.read(1500, 2500), x[1500:2500])
     np.testing.assert_array_equal(ring.read(1990, 2010), x[1990:2010])
@@ -43,7 +43,7 @@ def test_level_meter_dbfs_and_throttle() -> None:
     assert level.rms_dbfs == pytest.approx(20 * np.log10(0.5 / np.sqrt(2)), abs=0.01)  # -9.03
     assert level.peak_dbfs == pytest.approx(20 * np.log10(0.5), abs=0.01)
     # faster than real time: the next quarter second of audio arrives 10 ms later and is merged, not emitted
-    assert meter.push(sine[SR // 4: SR // 2], SR // 4, wall=100.01) is None
+    assert meter.push(sine[SR // 4 : SR // 2], SR // 4, wall=100.01) is None
     merged = meter.push(np.zeros(SR // 4, dtype=np.float32), SR // 2, wall=100.3)
     assert merged is not None and (merged.start, merged.stop) == (SR // 4, 3 * SR // 4)
     assert merged.rms_dbfs == pytest.approx(level.rms_dbfs - 10 * np.log10(2), abs=0.01)  # half the power
@@ -68,7 +68,7 @@ def test_resampler_streams_a_sine(rate: int) -> None:
     t = np.arange(rate * 2) / rate
     stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 440 * t)], axis=1).astype(np.float32) * 0.5
     r = Resampler(rate, channels=2)
-    blocks = [r(stereo[i:i + 1234]) for i in range(0, len(stereo), 1234)] + [r(np.zeros((0, 2), np.float32), True)]
+    blocks = [r(stereo[i : i + 1234]) for i in range(0, len(stereo), 1234)] + [r(np.zeros((0, 2), np.float32), True)]
     y = np.concatenate(blocks)
     assert abs(len(y) - 2 * SR) <= 2
     # compare with the analytic 16 kHz sine, away from the filter's edges, allowing the filter's delay
@@ -79,8 +79,20 @@ def test_resampler_streams_a_sine(rate: int) -> None:
 
 
 def final(stream: str, text: str = "") -> FinalEvent:
-    return FinalEvent(stream=stream, id=f"{stream}/1", start=0.0, end=1.0, speech_end=0.5, text=text,
-                      reason="silence", wall_start=None, wall_end=None, dropped_segments=0, asr_ms=1.0, queue_ms=0.0)
+    return FinalEvent(
+        stream=stream,
+        id=f"{stream}/1",
+        start=0.0,
+        end=1.0,
+        speech_end=0.5,
+        text=text,
+        reason="silence",
+        wall_start=None,
+        wall_end=None,
+        dropped_segments=0,
+        asr_ms=1.0,
+        queue_ms=0.0,
+    )
 
 
 def level(stream: str) -> LevelEvent:
@@ -102,12 +114,19 @@ def test_bus_sequence_numbers_and_filters() -> None:
         assert stamped.seq == 2 and stamped.stream == "kitchen"
         got = [json.loads(await all_.get() or "") for _ in range(6)]
         assert [(e["stream"], e["type"], e["seq"]) for e in got] == [
-            ("kitchen", "transcript.final", 1), ("kitchen", "level", 1), ("porch", "transcript.final", 1),
-            ("porch", "level", 1), ("kitchen", "transcript.final", 2), ("kitchen", "level", 2)]
-        assert got[0] == json.loads(final("kitchen").model_copy(update={"seq": 1, "time": got[0]["time"]})
-                                    .model_dump_json())  # serialised once, exactly the model
+            ("kitchen", "transcript.final", 1),
+            ("kitchen", "level", 1),
+            ("porch", "transcript.final", 1),
+            ("porch", "level", 1),
+            ("kitchen", "transcript.final", 2),
+            ("kitchen", "level", 2),
+        ]
+        assert got[0] == json.loads(
+            final("kitchen").model_copy(update={"seq": 1, "time": got[0]["time"]}).model_dump_json()
+        )  # serialised once, exactly the model
         assert len(finals) == 2
         assert [json.loads(await finals.get() or "")["seq"] for _ in range(2)] == [1, 2]
+
     asyncio.run(go())
 
 
@@ -137,9 +156,12 @@ def test_slow_subscriber_sheds_droppable_events_first_then_overflows() -> None:
         bus.publish(final("a", "too many"))
         assert sub.overflowed  # finals and replies are never shed: the client gets disconnected instead
         assert await sub.get() is None
+
     asyncio.run(go())
 
 
 def test_committed_schema_is_current() -> None:
     committed = Path(__file__).resolve().parents[2] / "docs" / "protocol.schema.json"
-    assert json.loads(committed.read_text()) == json_schema(), "regenerate: ltu-daemon schema > docs/protocol.schema.json"
+    assert json.loads(committed.read_text()) == json_schema(), (
+        "regenerate: ltu-daemon schema > docs/protocol.schema.json"
+    )

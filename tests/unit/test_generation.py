@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
 from ltu_as import GenerationOptions
 
 GREEDY = GenerationOptions(max_new_tokens=24).greedy()
-QUESTIONS = [("What sound is this?", "hello there"), ("Is the dog barking?", ""),
-             ("Describe the sound scene in detail, please.", "we need to check the kitchen router now")]
+QUESTIONS = [
+    ("What sound is this?", "hello there"),
+    ("Is the dog barking?", ""),
+    ("Describe the sound scene in detail, please.", "we need to check the kitchen router now"),
+]
 
 
 @pytest.fixture()
 def batch(loaded, clip):
     p = loaded.processor
-    mels = torch.stack([p.mel(clip), p.mel(clip[:16000 * 3]), p.mel(clip.flip(0))])
+    mels = torch.stack([p.mel(clip), p.mel(clip[: 16000 * 3]), p.mel(clip.flip(0))])
     feats = loaded.model.audio_features(mels)
     prompts = [p.encode(q, t) for q, t in QUESTIONS]
     assert len({len(x) for x in prompts}) == 3  # different lengths, so the batch really is padded
@@ -25,15 +30,15 @@ def batch(loaded, clip):
 def test_cache_and_no_cache_give_same_greedy_tokens(loaded, batch) -> None:
     feats, prompts = batch
     for i in range(3):
-        cached = loaded.model.generate(feats[i:i + 1], [prompts[i]], GREEDY)
-        uncached = loaded.model.generate(feats[i:i + 1], [prompts[i]], GREEDY.replace(use_cache=False))
+        cached = loaded.model.generate(feats[i : i + 1], [prompts[i]], GREEDY)
+        uncached = loaded.model.generate(feats[i : i + 1], [prompts[i]], GREEDY.replace(use_cache=False))
         assert cached == uncached and len(cached[0]) == 24
 
 
 def test_alone_and_in_left_padded_batch_give_same_greedy_tokens(loaded, batch) -> None:
     feats, prompts = batch
     batched = loaded.model.generate(feats, prompts, GREEDY)
-    alone = [loaded.model.generate(feats[i:i + 1], [prompts[i]], GREEDY)[0] for i in range(3)]
+    alone = [loaded.model.generate(feats[i : i + 1], [prompts[i]], GREEDY)[0] for i in range(3)]
     assert batched == alone
     assert len({tuple(x) for x in alone}) == 3  # the three requests really differ
 
@@ -50,7 +55,7 @@ def test_reference_mask_layout_breaks_padded_batches(loaded, batch) -> None:
     with torch.no_grad():
         ours = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, -1]
         ref = model.llm(inputs_embeds=embeds, attention_mask=ref_mask).logits[:, -1]
-        alone = model.llm(inputs_embeds=embeds[2:3, -(t + len(prompts[2])):]).logits[:, -1]
+        alone = model.llm(inputs_embeds=embeds[2:3, -(t + len(prompts[2])) :]).logits[:, -1]
     assert mask[0, 0] == 0 and mask[2].all()  # row 2 is the longest: unpadded
     torch.testing.assert_close(ours[2:3], alone, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ours[0], ref[0], atol=1e-3)  # padded row: the reference layout differs
@@ -63,8 +68,15 @@ def test_matches_transformers_generate(loaded, batch) -> None:
     opts = GREEDY.replace(repetition_penalty=1.0)  # HF generate cannot see the text ids when given embeds only
     embeds, mask, _ = model.assemble(model.audio_embeddings(feats), prompts)
     with torch.no_grad():
-        hf = model.llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=24, do_sample=False,
-                                eos_token_id=2, pad_token_id=0, min_new_tokens=24)
+        hf = model.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=0,
+            min_new_tokens=24,
+        )
     ours = model.generate(feats, prompts, opts.replace(max_new_tokens=24))
     assert [row[: len(ours[i])] for i, row in enumerate(hf.tolist())] == ours
 
@@ -110,7 +122,7 @@ def test_closing_the_stream_stops_decoding(loaded, batch) -> None:
     calls = 0
     original = loaded.model.llm.forward
 
-    def counting(*args, **kwargs):
+    def counting(*args: Any, **kwargs: Any) -> Any:
         nonlocal calls
         calls += 1
         return original(*args, **kwargs)
@@ -125,7 +137,7 @@ def test_closing_the_stream_stops_decoding(loaded, batch) -> None:
     assert calls == 2
 
 
-def test_shared_prefix_batch_equals_one_by_one(loaded) -> None:  # noqa: ANN001
+def test_shared_prefix_batch_equals_one_by_one(loaded) -> None:
     """Several questions about one clip: one prefill of audio + common prefix, the KV cache shared by every row,
     and the same greedy tokens as asking each alone."""
     model, processor = loaded.model, loaded.processor

@@ -53,7 +53,7 @@ def test_save_and_load_reproduce_outputs(loaded, inputs, tmp_path) -> None:
 
 
 def test_bad_own_checkpoints(loaded, tmp_path) -> None:
-    with pytest.raises(ModelNotFoundError, match="no ltu_as_config.json"):
+    with pytest.raises(ModelNotFoundError, match=r"no ltu_as_config\.json"):
         load_pretrained(tmp_path, progress=False)
     loaded.model.save_pretrained(tmp_path / "c")
     weights = tmp_path / "c" / "trainable.safetensors"

@@ -38,7 +38,13 @@ def test_bf16_model_on_cpu_runs_and_stays_close_to_fp32(tiny, loaded, clip) -> N
 
 
 def test_public_api_names() -> None:
-    for name in ("LtuAsConfig", "LtuAsForConditionalGeneration", "LtuAsProcessor", "load_official_checkpoint",
-                 "CheckpointError", "testing"):
+    for name in (
+        "LtuAsConfig",
+        "LtuAsForConditionalGeneration",
+        "LtuAsProcessor",
+        "load_official_checkpoint",
+        "CheckpointError",
+        "testing",
+    ):
         assert hasattr(ltu_as, name)
     assert callable(ltu_as.testing.build_tiny_models)

@@ -8,15 +8,18 @@ from ltu_as.model.prompt import build_prompt, extract_answer
 
 def test_prompt_with_transcript_is_byte_exact() -> None:
     got = build_prompt("What can be inferred from the audio?", "we should check the kitchen")
-    want = (b"### Instruction:\nWhat can be inferred from the audio?\n\n"
-            b"### Input:\nwe should check the kitchen\n\n### Response:\n")
+    want = (
+        b"### Instruction:\nWhat can be inferred from the audio?\n\n"
+        b"### Input:\nwe should check the kitchen\n\n### Response:\n"
+    )
     assert got.encode() == want
 
 
 def test_prompt_without_transcript_is_byte_exact() -> None:
     for empty in ("", None):
         assert build_prompt("What sound is this?", empty).encode() == (
-            b"### Instruction:\nWhat sound is this?\n\n### Response:\n")
+            b"### Instruction:\nWhat sound is this?\n\n### Response:\n"
+        )
 
 
 def test_answer_extraction() -> None:

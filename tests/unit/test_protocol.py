@@ -11,10 +11,27 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from daemon.delivery.protocol import (EVENT_TYPES, MAX_JSON_DEPTH, MAX_QUESTION_CHARS, AnswerDone, AnswerTimings, Ask,
-                                      AudioStart, CloseCode, ErrorCode, ErrorEvent, Hello, ProtocolError,
-                                      ServerMessage, StreamEvent, Welcome, WindowRef, encode, json_schema,
-                                      parse_client_message)
+from daemon.delivery.protocol import (
+    EVENT_TYPES,
+    MAX_JSON_DEPTH,
+    MAX_QUESTION_CHARS,
+    AnswerDone,
+    AnswerTimings,
+    Ask,
+    AudioStart,
+    CloseCode,
+    ErrorCode,
+    ErrorEvent,
+    Hello,
+    ProtocolError,
+    ServerMessage,
+    StreamEvent,
+    Welcome,
+    WindowRef,
+    encode,
+    json_schema,
+    parse_client_message,
+)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -25,34 +42,44 @@ def error(text: str) -> ProtocolError:
     return e.value
 
 
-@pytest.mark.parametrize(("text", "code", "re"), [
-    ("{not json", ErrorCode.BAD_JSON, None),
-    ("[1, 2]", ErrorCode.BAD_MESSAGE, None),
-    ('{"id": 3}', ErrorCode.BAD_MESSAGE, 3),  # no type
-    ('{"type": "dance", "id": "d"}', ErrorCode.UNKNOWN_TYPE, "d"),
-    ('{"type": 5}', ErrorCode.UNKNOWN_TYPE, None),
-    ('{"type": "hello"}', ErrorCode.BAD_MESSAGE, None),
-    ('{"type": "hello", "protocol": "1", "id": 1}', ErrorCode.BAD_MESSAGE, 1),
-    ('{"type": "audio.start", "stream": "x", "rate": 1000}', ErrorCode.BAD_MESSAGE, None),
-    ('{"type": "audio.start", "stream": "x", "rate": 16000, "format": "mp3"}', ErrorCode.BAD_MESSAGE, None),
-    ('{"type": "subscribe", "events": ["level"], "extra": 1}', ErrorCode.BAD_MESSAGE, None),
-    ('{"type": "ping", "id": true}', ErrorCode.BAD_MESSAGE, None),  # a bool is not an id, and is not echoed
-    ('{"type": "ping", "id": 9007199254740993}', ErrorCode.BAD_MESSAGE, None),  # beyond what JS can echo
-    ('{"type": "ping", "id": 1, "id": 2}', ErrorCode.BAD_JSON, None),  # duplicate keys are ambiguous
-    ('{"type": "ask", "id": 1, "question": "x", "at": NaN}', ErrorCode.BAD_JSON, None),
-    ('{"type": "ask", "id": 1, "question": "x", "at": 1e999}', ErrorCode.BAD_JSON, None),
-    ('{"type": "ping", "id": ' + "9" * 5000 + "}", ErrorCode.BAD_JSON, None),  # over Python's int digits limit
-    ("[" * 1000 + "]" * 1000, ErrorCode.BAD_MESSAGE, None),  # deeper than json's own recursion limit
-    ('{"type": "ping", "id": 1, "x": ' + "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH + "}",
-     ErrorCode.BAD_MESSAGE, 1),
-    ('{"type": "ask", "id": "q", "question": ""}', ErrorCode.BAD_MESSAGE, "q"),
-    ('{"type": "ask", "question": "no id"}', ErrorCode.BAD_MESSAGE, None),
-    ('{"type": "ask", "id": "q", "question": "' + "x" * (MAX_QUESTION_CHARS + 1) + '"}', ErrorCode.BAD_MESSAGE, "q"),
-    ('{"type": "ask", "id": "q", "question": "x", "window": "k:w1", "at": 3}', ErrorCode.BAD_MESSAGE, "q"),
-    ('{"type": "ask", "id": "q", "question": "x", "window": "k:w1", "stream": "p"}', ErrorCode.BAD_MESSAGE, "q"),
-    ('{"type": "ask", "id": "q", "question": "x", "window": "nonsense"}', ErrorCode.BAD_MESSAGE, "q"),
-    ('{"type": "cancel", "id": 4}', ErrorCode.BAD_MESSAGE, 4),
-])
+@pytest.mark.parametrize(
+    ("text", "code", "re"),
+    [
+        ("{not json", ErrorCode.BAD_JSON, None),
+        ("[1, 2]", ErrorCode.BAD_MESSAGE, None),
+        ('{"id": 3}', ErrorCode.BAD_MESSAGE, 3),  # no type
+        ('{"type": "dance", "id": "d"}', ErrorCode.UNKNOWN_TYPE, "d"),
+        ('{"type": 5}', ErrorCode.UNKNOWN_TYPE, None),
+        ('{"type": "hello"}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "hello", "protocol": "1", "id": 1}', ErrorCode.BAD_MESSAGE, 1),
+        ('{"type": "audio.start", "stream": "x", "rate": 1000}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "audio.start", "stream": "x", "rate": 16000, "format": "mp3"}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "subscribe", "events": ["level"], "extra": 1}', ErrorCode.BAD_MESSAGE, None),
+        ('{"type": "ping", "id": true}', ErrorCode.BAD_MESSAGE, None),  # a bool is not an id, and is not echoed
+        ('{"type": "ping", "id": 9007199254740993}', ErrorCode.BAD_MESSAGE, None),  # beyond what JS can echo
+        ('{"type": "ping", "id": 1, "id": 2}', ErrorCode.BAD_JSON, None),  # duplicate keys are ambiguous
+        ('{"type": "ask", "id": 1, "question": "x", "at": NaN}', ErrorCode.BAD_JSON, None),
+        ('{"type": "ask", "id": 1, "question": "x", "at": 1e999}', ErrorCode.BAD_JSON, None),
+        ('{"type": "ping", "id": ' + "9" * 5000 + "}", ErrorCode.BAD_JSON, None),  # over Python's int digits limit
+        ("[" * 1000 + "]" * 1000, ErrorCode.BAD_MESSAGE, None),  # deeper than json's own recursion limit
+        (
+            '{"type": "ping", "id": 1, "x": ' + "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH + "}",
+            ErrorCode.BAD_MESSAGE,
+            1,
+        ),
+        ('{"type": "ask", "id": "q", "question": ""}', ErrorCode.BAD_MESSAGE, "q"),
+        ('{"type": "ask", "question": "no id"}', ErrorCode.BAD_MESSAGE, None),
+        (
+            '{"type": "ask", "id": "q", "question": "' + "x" * (MAX_QUESTION_CHARS + 1) + '"}',
+            ErrorCode.BAD_MESSAGE,
+            "q",
+        ),
+        ('{"type": "ask", "id": "q", "question": "x", "window": "k:w1", "at": 3}', ErrorCode.BAD_MESSAGE, "q"),
+        ('{"type": "ask", "id": "q", "question": "x", "window": "k:w1", "stream": "p"}', ErrorCode.BAD_MESSAGE, "q"),
+        ('{"type": "ask", "id": "q", "question": "x", "window": "nonsense"}', ErrorCode.BAD_MESSAGE, "q"),
+        ('{"type": "cancel", "id": 4}', ErrorCode.BAD_MESSAGE, 4),
+    ],
+)
 def test_bad_client_messages(text: str, code: ErrorCode, re: object) -> None:
     e = error(text)
     assert (e.code, e.re) == (code, re), e.message
@@ -66,8 +93,9 @@ def test_good_client_messages() -> None:
     assert list(hello.subscribe.streams) == ["*"]
     start = parse_client_message('{"type": "audio.start", "stream": "porch", "rate": 48000, "channels": 2}')
     assert isinstance(start, AudioStart) and start.format == "s16le"
-    ask = parse_client_message('{"type": "ask", "id": "q", "question": "?", "window": "k:w12", "stream": "k", '
-                               '"temperature": 1}')
+    ask = parse_client_message(
+        '{"type": "ask", "id": "q", "question": "?", "window": "k:w12", "stream": "k", "temperature": 1}'
+    )
     assert isinstance(ask, Ask) and ask.window == "k:w12" and ask.temperature == 1.0
     deep = '{"type": "ping", "x": ' + "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1) + "}"
     with pytest.raises(ProtocolError) as e:  # the depth limit is not what refuses it: the unknown field is
@@ -80,10 +108,25 @@ def test_every_server_message_validates_against_the_published_schema() -> None:
     server = jsonschema.Draft202012Validator({"$defs": schema["$defs"], "$ref": "#/$defs/ServerMessage"})
     ref = WindowRef(id="k:w1", stream="k", start=0.0, end=10.0, transcript="hi")
     samples: list[ServerMessage] = [
-        Welcome(re=1, protocol=1, server="ltu-daemon 0", streams=[], events=list(EVENT_TYPES),
-                subscribe=Hello(type="hello", protocol=1).subscribe, demo=False, model=True),
-        AnswerDone(re="q", text="a", tokens=1, token_ids=[5], reason="eos", window=ref,
-                   timings=AnswerTimings(queue_ms=1, ttft_ms=None, tokens_per_s=None, total_ms=2)),
+        Welcome(
+            re=1,
+            protocol=1,
+            server="ltu-daemon 0",
+            streams=[],
+            events=list(EVENT_TYPES),
+            subscribe=Hello(type="hello", protocol=1).subscribe,
+            demo=False,
+            model=True,
+        ),
+        AnswerDone(
+            re="q",
+            text="a",
+            tokens=1,
+            token_ids=[5],
+            reason="eos",
+            window=ref,
+            timings=AnswerTimings(queue_ms=1, ttft_ms=None, tokens_per_s=None, total_ms=2),
+        ),
         ErrorEvent(code=ErrorCode.INTERNAL, message="x", re="q"),
     ]
     for m in samples:
@@ -109,5 +152,5 @@ def test_docs_schema_and_models_agree() -> None:
         assert re.search(rf"^\| {int(code)} \|", doc, re.M), f"close code {int(code)} is not documented"
     assert f"{MAX_QUESTION_CHARS}" in doc and f"{MAX_JSON_DEPTH}" in doc
     # the event table is one table: no blank line inside it
-    table = doc[doc.index("| `level` |") - 200:doc.index("| `scene` |")]
-    assert "\n\n|" not in table[table.index("| type |"):]
+    table = doc[doc.index("| `level` |") - 200 : doc.index("| `scene` |")]
+    assert "\n\n|" not in table[table.index("| type |") :]

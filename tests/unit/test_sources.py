@@ -9,6 +9,7 @@ import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -17,11 +18,11 @@ from ltu_as.loading import sources
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    cut_once: set[str] = set()  # paths whose first response stops half way
-    ranges: list[str | None] = []
+    files: ClassVar[dict[str, bytes]] = {}
+    cut_once: ClassVar[set[str]] = set()  # paths whose first response stops half way
+    ranges: ClassVar[list[str | None]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+    def do_GET(self) -> None:
         data = self.files.get(self.path.split("?")[0])
         if data is None:
             self.send_error(404)
@@ -119,18 +120,24 @@ def _zip(files: dict[str, bytes]) -> bytes:
 
 def test_authors_folder_is_assembled_from_its_archives(server: str, tmp_path: Path, monkeypatch) -> None:
     # The authors ship the Vicuna weights and the config/tokenizer folder as two archives.
-    _Handler.files["/vicuna"] = _zip({"pytorch_model-00001-of-00002.bin": b"1", "pytorch_model-00002-of-00002.bin": b"2"})
+    _Handler.files["/vicuna"] = _zip(
+        {"pytorch_model-00001-of-00002.bin": b"1", "pytorch_model-00002-of-00002.bin": b"2"}
+    )
     _Handler.files["/vicuna_ltuas"] = _zip({"vicuna_ltuas/config.json": b"{}", "vicuna_ltuas/tokenizer.model": b"t"})
     release = sources.Release((f"{server}/vicuna?dl=1", f"{server}/vicuna_ltuas?dl=1"), "folder")
     monkeypatch.setitem(sources.AUTHORS_RELEASES, "vicuna_test", release)
     folder = sources.resolve("authors:vicuna_test", "LLM", cache=tmp_path, progress=False)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "config.json", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "tokenizer.model"]
+        "config.json",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+        "tokenizer.model",
+    ]
     n = len(_Handler.ranges)
     assert sources.resolve("authors:vicuna_test", "LLM", cache=tmp_path, progress=False) == folder
     assert len(_Handler.ranges) == n  # complete: nothing fetched again
 
 
 def test_unknown_authors_release(tmp_path: Path) -> None:
-    with pytest.raises(ModelNotFoundError, match="ltuas_long_noqa_a6.bin"):
+    with pytest.raises(ModelNotFoundError, match=r"ltuas_long_noqa_a6\.bin"):
         sources.resolve("authors:nope", "LTU-AS checkpoint", cache=tmp_path)

@@ -60,6 +60,12 @@ def test_layernorm_runs_in_fp32_under_bf16() -> None:
 def test_key_names_match_the_release() -> None:
     names = set(TLTR(32, 1, 8).state_dict()) | {f"audio_proj.{k}" for k in build_projector(32, 16).state_dict()}
     assert "time_tr.attn.key.weight" in names and "time_tr.attn.key.bias" not in names
-    assert {"layer_tr.mlp.0.weight", "layer_tr.mlp.2.bias", "time_tr.attn_ln.weight", "layer_tr.mlp_ln.bias",
-            "audio_proj.1.weight", "audio_proj.1.bias"} <= names
+    assert {
+        "layer_tr.mlp.0.weight",
+        "layer_tr.mlp.2.bias",
+        "time_tr.attn_ln.weight",
+        "layer_tr.mlp_ln.bias",
+        "audio_proj.1.weight",
+        "audio_proj.1.bias",
+    } <= names
     assert "audio_proj.0.weight" not in names  # LayerNorm without affine

@@ -10,20 +10,20 @@ import torch
 from safetensors.torch import save_file
 
 from ltu_as import load_official_checkpoint, trainable_parameter_counts
-from ltu_as.training.data import Record, read_records
-from ltu_as.training.featurestore import FeatureEncoder, FeatureStore, extract_features
 from ltu_as.loading.load import load_components
-from ltu_as.training.trainer import STAGES, Trainer, TrainConfig, make_examples, set_trainable
+from ltu_as.training.data import Record, read_records
 from ltu_as.training.evaluation import score, wer
+from ltu_as.training.featurestore import FeatureEncoder, FeatureStore, extract_features
+from ltu_as.training.trainer import STAGES, TrainConfig, Trainer, make_examples, set_trainable
 
 
-def fresh(tiny, seed: int = 0):  # noqa: ANN001, ANN201
+def fresh(tiny, seed: int = 0):
     torch.manual_seed(seed)
     return load_components(whisper=tiny.whisper, llm=tiny.llm, device="cpu", dtype="fp32", progress=False)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_stage_trains_exactly_the_reference_parameters(tiny, stage: int) -> None:  # noqa: ANN001
+def test_each_stage_trains_exactly_the_reference_parameters(tiny, stage: int) -> None:
     cfg = TrainConfig.load(STAGES / f"stage{stage}.toml")
     model = fresh(tiny)
     counts = set_trainable(model, cfg.trainable)
@@ -36,14 +36,17 @@ def test_each_stage_trains_exactly_the_reference_parameters(tiny, stage: int) ->
     else:
         assert {n.split(".")[0] for n in names} == {"audio_encoder", "audio_proj", "language_model"}
         assert all("lora_" in n for n in names if n.startswith("language_model"))
-        assert counts == {"audio_encoder": expected["tltr"], "audio_proj": expected["audio_proj"],
-                          "lora": expected["lora"]}
+        assert counts == {
+            "audio_encoder": expected["tltr"],
+            "audio_proj": expected["audio_proj"],
+            "lora": expected["lora"],
+        }
         assert cfg.learning_rate == (1e-4 if stage == 2 else 2e-4)
         assert cfg.cutoff_len == (108 if stage == 2 else 160)
     assert cfg.batch_size == 256 and cfg.loss == "whole"
 
 
-def make_store(tmp_path: Path, tiny, n: int = 12) -> tuple[FeatureStore, list[Record]]:  # noqa: ANN001
+def make_store(tmp_path: Path, tiny, n: int = 12) -> tuple[FeatureStore, list[Record]]:
     """Random features in the store layout, and records about them."""
     shape = fresh(tiny).config.feature_shape
     store = FeatureStore(tmp_path / "feats")
@@ -58,7 +61,7 @@ def make_store(tmp_path: Path, tiny, n: int = 12) -> tuple[FeatureStore, list[Re
     return FeatureStore(store.folder), records
 
 
-def test_loss_masks_audio_pads_and_prompt(tiny, loaded, tmp_path: Path) -> None:  # noqa: ANN001
+def test_loss_masks_audio_pads_and_prompt(tiny, loaded, tmp_path: Path) -> None:
     store, records = make_store(tmp_path, tiny, 3)
     proc = loaded.processor
     whole, _ = make_examples(proc, records, store, 108, "whole")
@@ -86,10 +89,19 @@ def test_loss_masks_audio_pads_and_prompt(tiny, loaded, tmp_path: Path) -> None:
     assert out.loss.item() == pytest.approx(total / count, rel=1e-4)
 
 
-def test_resume_gives_the_same_weights(tiny, loaded, tmp_path: Path) -> None:  # noqa: ANN001
+def test_resume_gives_the_same_weights(tiny, loaded, tmp_path: Path) -> None:
     store, records = make_store(tmp_path, tiny)
-    cfg = TrainConfig(stage=2, trainable=("audio_encoder", "audio_proj", "lora"), learning_rate=1e-3, max_steps=6,
-                      batch_size=4, micro_batch_size=2, warmup_steps=2, save_steps=3, loss="response")
+    cfg = TrainConfig(
+        stage=2,
+        trainable=("audio_encoder", "audio_proj", "lora"),
+        learning_rate=1e-3,
+        max_steps=6,
+        batch_size=4,
+        micro_batch_size=2,
+        warmup_steps=2,
+        save_steps=3,
+        loss="response",
+    )
     examples, _ = make_examples(loaded.processor, records, store, 108, cfg.loss)
 
     def run(out: Path, stop_after: int | None) -> dict[str, torch.Tensor]:
@@ -110,10 +122,17 @@ def test_resume_gives_the_same_weights(tiny, loaded, tmp_path: Path) -> None:  #
     assert any((straight[k] != fresh(tiny).trainable_state_dict()[k]).any() for k in straight)
 
 
-def test_export_loads_back_with_zero_leftovers(tiny, loaded, tmp_path: Path) -> None:  # noqa: ANN001
+def test_export_loads_back_with_zero_leftovers(tiny, loaded, tmp_path: Path) -> None:
     store, records = make_store(tmp_path, tiny, 4)
-    cfg = TrainConfig(stage=2, trainable=("audio_encoder", "audio_proj", "lora"), max_steps=2, batch_size=2,
-                      micro_batch_size=2, warmup_steps=0, save_steps=0)
+    cfg = TrainConfig(
+        stage=2,
+        trainable=("audio_encoder", "audio_proj", "lora"),
+        max_steps=2,
+        batch_size=2,
+        micro_batch_size=2,
+        warmup_steps=0,
+        save_steps=0,
+    )
     examples, _ = make_examples(loaded.processor, records, store, 108, cfg.loss)
     t = Trainer(fresh(tiny), loaded.processor, examples, store, cfg, tmp_path / "out", progress=False)
     t.train()
@@ -130,17 +149,30 @@ def test_export_loads_back_with_zero_leftovers(tiny, loaded, tmp_path: Path) -> 
 def test_bad_records_are_reported(tmp_path: Path) -> None:
     p = tmp_path / "d.jsonl"
     good = {"instruction": "q", "input": "", "output": "a", "audio_id": "x.wav"}
-    p.write_text("\n".join([json.dumps(good), "{broken", json.dumps({"instruction": "q", "output": "a"}),
-                            json.dumps({**good, "output": 3}), json.dumps({**good, "audio_id": " "}), "",
-                            json.dumps({**good, "task": "cla"})]))
+    p.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                "{broken",
+                json.dumps({"instruction": "q", "output": "a"}),
+                json.dumps({**good, "output": 3}),
+                json.dumps({**good, "audio_id": " "}),
+                "",
+                json.dumps({**good, "task": "cla"}),
+            ]
+        )
+    )
     records, bad = read_records(p)
     assert [r.audio_id for r in records] == ["x.wav", "x.wav"] and records[1].task == "cla"
     assert [(b.where, b.reason.split(":")[0]) for b in bad] == [
-        ("line 2", "not JSON"), ("line 3", "missing audio_id"), ("line 4", "output must be a string, got int"),
-        ("line 5", "audio_id is empty")]
+        ("line 2", "not JSON"),
+        ("line 3", "missing audio_id"),
+        ("line 4", "output must be a string, got int"),
+        ("line 5", "audio_id is empty"),
+    ]
 
 
-def test_undecodable_audio_is_recorded_not_zeroed(tiny, tmp_path: Path) -> None:  # noqa: ANN001
+def test_undecodable_audio_is_recorded_not_zeroed(tiny, tmp_path: Path) -> None:
     import wave
 
     import numpy as np
@@ -153,8 +185,7 @@ def test_undecodable_audio_is_recorded_not_zeroed(tiny, tmp_path: Path) -> None:
         w.writeframes((np.sin(np.arange(16000) / 5) * 9000).astype("<i2").tobytes())
     (tmp_path / "a" / "junk.wav").write_bytes(b"not audio at all" * 20)
     enc = FeatureEncoder(tiny.whisper, "cpu", "fp32")
-    store = extract_features(enc, ["ok.wav", "junk.wav", "missing.wav"], tmp_path / "a", tmp_path / "f",
-                             progress=False)
+    store = extract_features(enc, ["ok.wav", "junk.wav", "missing.wav"], tmp_path / "a", tmp_path / "f", progress=False)
     assert list(store.manifest["files"]) == ["ok.wav"]
     assert set(store.failed) == {"junk.wav", "missing.wav"}
     assert len(list((tmp_path / "f" / "features").iterdir())) == 1
@@ -171,8 +202,11 @@ def test_undecodable_audio_is_recorded_not_zeroed(tiny, tmp_path: Path) -> None:
 def test_wer_and_scoring() -> None:
     assert wer("the cat sat on the mat", "the cat sat on mat") == (1, 6)
     assert wer("Hello, World!", "hello world") == (0, 2)
-    recs = [Record("q", "dog", "1", dataset="esc50"), Record("q", "rain", "2", dataset="esc50"),
-            Record("q", "hello world", "3", dataset="librispeech", task="asr")]
+    recs = [
+        Record("q", "dog", "1", dataset="esc50"),
+        Record("q", "rain", "2", dataset="esc50"),
+        Record("q", "hello world", "3", dataset="librispeech", task="asr"),
+    ]
     res = score(recs, ["a dog is barking", "the sound of a dog", "hello word"])
     assert res["esc50"] == {"metric": "accuracy", "value": 0.5, "n": 2, "labels": 2}
     assert res["librispeech"]["metric"] == "wer" and res["librispeech"]["value"] == 0.5

@@ -25,8 +25,11 @@ def test_windows_cut_every_hop_with_overlapping_transcript() -> None:
     w.add_final(16 * SR, 18 * SR, "three")
     assert w.ready(10 * SR, None) == []  # the VAD may still confirm speech near the end: wait the margin
     out = w.ready(20 * SR + SR // 2, None)
-    assert out == [Window("k", 1, 0, WINDOW_SAMPLES, "one two"), Window("k", 2, 5 * SR, 15 * SR, "two"),
-                   Window("k", 3, 10 * SR, 20 * SR, "two three")]
+    assert out == [
+        Window("k", 1, 0, WINDOW_SAMPLES, "one two"),
+        Window("k", 2, 5 * SR, 15 * SR, "two"),
+        Window("k", 3, 10 * SR, 20 * SR, "two three"),
+    ]
     assert out[0].id == "k:w1"
 
 
@@ -42,7 +45,10 @@ def test_window_waits_for_unresolved_utterance_then_settles() -> None:
 
 def test_feature_cache_is_lru_bounded_by_count_and_bytes() -> None:
     c = FeatureCache(max_entries=3, max_bytes=3 * 400)
-    t = lambda: torch.zeros(100)  # noqa: E731  (400 bytes)
+
+    def t() -> torch.Tensor:
+        return torch.zeros(100)  # 400 bytes
+
     for k in "abc":
         c.put(k, t())
     assert c.get("a") is not None  # a is now the most recent
@@ -60,14 +66,23 @@ def nowhere(_: object) -> None:
     raise AssertionError("the scheduler never replies")
 
 
-def job(kind: str, stream: str = "k", i: int = 1, deadline: float = 60.0, options: object = "greedy",
-        tag: object = "q") -> Job:
+def job(
+    kind: str, stream: str = "k", i: int = 1, deadline: float = 60.0, options: object = "greedy", tag: object = "q"
+) -> Job:
     """A job without audio; `options` only needs to compare equal (the scheduler batches on it)."""
     w, d = window(stream, i), time.monotonic() + deadline
     if kind == "scene":
         return SceneJob(window=w, audio=None, deadline=d, reply=nowhere)  # type: ignore[arg-type]
-    return QuestionJob(window=w, audio=None, deadline=d, question="?", options=options,  # type: ignore[arg-type]
-                       owner=None, tag=tag, reply=nowhere)  # type: ignore[arg-type]
+    return QuestionJob(
+        window=w,
+        audio=None,
+        deadline=d,
+        question="?",
+        options=options,  # type: ignore[arg-type]
+        owner=None,
+        tag=tag,
+        reply=nowhere,
+    )  # type: ignore[arg-type]
 
 
 def test_questions_go_before_scenes_and_scenes_coalesce() -> None:
@@ -80,7 +95,9 @@ def test_questions_go_before_scenes_and_scenes_coalesce() -> None:
     assert s.pop(0) == [q]
     scenes = s.pop(0)
     assert scenes is not None and [(j.window.stream, j.window.index, j.skipped) for j in scenes] == [
-        ("k", 4, 3), ("p", 1, 0)]
+        ("k", 4, 3),
+        ("p", 1, 0),
+    ]
     assert s.skipped_scenes == 3
     assert s.pop(0) == []
 
@@ -176,4 +193,3 @@ def test_stream_windows_find_by_id_time_and_latest_and_forget_the_oldest() -> No
     assert got is not None and got[0] == 20 * SR and len(got) == WINDOW_SAMPLES
     ref = window("k", 3).ref()
     assert (ref.id, ref.start, ref.end) == ("k:w3", 20.0, 30.0)
-

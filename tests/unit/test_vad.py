@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from conftest import ASSET_SPEECH
 
-from daemon.config import VadConfig
 from daemon.capture.vad import Segmenter, SpeechEnd, SpeechStart
+from daemon.config import VadConfig
 
 SR = 16000
 
@@ -30,7 +32,7 @@ def run(x: np.ndarray, block: int = 1600, **opts: object) -> list[SpeechStart | 
     seg = Segmenter(VadConfig(**opts))
     events: list[SpeechStart | SpeechEnd] = []
     for i in range(0, len(x), block):
-        events += seg.push(x[i:i + block])
+        events += seg.push(x[i : i + block])
     return events + seg.flush()
 
 
@@ -43,8 +45,11 @@ def test_asset_layout_matches_energy(speech: np.ndarray) -> None:
 @pytest.mark.parametrize("aggressiveness", [1, 2, 3])
 def test_speech_edges_are_kept(speech: np.ndarray, aggressiveness: int) -> None:
     pre, hang = 300, 450
-    ends = [e for e in run(speech, aggressiveness=aggressiveness, pre_roll_ms=pre, hangover_ms=hang)
-            if isinstance(e, SpeechEnd)]
+    ends = [
+        e
+        for e in run(speech, aggressiveness=aggressiveness, pre_roll_ms=pre, hangover_ms=hang)
+        if isinstance(e, SpeechEnd)
+    ]
     regions = energy_regions(speech)
     for a, _b in ASSET_SPEECH:
         ra, rb = next((ra, rb) for ra, rb in regions if abs(ra - a) < 0.1)
@@ -70,23 +75,24 @@ def test_ids_and_order(speech: np.ndarray) -> None:
     starts = [e for e in events if isinstance(e, SpeechStart)]
     ends = [e for e in events if isinstance(e, SpeechEnd)]
     assert [e.index for e in starts] == [e.index for e in ends] == list(range(1, len(starts) + 1))
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         assert s.start == e.start < e.speech_end < e.end
-    assert all(a.end <= b.start for a, b in zip(ends, ends[1:]))
+    assert all(a.end <= b.start for a, b in itertools.pairwise(ends))
 
 
 def test_block_size_does_not_matter(speech: np.ndarray) -> None:
     assert run(speech, block=160) == run(speech, block=16000) == run(speech, block=4801)
 
 
-def pattern_classifier(voiced: list[int]):  # noqa: ANN201
+def pattern_classifier(voiced: list[int]):
     frames = iter(voiced)
     return lambda _frame: bool(next(frames, 0))
 
 
 def feed_pattern(voiced: list[int], **opts: object) -> list[SpeechStart | SpeechEnd]:
-    cfg = VadConfig(**{"frame_ms": 30, "start_ms": 90, "pre_roll_ms": 60, "hangover_ms": 90, "min_speech_ms": 150,
-                       **opts})
+    cfg = VadConfig(
+        **{"frame_ms": 30, "start_ms": 90, "pre_roll_ms": 60, "hangover_ms": 90, "min_speech_ms": 150, **opts}
+    )
     seg = Segmenter(cfg, is_speech=pattern_classifier(voiced))
     return seg.push(np.zeros(len(voiced) * 480, dtype=np.float32)) + seg.flush()
 
