@@ -35,8 +35,13 @@ def run(*cmd: str | Path, cwd: Path, env: dict[str, str], timeout: float = 600) 
 def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("wheel")
     # the files git tracks (or would: untracked, not ignored), as a fresh clone has them
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     src = root / "src"
     for name in filter(None, files):
         target = src / name
@@ -48,10 +53,25 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     home = root / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    env.update(HOME=str(home), XDG_CACHE_HOME=str(root / "cache"), HF_HUB_OFFLINE="1",
-               PIP_CACHE_DIR=os.environ.get("PIP_CACHE_DIR", str(Path("~/.cache/pip").expanduser())))
-    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", root / "dist", src,
-                cwd=root, env=env)
+    env.update(
+        HOME=str(home),
+        XDG_CACHE_HOME=str(root / "cache"),
+        HF_HUB_OFFLINE="1",
+        PIP_CACHE_DIR=os.environ.get("PIP_CACHE_DIR", str(Path("~/.cache/pip").expanduser())),
+    )
+    built = run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        root / "dist",
+        src,
+        cwd=root,
+        env=env,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     wheel = next((root / "dist").glob("ltu_daemon-*.whl"))
     venv.create(root / "venv", with_pip=True)
@@ -64,10 +84,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_installed_package_has_its_data_and_no_checkout(installed: tuple[Path, dict[str, str]]) -> None:
     root, env = installed
     py = root / "venv" / "bin" / "python"
-    probe = run(py, "-c", "import daemon, ltu_as, clients; from daemon.config import PROFILES; "
-                "from ltu_as.training.trainer import STAGES; "
-                "print(daemon.__file__, PROFILES, STAGES, sorted(p.name for p in STAGES.iterdir()), sep='\\n')",
-                cwd=root, env=env)
+    probe = run(
+        py,
+        "-c",
+        "import daemon, ltu_as, clients; from daemon.config import PROFILES; "
+        "from ltu_as.training.trainer import STAGES; "
+        "print(daemon.__file__, PROFILES, STAGES, sorted(p.name for p in STAGES.iterdir()), sep='\\n')",
+        cwd=root,
+        env=env,
+    )
     assert probe.returncode == 0, probe.stderr
     init, profiles, stages, names = probe.stdout.splitlines()
     venv_dir = str(root / "venv")
@@ -87,8 +112,13 @@ def test_installed_demo_daemon_starts_and_serves(installed: tuple[Path, dict[str
     port = free_port()
     log = root / "demo.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(root / "venv" / "bin" / "ltu-daemon"), "start", "--demo", "--set",
-                                 f"server.port={port}"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(root / "venv" / "bin" / "ltu-daemon"), "start", "--demo", "--set", f"server.port={port}"],
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         health: dict[str, object] = {}
         deadline = time.monotonic() + 180  # the first start builds the tiny models into the (new) user cache
