@@ -15,7 +15,7 @@ import json
 import math
 import time
 from enum import IntEnum, StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -23,17 +23,6 @@ PROTOCOL_VERSION = 1
 MAX_QUESTION_CHARS = 1000  # the one limit on a question's length (schema, docs and daemon)
 MAX_JSON_DEPTH = 16  # nesting of objects/arrays in a client message; the deepest valid one has 3
 MAX_ID = 2**53 - 1  # integer ids must survive a JavaScript client's doubles
-
-EVENT_TYPES = (
-    "level",
-    "speech.start",
-    "transcript.partial",
-    "transcript.final",
-    "stream.status",
-    "stream.gap",
-    "window",
-    "scene",
-)
 
 
 class CloseCode(IntEnum):
@@ -162,7 +151,14 @@ class Cancel(_Msg):
 
 ClientMessage = Hello | Subscribe | AudioStart | AudioStop | Ping | Ask | Cancel
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")])
-CLIENT_TYPES = ("hello", "subscribe", "audio.start", "audio.stop", "ping", "ask", "cancel")
+
+
+def _type_names(union: Any) -> tuple[str, ...]:
+    """The `type` literal of each model in a union, in order."""
+    return tuple(get_args(m.model_fields["type"].annotation)[0] for m in get_args(union))
+
+
+CLIENT_TYPES = _type_names(ClientMessage)
 
 
 class ProtocolError(ValueError):
@@ -367,6 +363,7 @@ class SceneEvent(_StreamEvent):
 StreamEvent = (
     LevelEvent | SpeechStartEvent | PartialEvent | FinalEvent | StatusEvent | GapEvent | WindowEvent | SceneEvent
 )
+EVENT_TYPES = _type_names(StreamEvent)  # in the order the docs list them
 
 
 class AnswerStart(_Out):

@@ -284,8 +284,8 @@ class WebsocketServer:
         return msg
 
     async def _serve(self, client: Client) -> None:
-        writer = asyncio.create_task(self._writer(client))
-        reader = asyncio.create_task(self._reader(client))
+        writer = asyncio.create_task(self._writer(client), name="writer")
+        reader = asyncio.create_task(self._reader(client), name="reader")
         try:
             await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
         finally:
