@@ -20,7 +20,7 @@ from . import __version__
 from .capture.sources import FileSource, MicSource, RemoteSource, RemoteStreams
 from .config import DaemonConfig, FileStream, MicStream
 from .delivery.bus import EventBus
-from .delivery.protocol import SceneEvent
+from .delivery.events import SceneEvent
 from .delivery.server import Identity, WebsocketServer
 from .reply import Reply
 from .speech.asr import AsrWorker

@@ -23,7 +23,7 @@ from .capture.ring import AudioRing
 from .capture.vad import Segmenter, SpeechEnd, SpeechStart
 from .clock import SAMPLE_RATE, ms_to_samples, s_to_samples, samples_to_s
 from .config import AsrConfig, AudioConfig, VadConfig, WindowsConfig
-from .delivery.protocol import (
+from .delivery.events import (
     FinalEvent,
     GapEvent,
     LevelEvent,

@@ -21,7 +21,7 @@ import fnmatch
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .protocol import Dropped, ServerMessage, StreamEvent, encode
+from .events import Dropped, ServerMessage, StreamEvent, encode
 
 DROPPABLE = frozenset({"level", "transcript.partial"})
 

@@ -30,32 +30,31 @@ from ..capture.audio import AudioFormatError
 from ..capture.sources import NotReady, RemoteStreams
 from ..config import ServerConfig
 from .bus import EventBus, Filter, Subscriber
-from .protocol import (
+from .events import (
     EVENT_TYPES,
-    PROTOCOL_VERSION,
     Answer,
-    Ask,
     AudioReady,
-    AudioStart,
-    AudioStop,
     AudioStopped,
-    Cancel,
     Cancelled,
-    ClientMessage,
-    CloseCode,
-    ErrorCode,
     ErrorEvent,
-    Hello,
-    MessageId,
     Pong,
-    ProtocolError,
     ServerMessage,
     StreamInfo,
-    Subscribe,
     Subscribed,
     Welcome,
+)
+from .protocol import (
+    Ask,
+    AudioStart,
+    AudioStop,
+    Cancel,
+    ClientMessage,
+    Hello,
+    ProtocolError,
+    Subscribe,
     parse_client_message,
 )
+from .wire import PROTOCOL_VERSION, CloseCode, ErrorCode, MessageId
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,9 @@ from collections.abc import Callable, Mapping
 from ltu_as import GenerationOptions
 
 from ..config import QuestionsConfig
-from ..delivery.protocol import Answer, AnswerDone, Ask, ErrorCode, ErrorEvent, MessageId, ProtocolError
+from ..delivery.events import Answer, AnswerDone, ErrorEvent
+from ..delivery.protocol import Ask, ProtocolError
+from ..delivery.wire import ErrorCode, MessageId
 from ..reply import Reply
 from .cache import FeatureCache
 from .scheduler import Busy, QuestionJob, Scheduler

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..delivery.protocol import Answer, MessageId, SceneEvent
+from ..delivery.events import Answer, SceneEvent
+from ..delivery.wire import MessageId
 from ..reply import Reply
 from .windows import Window
 

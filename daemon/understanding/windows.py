@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..clock import WINDOW_SAMPLES, s_to_samples, samples_to_s
-from ..delivery.protocol import WindowRef
+from ..delivery.events import WindowRef
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,8 @@ from ltu_as.model.processor import TextStreamer
 
 from ..clock import SAMPLE_RATE, WINDOW_SAMPLES
 from ..config import ModelConfig, SceneConfig
-from ..delivery.protocol import (
-    AnswerDelta,
-    AnswerDone,
-    AnswerStart,
-    AnswerTimings,
-    ErrorCode,
-    ErrorEvent,
-    SceneEvent,
-    SceneTimings,
-)
+from ..delivery.events import AnswerDelta, AnswerDone, AnswerStart, AnswerTimings, ErrorEvent, SceneEvent, SceneTimings
+from ..delivery.wire import ErrorCode
 from .cache import FeatureCache
 from .scheduler import Job, QuestionJob, SceneJob, Scheduler
 

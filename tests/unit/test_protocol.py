@@ -11,27 +11,19 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from daemon.delivery.protocol import (
+from daemon.delivery.events import (
     EVENT_TYPES,
-    MAX_JSON_DEPTH,
-    MAX_QUESTION_CHARS,
     AnswerDone,
     AnswerTimings,
-    Ask,
-    AudioStart,
-    CloseCode,
-    ErrorCode,
     ErrorEvent,
-    Hello,
-    ProtocolError,
     ServerMessage,
     StreamEvent,
     Welcome,
     WindowRef,
     encode,
-    json_schema,
-    parse_client_message,
 )
+from daemon.delivery.protocol import Ask, AudioStart, Hello, ProtocolError, json_schema, parse_client_message
+from daemon.delivery.wire import MAX_JSON_DEPTH, MAX_QUESTION_CHARS, CloseCode, ErrorCode
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
