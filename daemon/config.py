@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from .delivery.wire import AlertRule
+
 ENV_PREFIX = "LTU_DAEMON__"
 PROFILES = Path(__file__).resolve().parent / "profiles"  # default.toml and demo.toml, shipped in the package
 
@@ -162,6 +164,88 @@ def user_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ltu-daemon"
 
 
+def user_data() -> Path:
+    """Where the daemon keeps what it remembers: `$XDG_DATA_HOME/ltu-daemon` (`~/.local/share/ltu-daemon`)."""
+    return Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser() / "ltu-daemon"
+
+
+class StoreConfig(_Section):
+    """The history store (SQLite, WAL): windows, transcripts, answers, alerts, gaps, digests, runtime alert rules."""
+
+    enabled: bool = True
+    path: PathField = Field(default_factory=lambda: user_data() / "history.db")
+    retention_days: float = Field(30.0, gt=0)
+    max_mb: float = Field(2048.0, gt=0)
+    commit_interval_s: float = Field(0.5, gt=0, le=10)
+    queue: int = Field(10000, ge=16)
+    embeddings: bool = True
+    embed_device: str = "cpu"
+    clips: bool = False
+    clips_dir: PathField | None = None
+    clip_retention_days: float = Field(7.0, gt=0)
+    clips_with_speech: bool = True
+
+
+class HistoryConfig(_Section):
+    """Questions about the past (`ask` with scope history or auto) and `history.search`."""
+
+    max_windows: int = Field(8, ge=1, le=64)
+    since_h: float = Field(24.0, gt=0)
+    max_new_tokens: int = Field(160, ge=1, le=1024)
+
+
+class DigestConfig(_Section):
+    enabled: bool = False
+    every_s: float = Field(3600.0, ge=60)
+    max_windows: int = Field(24, ge=1, le=200)
+    prompt: str = "Summarise what happened, briefly, with the times of the main events."
+    max_new_tokens: int = Field(160, ge=1, le=1024)
+
+
+class AlertsConfig(_Section):
+    rules: list[AlertRule] = []
+    tick_s: float = Field(1.0, gt=0, le=60)
+
+
+class MqttConfig(_Section):
+    enabled: bool = False
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: PathField | None = None
+    tls_ca: PathField | None = None
+    tls_insecure: bool = False
+    client_id: str = "ltu-daemon"
+    prefix: str = Field("ltu", pattern=r"^[A-Za-z0-9_/-]{1,64}$")
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
+    queue: int = Field(1000, ge=1)
+    level_every_s: float = Field(5.0, gt=0)
+    keepalive_s: int = Field(30, ge=5)
+
+    def resolved_password(self) -> str | None:
+        """The password from `password` or `password_file` (first line), or None."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip() or None
+            except OSError as e:
+                raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {e}") from e
+        return None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^mqtts?://[^/:]+(:\d+)?/?$", v):
+            raise ValueError("use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        return v
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+
+
 class DemoConfig(_Section):
     enabled: bool = False
     models_dir: PathField = Field(default_factory=lambda: user_cache() / "demo")
@@ -218,6 +302,12 @@ class DaemonConfig(_Section):
     scene: SceneConfig = SceneConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     questions: QuestionsConfig = QuestionsConfig()
+    store: StoreConfig = StoreConfig()
+    history: HistoryConfig = HistoryConfig()
+    digests: DigestConfig = DigestConfig()
+    alerts: AlertsConfig = AlertsConfig()
+    mqtt: MqttConfig = MqttConfig()
+    metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     demo: DemoConfig = DemoConfig()
     streams: list[StreamConfig] = []
@@ -231,6 +321,10 @@ class DaemonConfig(_Section):
         need = self.vad.max_utterance_s + self.vad.pre_roll_ms / 1000 + 5
         if self.audio.ring_seconds < need:
             raise ValueError(f"audio.ring_seconds must be at least vad.max_utterance_s + pre-roll + 5 s = {need:g}")
+        rules = [r.name for r in self.alerts.rules]
+        dup_rules = sorted({n for n in rules if rules.count(n) > 1})
+        if dup_rules:
+            raise ValueError(f"alerts.rules: duplicate names {dup_rules}")
         if not self.server.is_loopback and self.server.resolved_token() is None:
             raise ValueError(
                 f"server.host {self.server.host!r} is not loopback: set server.token or server.token_file "
@@ -278,9 +372,16 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     demo = tree.get("demo")
     if isinstance(demo, dict) and isinstance(demo.get("models_dir"), str):
         demo["models_dir"] = str(base / demo["models_dir"])
-    server = tree.get("server")
-    if isinstance(server, dict) and isinstance(server.get("token_file"), str):
-        server["token_file"] = str(base / server["token_file"])
+    for section, key in (
+        ("server", "token_file"),
+        ("store", "path"),
+        ("store", "clips_dir"),
+        ("mqtt", "password_file"),
+        ("mqtt", "tls_ca"),
+    ):
+        node = tree.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = str(base / Path(node[key]).expanduser())
     for s in tree.get("streams", []) if isinstance(tree.get("streams"), list) else []:
         if isinstance(s, dict) and s.get("source") == "file" and isinstance(s.get("path"), str):
             s["path"] = str(base / Path(s["path"]).expanduser())

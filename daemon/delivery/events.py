@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .wire import ErrorCode, MessageId, Subscription, type_names
+from .wire import AlertRule, ErrorCode, MessageId, Subscription, type_names
 
 
 class _Out(BaseModel):
@@ -120,8 +120,59 @@ class SceneEvent(_StreamEvent):
     timings: SceneTimings
 
 
+class Evidence(BaseModel):
+    """A stored window an answer or alert rests on: where it is on its stream's clock and on the wall clock."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    stream: str
+    start: float = Field(description="stream clock, s (of the daemon run that heard it)")
+    end: float
+    wall_start: float | None = Field(description="Unix time, s")
+    wall_end: float | None
+
+
+class AlertEvent(_StreamEvent):
+    type: Literal["alert"] = "alert"
+    id: str = Field(description="`<rule>/<stream>/<n>`; its alert.cleared carries the same id")
+    rule: str
+    kind: Literal["phrase", "regex", "label", "question", "level"]
+    window: Evidence | None = Field(description="the window it fired on (label and question rules; null otherwise)")
+    at: float = Field(description="stream clock where the condition was seen, s")
+    wall: float | None = Field(description="Unix time of that moment")
+    evidence: str = Field(description="what matched: the transcript, the scene text, the question, the level")
+    score: float | None = Field(description="question rules: P(yes); level rules: the RMS dBFS; else null")
+    clip: str | None = Field(description="file name of the kept audio (store.clips), or null")
+
+
+class AlertClearedEvent(_StreamEvent):
+    type: Literal["alert.cleared"] = "alert.cleared"
+    id: str
+    rule: str
+    active_s: float = Field(description="how long the alert was active (wall clock), s")
+
+
+class DigestEvent(_StreamEvent):
+    type: Literal["digest"] = "digest"
+    id: str = Field(description="`<stream>/digest/<n>`")
+    since: float = Field(description="Unix time the summarised period starts, s")
+    until: float
+    text: str
+    windows: int = Field(description="stored windows summarised")
+
+
 StreamEvent = (
-    LevelEvent | SpeechStartEvent | PartialEvent | FinalEvent | StatusEvent | GapEvent | WindowEvent | SceneEvent
+    LevelEvent
+    | SpeechStartEvent
+    | PartialEvent
+    | FinalEvent
+    | StatusEvent
+    | GapEvent
+    | WindowEvent
+    | SceneEvent
+    | AlertEvent
+    | AlertClearedEvent
+    | DigestEvent
 )
 EVENT_TYPES = type_names(StreamEvent)  # in the order the docs list them
 
@@ -129,7 +180,9 @@ EVENT_TYPES = type_names(StreamEvent)  # in the order the docs list them
 class AnswerStart(_Out):
     type: Literal["answer.start"] = "answer.start"
     re: MessageId = Field(description="the question's id")
-    window: WindowRef
+    scope: Literal["live", "history"] = Field(description="live: about one window's audio; history: stored text")
+    window: WindowRef | None = Field(description="live: the window heard; history: null (see evidence)")
+    evidence: list[Evidence] = Field(description="history: the stored windows the answer reads; live: the window")
     batch: int = Field(description="questions answered together, sharing one prefill")
     queue_ms: float
 
@@ -155,7 +208,9 @@ class AnswerDone(_Out):
     tokens: int
     token_ids: list[int]
     reason: Literal["eos", "length", "cancelled"]
-    window: WindowRef
+    scope: Literal["live", "history"]
+    window: WindowRef | None
+    evidence: list[Evidence] = Field(description="the windows the answer rests on, as in answer.start")
     timings: AnswerTimings
 
 
@@ -219,12 +274,73 @@ class ErrorEvent(_Out):
     retry_after_s: float | None = Field(None, description="with busy, rate_limited, not_ready and out_of_memory")
 
 
+class HistoryHit(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    stream: str
+    start: float = Field(description="stream clock, s (of the daemon run that heard it)")
+    end: float
+    wall_start: float | None
+    wall_end: float | None
+    transcript: str
+    scene: str | None = Field(description="the scene description, if one was made")
+    tags: list[str] = Field(description="alert rules that fired on it, and `speech` when it has a transcript")
+    score: float = Field(description="rank score: higher is better (time mode: 0)")
+
+
+class HistoryResults(_Out):
+    type: Literal["history.results"] = "history.results"
+    re: MessageId | None = None
+    hits: list[HistoryHit]
+    mode: Literal["combined", "text", "vector", "time"] = Field(
+        description="what was searched (vector needs the embedder)"
+    )
+
+
+class RuleInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rule: AlertRule
+    source: Literal["config", "runtime"] = Field(description="config rules are changed in the config file")
+    active: list[str] = Field(description="streams on which it is active now")
+
+
+class AlertRules(_Out):
+    type: Literal["alert.rules"] = "alert.rules"
+    re: MessageId | None = None
+    rules: list[RuleInfo]
+
+
+class AlertAdded(_Out):
+    type: Literal["alert.added"] = "alert.added"
+    re: MessageId | None = None
+    name: str
+
+
+class AlertRemoved(_Out):
+    type: Literal["alert.removed"] = "alert.removed"
+    re: MessageId | None = None
+    name: str
+
+
 class Dropped(_Out):
     type: Literal["dropped"] = "dropped"
     counts: dict[str, int] = Field(description="events shed from this client's queue since the last notice, by type")
 
 
-Reply = Welcome | Subscribed | AudioReady | AudioStopped | Pong | Cancelled | ErrorEvent | Dropped
+Reply = (
+    Welcome
+    | Subscribed
+    | AudioReady
+    | AudioStopped
+    | Pong
+    | Cancelled
+    | ErrorEvent
+    | Dropped
+    | HistoryResults
+    | AlertRules
+    | AlertAdded
+    | AlertRemoved
+)
 Answer = AnswerStart | AnswerDelta | AnswerDone | ErrorEvent
 ServerMessage = StreamEvent | Reply | AnswerStart | AnswerDelta | AnswerDone
 

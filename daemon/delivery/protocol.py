@@ -2,9 +2,9 @@
 
 Every message on the wire is a pydantic model: client messages here, server messages in `events`, what both share
 (codes, ids, limits, the alert rule) in `wire`. These models are the only way a message is made: each stage builds
-a typed event or reply, and the delivery layer serialises it once (`events.encode`). `docs/protocol.md` is the prose, `docs/protocol.schema.json` is `ltu-daemon schema`
-output, and tests keep the three in step (every event the end-to-end tests receive is validated against the
-published schema).
+a typed event or reply, and the delivery layer serialises it once (`events.encode`). `docs/protocol.md` is the
+prose, `docs/protocol.schema.json` is `ltu-daemon schema` output, and tests keep the three in step (every event the
+end-to-end tests receive is validated against the published schema).
 
 Client messages are JSON text frames with a `type`; binary frames carry PCM audio after `audio.start`. Every
 client message may carry an `id`, echoed as `re` in every reply or error it causes.
@@ -24,12 +24,15 @@ from .wire import (
     MAX_JSON_DEPTH,
     MAX_QUESTION_CHARS,
     PROTOCOL_VERSION,
+    AlertRule,
     CloseCode,
     ErrorCode,
     Glob,
     MessageId,
+    RuleName,
     StreamName,
     Subscription,
+    UnixTime,
     WindowId,
     type_names,
 )
@@ -78,9 +81,18 @@ class Ask(_Msg):
     type: Literal["ask"]
     id: MessageId = Field(description="required: names the question in its answer events and in cancel")
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    stream: StreamName | None = Field(None, description="default: the first stream that has a window")
-    window: WindowId | None = Field(None, description="a window id; `stream`, if given, must be its stream")
-    at: float | None = Field(None, ge=0, le=1e12, description="a time on the stream clock, s: the window holding it")
+    scope: Literal["live", "history", "auto"] = Field(
+        "live", description="live: one window of audio; history: the stored past (text); auto: chosen from the question"
+    )
+    stream: StreamName | None = Field(
+        None, description="live: default the first stream with a window; history: only it"
+    )
+    window: WindowId | None = Field(None, description="live: a window id; `stream`, if given, must be its stream")
+    at: float | None = Field(
+        None, ge=0, le=1e12, description="live: a time on the stream clock, s: the window holding it"
+    )
+    since: UnixTime | None = Field(None, description="history: from this wall-clock time")
+    until: UnixTime | None = Field(None, description="history: up to this wall-clock time")
     max_new_tokens: int | None = Field(None, ge=1, le=4096, description="capped by questions.max_new_tokens_limit")
     greedy: bool = Field(False, description="argmax decoding instead of the reference's sampling")
     temperature: float = Field(0.1, gt=0, le=2)
@@ -96,7 +108,42 @@ class Ask(_Msg):
             raise ValueError("give either window or at, not both")
         if self.window is not None and self.stream is not None and self.window.split(":w")[0] != self.stream:
             raise ValueError(f"window {self.window} is not on stream {self.stream}")
+        past = self.since is not None or self.until is not None
+        if past and (self.window is not None or self.at is not None):
+            raise ValueError("since/until ask about the past; window/at about one live window: give one kind")
+        if past and self.scope == "live":
+            raise ValueError("since/until need scope history (or auto)")
+        if self.scope == "history" and (self.window is not None or self.at is not None):
+            raise ValueError("a history question has no window or at")
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise ValueError("since is after until")
         return self
+
+
+class HistorySearch(_Msg):
+    type: Literal["history.search"]
+    query: str = Field("", max_length=MAX_QUESTION_CHARS, description="words or a sentence; empty: by time only")
+    since: UnixTime | None = None
+    until: UnixTime | None = None
+    streams: list[Glob] = Field(["*"], min_length=1, max_length=64)
+    limit: int = Field(10, ge=1, le=100)
+    mode: Literal["combined", "text", "vector", "time"] = Field(
+        "combined", description="text: full-text (FTS5); vector: embeddings; combined: both, merged; time: newest"
+    )
+
+
+class AlertList(_Msg):
+    type: Literal["alert.list"]
+
+
+class AlertAdd(_Msg):
+    type: Literal["alert.add"]
+    rule: AlertRule = Field(description="kept in the store: it survives a restart; config rules cannot be replaced")
+
+
+class AlertRemove(_Msg):
+    type: Literal["alert.remove"]
+    name: RuleName = Field(description="a rule added with alert.add (config rules are removed in the config)")
 
 
 class Cancel(_Msg):
@@ -104,7 +151,19 @@ class Cancel(_Msg):
     target: MessageId = Field(description="the id of the question to cancel")
 
 
-ClientMessage = Hello | Subscribe | AudioStart | AudioStop | Ping | Ask | Cancel
+ClientMessage = (
+    Hello
+    | Subscribe
+    | AudioStart
+    | AudioStop
+    | Ping
+    | Ask
+    | Cancel
+    | HistorySearch
+    | AlertList
+    | AlertAdd
+    | AlertRemove
+)
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")])
 
 

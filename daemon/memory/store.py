@@ -1,0 +1,670 @@
+"""The history store: what the daemon heard, kept in one SQLite file (WAL) that survives restarts.
+
+- Tables: windows (stream-clock and wall-clock range, transcript, scene, tags), finals, answers, alerts, gaps,
+  digests, and the alert rules added at run time. Full-text search (FTS5, porter stemming) over each window's
+  transcript and scene; all-MiniLM-L6-v2 embeddings of the same text in a `sqlite-vec` table for search by meaning.
+  The standard library's `sqlite3` cannot load extensions on many Pythons, so the store uses `apsw` (which bundles
+  a current SQLite with FTS5).
+- One writer thread owns the write connection. The event loop hands it operations through a bounded queue of
+  `store.queue` (overflow policy: the operation is dropped and counted, and the store reports itself degraded;
+  nothing on the loop ever waits for the disk). The writer commits at least every `store.commit_interval_s`, so a
+  crash loses at most that much.
+- A full disk or an I/O error keeps the batch and retries every few seconds; meanwhile the store is *degraded*
+  (reported in `/healthz` and the metrics), and the daemon goes on serving.
+- Retention by age (`retention_days`) and size (`max_mb`, oldest windows first), enforced by the writer in the
+  background. Audio clips of alerts (opt-in) have their own retention.
+- Schema versions are migrations applied in order (`PRAGMA user_version`).
+- Readers (search, digests, history questions) open their own connection and run in worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import wave
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import apsw
+import numpy as np
+import sqlite_vec
+
+from ..config import StoreConfig
+from ..delivery.events import (
+    AlertClearedEvent,
+    AlertEvent,
+    AnswerDone,
+    DigestEvent,
+    FinalEvent,
+    GapEvent,
+    HistoryHit,
+    SceneEvent,
+    WindowEvent,
+)
+from ..delivery.wire import AlertRule
+
+log = logging.getLogger(__name__)
+
+EMBED_DIM = 384  # all-MiniLM-L6-v2
+RETRY_S = 3.0  # how often a failing write (full disk) is retried
+RETENTION_EVERY_S = 60.0
+
+# Migration i takes the schema from version i to i + 1. Never edit one that has shipped: add the next.
+MIGRATIONS: list[str] = [
+    f"""
+    CREATE TABLE windows(
+        rowid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, stream TEXT NOT NULL, idx INTEGER NOT NULL,
+        start REAL NOT NULL, end REAL NOT NULL, wall_start REAL, wall_end REAL,
+        transcript TEXT NOT NULL DEFAULT '', scene TEXT, tags TEXT NOT NULL DEFAULT '[]', created REAL NOT NULL);
+    CREATE INDEX windows_stream_wall ON windows(stream, wall_end);
+    CREATE INDEX windows_wall ON windows(wall_end);
+    CREATE VIRTUAL TABLE windows_fts USING fts5(transcript, scene, content='windows', content_rowid='rowid',
+                                                tokenize='porter unicode61');
+    CREATE TRIGGER windows_ai AFTER INSERT ON windows BEGIN
+        INSERT INTO windows_fts(rowid, transcript, scene) VALUES (new.rowid, new.transcript, new.scene); END;
+    CREATE TRIGGER windows_ad AFTER DELETE ON windows BEGIN
+        INSERT INTO windows_fts(windows_fts, rowid, transcript, scene)
+        VALUES ('delete', old.rowid, old.transcript, old.scene); END;
+    CREATE TRIGGER windows_au AFTER UPDATE OF transcript, scene ON windows BEGIN
+        INSERT INTO windows_fts(windows_fts, rowid, transcript, scene)
+        VALUES ('delete', old.rowid, old.transcript, old.scene);
+        INSERT INTO windows_fts(rowid, transcript, scene) VALUES (new.rowid, new.transcript, new.scene); END;
+    CREATE VIRTUAL TABLE windows_vec USING vec0(embedding float[{EMBED_DIM}], stream TEXT, wall_end FLOAT);
+    CREATE TABLE finals(
+        rowid INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL, idx INTEGER NOT NULL,
+        start REAL NOT NULL, end REAL NOT NULL, wall_start REAL, wall_end REAL, text TEXT NOT NULL,
+        reason TEXT NOT NULL, created REAL NOT NULL);
+    CREATE INDEX finals_stream_wall ON finals(stream, wall_end);
+    CREATE TABLE answers(
+        rowid INTEGER PRIMARY KEY, re TEXT, question TEXT NOT NULL, text TEXT NOT NULL, scope TEXT NOT NULL,
+        evidence TEXT NOT NULL, reason TEXT NOT NULL, created REAL NOT NULL);
+    CREATE TABLE alerts(
+        rowid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, rule TEXT NOT NULL, stream TEXT NOT NULL,
+        kind TEXT NOT NULL, window TEXT, wall REAL, evidence TEXT NOT NULL, score REAL, clip TEXT,
+        cleared REAL, created REAL NOT NULL);
+    CREATE INDEX alerts_created ON alerts(created);
+    CREATE TABLE gaps(
+        rowid INTEGER PRIMARY KEY, stream TEXT NOT NULL, at REAL NOT NULL, duration_s REAL NOT NULL,
+        reason TEXT NOT NULL, created REAL NOT NULL);
+    CREATE TABLE digests(
+        rowid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, stream TEXT NOT NULL, since REAL NOT NULL,
+        until REAL NOT NULL, text TEXT NOT NULL, windows INTEGER NOT NULL, created REAL NOT NULL);
+    CREATE TABLE rules(name TEXT PRIMARY KEY, rule TEXT NOT NULL, created REAL NOT NULL);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+_OLD = ("finals", "answers", "alerts", "gaps", "digests")  # besides windows, what retention deletes by age
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened (the message says where and what to do)."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """Audio kept with an alert: `samples` [n] float32 on the stream clock, written as `name` (16-bit WAV)."""
+
+    alert_id: str
+    name: str
+    samples: np.ndarray
+    rate: int
+
+
+@dataclass(frozen=True)
+class RuleChange:
+    rule: AlertRule | None  # None: remove
+    name: str
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    question: str
+    done: AnswerDone
+
+
+Op = (
+    WindowEvent
+    | SceneEvent
+    | FinalEvent
+    | GapEvent
+    | AlertEvent
+    | AlertClearedEvent
+    | DigestEvent
+    | AnswerRecord
+    | Clip
+    | RuleChange
+)
+_STOP = object()
+
+
+def connect(path: Path) -> apsw.Connection:
+    """A connection with sqlite-vec loaded and the pragmas every user of the file needs."""
+    conn = apsw.Connection(str(path))
+    conn.enable_load_extension(True)
+    conn.load_extension(sqlite_vec.loadable_path())
+    conn.enable_load_extension(False)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+def migrate(conn: apsw.Connection) -> int:
+    """Bring the schema to `SCHEMA_VERSION`; returns the version found. Raises `StoreError` for a newer file."""
+    found = int(conn.execute("PRAGMA user_version").fetchall()[0][0])
+    if found > SCHEMA_VERSION:
+        raise StoreError(f"the store's schema is version {found}, newer than this daemon's {SCHEMA_VERSION}")
+    if found == 0:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table: lets retention give space back
+    for version in range(found, SCHEMA_VERSION):
+        with conn:
+            conn.execute(MIGRATIONS[version])
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        log.info("store schema migrated to version %d", version + 1)
+    return found
+
+
+def _fts_query(text: str) -> str | None:
+    """User words as an FTS5 query that cannot be a syntax error: each word quoted, any of them may match."""
+    words = re.findall(r"\w+", text.lower())
+    return " OR ".join(f'"{w}"' for w in words) if words else None
+
+
+def _window_index(window_id: str) -> int:
+    return int(window_id.rsplit(":w", 1)[1])
+
+
+class Store:
+    """See the module docstring. `embedder` builds the sentence embedder (in the writer thread, lazily); None
+    turns vector search off."""
+
+    def __init__(self, config: StoreConfig, embedder: Callable[[], Callable[[list[str]], np.ndarray]] | None) -> None:
+        self.config = config
+        self.path = config.path
+        self.clips_dir = config.clips_dir or self.path.parent / "clips"
+        self._make_embedder = embedder if config.embeddings else None
+        self._embed: Callable[[list[str]], np.ndarray] | None = None
+        self._embed_ready = threading.Event()
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue)
+        self._thread = threading.Thread(target=self._run, name="store", daemon=True)
+        self._write: apsw.Connection | None = None
+        self._read: apsw.Connection | None = None
+        self._read_lock = threading.Lock()
+        self.degraded: str | None = None  # why writes fail now, or None
+        self.dropped = 0  # operations lost to a full queue
+        self.written = 0
+        self.last_commit = 0.0
+
+    # --- lifecycle ---
+
+    def open(self) -> None:
+        """Create or open the file and migrate it (call before `start`; raises `StoreError` with what to do)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = connect(self.path)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a commit survives a crash of this process
+            migrate(conn)
+        except (OSError, apsw.Error) as e:
+            raise StoreError(
+                f"cannot open the history store {self.path}: {e}. Set store.path to a writable file, or "
+                "store.enabled = false"
+            ) from e
+        self._write = conn
+        self._read = connect(self.path)
+
+    def start(self) -> None:
+        if self._write is None:
+            self.open()
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Write what is queued, then close."""
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+        for conn in (self._read, self._write):
+            if conn is not None and not self._thread.is_alive():
+                with contextlib.suppress(apsw.Error):
+                    conn.close()
+
+    # --- writes (any thread; never blocks) ---
+
+    def put(self, op: Op) -> None:
+        try:
+            self._queue.put_nowait(op)
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("history store queue full (%d): %d operations dropped", self.config.queue, self.dropped)
+
+    def record(self, event: object) -> None:
+        """A bus tap: keep the stream events the store holds (others are ignored)."""
+        if isinstance(
+            event, WindowEvent | SceneEvent | FinalEvent | GapEvent | AlertEvent | AlertClearedEvent | DigestEvent
+        ):
+            self.put(event)
+
+    # --- the writer thread ---
+
+    def _run(self) -> None:
+        pending: list[object] = []
+        next_commit = time.monotonic() + self.config.commit_interval_s
+        next_retention = time.monotonic()
+        stop = False
+        while not stop:
+            wait = max(0.0, next_commit - time.monotonic()) if pending else RETENTION_EVERY_S
+            try:
+                op = self._queue.get(timeout=wait)
+            except queue.Empty:
+                op = None
+            if op is _STOP:
+                stop = True
+            elif op is not None:
+                pending.append(op)
+                while len(pending) < 1000:  # take what is already queued: one transaction for all of it
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stop = True
+                        break
+                    pending.append(nxt)
+            now = time.monotonic()
+            if pending and (now >= next_commit or stop or len(pending) >= 1000):
+                if self._flush(pending):
+                    pending = []
+                    next_commit = now + self.config.commit_interval_s
+                elif stop:
+                    log.error("history store: %d operations not written at shutdown (%s)", len(pending), self.degraded)
+                else:
+                    next_commit = now + RETRY_S
+                    if len(pending) > self.config.queue:  # bounded while the disk is full: the oldest go first
+                        self.dropped += len(pending) - self.config.queue
+                        del pending[: len(pending) - self.config.queue]
+            if now >= next_retention and not self.degraded:
+                self._retention()
+                next_retention = now + RETENTION_EVERY_S
+        if self._write is not None:
+            with contextlib.suppress(apsw.Error):
+                self._write.close()
+
+    def _embedder(self) -> Callable[[list[str]], np.ndarray] | None:
+        if self._make_embedder is not None and self._embed is None:
+            try:
+                self._embed = self._make_embedder()
+            except Exception as e:  # a missing optional model must not stop the store: text search goes on
+                log.error("history store: no sentence embeddings (%s); search falls back to full text", e)
+                self._make_embedder = None
+            self._embed_ready.set()
+        return self._embed
+
+    def _flush(self, ops: list[object]) -> bool:
+        """Apply `ops` in one transaction. False (and degraded) when the disk refused them."""
+        assert self._write is not None
+        conn = self._write
+        try:
+            with conn:
+                dirty: set[int] = set()
+                for op in ops:
+                    self._apply(conn, op, dirty)
+                self._embed_rows(conn, dirty)
+        except (apsw.FullError, apsw.IOError, apsw.CantOpenError, apsw.ReadOnlyError, OSError) as e:
+            if self.degraded is None:
+                log.error(
+                    "history store degraded: %s (retrying every %.0f s; events are kept in memory within "
+                    "store.queue, the daemon goes on)",
+                    e,
+                    RETRY_S,
+                )
+            self.degraded = f"{type(e).__name__}: {e}"
+            return False
+        if self.degraded is not None:
+            log.info("history store writes again (%s is resolved)", self.degraded)
+            self.degraded = None
+        self.written += len(ops)
+        self.last_commit = time.time()
+        return True
+
+    def _apply(self, conn: apsw.Connection, op: object, dirty: set[int]) -> None:
+        now = time.time()
+        if isinstance(op, WindowEvent):
+            tags = ["speech"] if op.transcript else []
+            conn.execute(
+                "INSERT INTO windows(id, stream, idx, start, end, wall_start, wall_end, transcript, tags, created) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
+                (
+                    op.id,
+                    op.stream,
+                    _window_index(op.id),
+                    op.start,
+                    op.end,
+                    op.wall_start,
+                    op.wall_end,
+                    op.transcript,
+                    json.dumps(tags),
+                    now,
+                ),
+            )
+            dirty.update(r[0] for r in conn.execute("SELECT rowid FROM windows WHERE id = ?", (op.id,)))
+        elif isinstance(op, SceneEvent):
+            rows = conn.execute(
+                "UPDATE windows SET scene = ? WHERE id = ? RETURNING rowid", (op.text, op.window.id)
+            ).fetchall()
+            dirty.update(r[0] for r in rows)
+        elif isinstance(op, FinalEvent):
+            conn.execute(
+                "INSERT INTO finals(id, stream, idx, start, end, wall_start, wall_end, text, reason, created)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    op.id,
+                    op.stream,
+                    int(op.id.rsplit("/", 1)[1]),
+                    op.start,
+                    op.end,
+                    op.wall_start,
+                    op.wall_end,
+                    op.text,
+                    op.reason,
+                    now,
+                ),
+            )
+        elif isinstance(op, GapEvent):
+            conn.execute(
+                "INSERT INTO gaps(stream, at, duration_s, reason, created) VALUES (?,?,?,?,?)",
+                (op.stream, op.at, op.duration_s, op.reason, now),
+            )
+        elif isinstance(op, AlertEvent):
+            conn.execute(
+                "INSERT INTO alerts(id, rule, stream, kind, window, wall, evidence, score, clip, created) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
+                (
+                    op.id,
+                    op.rule,
+                    op.stream,
+                    op.kind,
+                    op.window.id if op.window else None,
+                    op.wall,
+                    op.evidence,
+                    op.score,
+                    op.clip,
+                    now,
+                ),
+            )
+            if op.window is not None:
+                conn.execute(
+                    "UPDATE windows SET tags = json_insert(tags, '$[#]', ?) WHERE id = ? AND NOT EXISTS "
+                    "(SELECT 1 FROM json_each(tags) WHERE value = ?)",
+                    (op.rule, op.window.id, op.rule),
+                )
+        elif isinstance(op, AlertClearedEvent):
+            conn.execute("UPDATE alerts SET cleared = ? WHERE id = ?", (op.time, op.id))
+        elif isinstance(op, DigestEvent):
+            conn.execute(
+                "INSERT INTO digests(id, stream, since, until, text, windows, created) VALUES (?,?,?,?,?,?,?)"
+                " ON CONFLICT(id) DO NOTHING",
+                (op.id, op.stream, op.since, op.until, op.text, op.windows, now),
+            )
+        elif isinstance(op, AnswerRecord):
+            d = op.done
+            conn.execute(
+                "INSERT INTO answers(re, question, text, scope, evidence, reason, created) VALUES (?,?,?,?,?,?,?)",
+                (str(d.re), op.question, d.text, d.scope, json.dumps([e.id for e in d.evidence]), d.reason, now),
+            )
+        elif isinstance(op, RuleChange):
+            if op.rule is None:
+                conn.execute("DELETE FROM rules WHERE name = ?", (op.name,))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO rules(name, rule, created) VALUES (?,?,?)",
+                    (op.name, op.rule.model_dump_json(), now),
+                )
+        elif isinstance(op, Clip):
+            self._write_clip(op)
+            conn.execute("UPDATE alerts SET clip = ? WHERE id = ?", (op.name, op.alert_id))
+
+    def _embed_rows(self, conn: apsw.Connection, rowids: set[int]) -> None:
+        embed = self._embedder() if rowids else None
+        if embed is None:
+            return
+        rows = conn.execute(
+            f"SELECT rowid, stream, wall_end, transcript, scene FROM windows WHERE rowid IN "
+            f"({','.join('?' * len(rowids))})",
+            tuple(rowids),
+        ).fetchall()
+        vectors = embed([_text(t, s) for _, _, _, t, s in rows])
+        for (rowid, stream, wall_end, _, _), v in zip(rows, vectors, strict=True):
+            conn.execute("DELETE FROM windows_vec WHERE rowid = ?", (rowid,))
+            conn.execute(
+                "INSERT INTO windows_vec(rowid, embedding, stream, wall_end) VALUES (?,?,?,?)",
+                (rowid, np.asarray(v, np.float32).tobytes(), stream, float(wall_end or 0.0)),
+            )
+
+    def _write_clip(self, clip: Clip) -> None:
+        self.clips_dir.mkdir(parents=True, exist_ok=True)
+        pcm = (np.clip(clip.samples, -1, 1) * 32767).astype("<i2")
+        with wave.open(str(self.clips_dir / clip.name), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(clip.rate)
+            w.writeframes(pcm.tobytes())
+
+    def _retention(self) -> None:
+        """Delete what is older than `retention_days`, then the oldest windows while the file is over `max_mb`."""
+        assert self._write is not None
+        conn = self._write
+        cutoff = time.time() - self.config.retention_days * 86400
+        try:
+            with conn:
+                old = "SELECT rowid FROM windows WHERE coalesce(wall_end, created) < ?"
+                conn.execute(f"DELETE FROM windows_vec WHERE rowid IN ({old})", (cutoff,))
+                conn.execute(f"DELETE FROM windows WHERE rowid IN ({old})", (cutoff,))
+                for table in _OLD:
+                    conn.execute(f"DELETE FROM {table} WHERE created < ?", (cutoff,))
+            while self.size_bytes() > self.config.max_mb * 2**20:
+                with conn:
+                    n = int(conn.execute("SELECT count(*) FROM windows").fetchall()[0][0])
+                    if n == 0:
+                        break
+                    oldest = "SELECT rowid FROM windows ORDER BY rowid LIMIT ?"
+                    k = max(1, n // 20)
+                    conn.execute(f"DELETE FROM windows_vec WHERE rowid IN ({oldest})", (k,))
+                    conn.execute(f"DELETE FROM windows WHERE rowid IN ({oldest})", (k,))
+                conn.execute("PRAGMA incremental_vacuum")
+            conn.execute("PRAGMA incremental_vacuum")
+            self._clip_retention()
+        except (apsw.Error, OSError) as e:
+            log.warning("history store retention failed: %s", e)
+
+    def _clip_retention(self) -> None:
+        if not self.clips_dir.is_dir():
+            return
+        cutoff = time.time() - self.config.clip_retention_days * 86400
+        for f in self.clips_dir.glob("*.wav"):
+            if f.stat().st_mtime < cutoff:
+                f.unlink(missing_ok=True)
+
+    # --- reads (worker threads) ---
+
+    def _reader(self) -> apsw.Connection:
+        if self._read is None:
+            self._read = connect(self.path)
+        return self._read
+
+    def size_bytes(self) -> int:
+        """Bytes in use in the database file (without free pages)."""
+        with self._read_lock:
+            c = self._reader()
+            pages, free, size = (
+                int(c.execute(f"PRAGMA {p}").fetchall()[0][0]) for p in ("page_count", "freelist_count", "page_size")
+            )
+        return (pages - free) * size
+
+    def counts(self) -> dict[str, int]:
+        with self._read_lock:
+            c = self._reader()
+            return {
+                t: int(c.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in ("windows", *_OLD, "rules")
+            }
+
+    def last_indices(self, stream: str) -> tuple[int, int]:
+        """(last window index, last utterance index) stored for `stream`: numbering continues after a restart."""
+        with self._read_lock:
+            c = self._reader()
+            w = c.execute("SELECT max(idx) FROM windows WHERE stream = ?", (stream,)).fetchall()[0][0]
+            u = c.execute("SELECT max(idx) FROM finals WHERE stream = ?", (stream,)).fetchall()[0][0]
+        return int(w or 0), int(u or 0)
+
+    def rules(self) -> list[AlertRule]:
+        with self._read_lock:
+            rows = self._reader().execute("SELECT rule FROM rules ORDER BY created").fetchall()
+        return [AlertRule.model_validate_json(r[0]) for r in rows]
+
+    def search(
+        self,
+        query: str,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        streams: Sequence[str] = ("*",),
+        limit: int = 10,
+        mode: Literal["combined", "text", "vector", "time"] = "combined",
+    ) -> tuple[list[HistoryHit], Literal["combined", "text", "vector", "time"]]:
+        """Windows matching `query` within [since, until] (wall clock) on streams matching the globs, best first.
+
+        `text`: FTS5 BM25; `vector`: cosine similarity of MiniLM embeddings; `combined`: both, merged by reciprocal
+        rank; `time` (or an empty query): the newest. Returns the hits and the mode actually used (vector search
+        falls back to text when embeddings are off)."""
+        fts = _fts_query(query)
+        if fts is None:
+            mode = "time"
+        if mode in ("vector", "combined") and self._make_embedder is None:
+            mode = "text"
+        where, args = _time_filter(since, until, streams)
+        ranked: list[list[int]] = []
+        with self._read_lock:
+            c = self._reader()
+            if mode == "time":
+                rows = c.execute(
+                    f"SELECT rowid FROM windows w WHERE {where} ORDER BY wall_end DESC, rowid DESC LIMIT ?",
+                    (*args, limit),
+                ).fetchall()
+                return self._hits(c, [r[0] for r in rows], {}), mode
+            pool = max(limit * 5, 50)  # candidates per ranking before merging
+            if mode in ("text", "combined"):
+                rows = c.execute(
+                    f"SELECT w.rowid FROM windows_fts f JOIN windows w ON w.rowid = f.rowid "
+                    f"WHERE windows_fts MATCH ? AND {where} ORDER BY bm25(windows_fts) LIMIT ?",
+                    (fts, *args, pool),
+                ).fetchall()
+                ranked.append([r[0] for r in rows])
+        if mode in ("vector", "combined"):
+            ranked.append(self._knn(query, since, until, streams, pool))
+        scores: dict[int, float] = {}
+        for ranking in ranked:  # reciprocal rank fusion (k = 60, as in Cormack et al. 2009)
+            for rank, rowid in enumerate(ranking):
+                scores[rowid] = scores.get(rowid, 0.0) + 1.0 / (60 + rank + 1)
+        best = sorted(scores, key=lambda r: -scores[r])[:limit]
+        with self._read_lock:
+            return self._hits(self._reader(), best, scores), mode
+
+    def _knn(
+        self, query: str, since: float | None, until: float | None, streams: Sequence[str], pool: int
+    ) -> list[int]:
+        self._embed_ready.wait(120)  # the writer loads the model; a search right after start waits for it
+        embed = self._embed
+        if embed is None:
+            return []
+        vector = np.asarray(embed([query])[0], np.float32).tobytes()
+        cond, args = ["embedding MATCH ?", "k = ?"], [vector, pool * 4]
+        if since is not None:
+            cond.append("wall_end >= ?")
+            args.append(since)
+        if until is not None:
+            cond.append("wall_end <= ?")
+            args.append(until)
+        with self._read_lock:
+            rows = (
+                self._reader()
+                .execute(
+                    f"SELECT v.rowid, w.stream FROM windows_vec v JOIN windows w ON "
+                    f"w.rowid = v.rowid WHERE {' AND '.join(cond)} ORDER BY distance",
+                    tuple(args),
+                )
+                .fetchall()
+            )
+        return [r for r, s in rows if any(fnmatch.fnmatchcase(s, g) for g in streams)][:pool]
+
+    def _hits(self, c: apsw.Connection, rowids: list[int], scores: dict[int, float]) -> list[HistoryHit]:
+        if not rowids:
+            return []
+        rows = {
+            r[0]: r
+            for r in c.execute(
+                "SELECT rowid, id, stream, start, end, wall_start, wall_end, transcript, scene, tags FROM windows "
+                f"WHERE rowid IN ({','.join('?' * len(rowids))})",
+                tuple(rowids),
+            )
+        }
+        return [
+            HistoryHit(
+                id=r[1],
+                stream=r[2],
+                start=r[3],
+                end=r[4],
+                wall_start=r[5],
+                wall_end=r[6],
+                transcript=r[7],
+                scene=r[8],
+                tags=json.loads(r[9]),
+                score=round(scores.get(i, 0.0), 6),
+            )
+            for i in rowids
+            if (r := rows.get(i)) is not None
+        ]
+
+    def windows_between(self, stream: str, since: float, until: float, limit: int) -> list[HistoryHit]:
+        """A stream's stored windows in [since, until) (wall clock), oldest first, at most `limit` (the newest)."""
+        with self._read_lock:
+            c = self._reader()
+            rows = c.execute(
+                "SELECT rowid FROM windows WHERE stream = ? AND wall_end >= ? AND wall_end < ? "
+                "ORDER BY wall_end DESC LIMIT ?",
+                (stream, since, until, limit),
+            ).fetchall()
+            return list(reversed(self._hits(c, [r[0] for r in rows], {})))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "degraded": self.degraded,
+            "queue": self._queue.qsize(),
+            "dropped": self.dropped,
+            "written": self.written,
+            "embeddings": self._embed is not None,
+            "last_commit": round(self.last_commit, 3) or None,
+        }
+
+
+def _text(transcript: str | None, scene: str | None) -> str:
+    """What a window says, for embeddings: the scene description and the speech."""
+    parts = [p for p in (scene, f'said: "{transcript}"' if transcript else None) if p]
+    return ". ".join(parts) or "silence"
+
+
+def _time_filter(since: float | None, until: float | None, streams: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+    cond, args = ["(" + " OR ".join("w.stream GLOB ?" for _ in streams) + ")"], list(streams)
+    if since is not None:
+        cond.append("w.wall_end >= ?")
+        args.append(since)
+    if until is not None:
+        cond.append("w.wall_end <= ?")
+        args.append(until)
+    return " AND ".join(cond), tuple(args)
