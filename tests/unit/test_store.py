@@ -95,7 +95,7 @@ def test_schema_is_migrated_and_a_newer_file_is_refused(tmp_path: Path) -> None:
     c.close()
     with pytest.raises(StoreError, match="newer than this daemon"):
         Store(StoreConfig(path=tmp_path / "h.db"), None).open()
-    with pytest.raises(StoreError, match="store.path"):
+    with pytest.raises(StoreError, match=r"store\.path"):
         Store(StoreConfig(path=Path("/proc/nope/h.db")), None).open()
 
 
