@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,3 +156,11 @@ def generate_tokens(
         else:
             inputs_embeds = torch.cat([inputs_embeds, new_embeds], dim=1)
             step_embeds, step_positions = inputs_embeds, position_ids
+
+
+def yes_probability(logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:
+    """P(yes) from next-token `logits` `[B, vocab]`: the probability mass of the "yes" first tokens against the
+    "no" ones (the rest of the vocabulary left out), `[B]` float32."""
+    yes = torch.logsumexp(logits[:, list(yes_ids)].float(), dim=-1)
+    no = torch.logsumexp(logits[:, list(no_ids)].float(), dim=-1)
+    return torch.sigmoid(yes - no)

@@ -264,6 +264,32 @@ class LtuAsForConditionalGeneration(nn.Module):
         yield from generate_tokens(self.llm, self.embed_tokens(ids), mask, pos, rows, eos, options, cache=cache)
 
     @torch.no_grad()
+    def stream_text(
+        self,
+        input_ids: Sequence[Sequence[int] | torch.Tensor],
+        options: GenerationOptions | None = None,
+        eos_token_id: int | None = None,
+    ) -> Iterator[list[int | None]]:
+        """`stream` for prompts without audio: the LoRA LLM reading text only (answers over stored transcripts
+        and scene descriptions, digests). Rows are left-padded; the same tokens alone and in a batch."""
+        options = options or GenerationOptions()
+        eos = self._eos(eos_token_id)
+        no_audio = torch.zeros((len(input_ids), 0, self.config.d_llm), dtype=self.dtype, device=self.device)
+        embeds, mask, positions = self.assemble(no_audio, input_ids)
+        rows = [list(map(int, r)) for r in input_ids]
+        yield from generate_tokens(self.llm, embeds, mask, positions, rows, eos, options)
+
+    @torch.no_grad()
+    def next_token_logits(
+        self, features: torch.Tensor, input_ids: Sequence[Sequence[int] | torch.Tensor]
+    ) -> torch.Tensor:
+        """`[B, vocab]` float32 logits of the first answer token: one prefill of `[audio][prompt]`, no decoding
+        (what a yes/no alert rule reads, see `yes_probability`)."""
+        embeds, mask, positions = self.assemble(self.audio_embeddings(features), input_ids)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1, :].float()
+
+    @torch.no_grad()
     def generate(
         self,
         features: torch.Tensor,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,26 @@ class LtuAsProcessor:
             *self.tokenizer(self.build_prompt(question, transcript) + answer, add_special_tokens=False)["input_ids"],
         ]
         return full, len(self.encode(question, transcript))
+
+    def answer_first_tokens(self, question: str, answers: Sequence[str], transcript: str | None = None) -> list[int]:
+        """The first token of each answer as the model would produce it after this prompt (tokenized together
+        with the prompt, as in training), deduplicated: the ids a yes/no decision compares."""
+        n = len(self.encode(question, transcript))
+        out: list[int] = []
+        for a in answers:
+            full, _ = self.encode_example(question, transcript, a)
+            if len(full) > n and full[n] not in out:
+                out.append(full[n])
+        return out
+
+    def yes_no_ids(self, question: str, transcript: str | None = None) -> tuple[list[int], list[int]]:
+        """First-token ids of "Yes"/"yes" and "No"/"no" answers to `question`. Raises `ValueError` when the
+        tokenizer cannot tell them apart."""
+        yes = self.answer_first_tokens(question, ["Yes", "yes"], transcript)
+        no = self.answer_first_tokens(question, ["No", "no"], transcript)
+        if not yes or not no or set(yes) & set(no):
+            raise ValueError(f"the tokenizer gives no distinct first tokens for yes {yes} and no {no}")
+        return yes, no
 
     @property
     def bos_token_id(self) -> int:
