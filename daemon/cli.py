@@ -73,6 +73,7 @@ def _setup_logging(level: str, verbose: bool) -> None:
 
 def cmd_start(args: argparse.Namespace) -> int:
     from .demo import BANNER, prepare_demo
+    from .memory.store import StoreError
     from .service import ModelLoadError, Service
 
     config = _load(args)
@@ -103,6 +104,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     except ModelLoadError as e:
         log.error("%s\n  `ltu-daemon check` says what is missing; `ltu-daemon start --demo` runs without weights", e)
         return 3
+    except StoreError as e:
+        log.error("%s", e)
+        return 2
     except OSError as e:  # the port is taken, typically
         log.error("cannot serve on %s:%d: %s", config.server.host, config.server.port, e)
         return 2
@@ -187,10 +191,61 @@ def _check_stream(s: object) -> str | None:
     return None
 
 
+def _check_store(config: DaemonConfig) -> str | None:
+    """The history store opens (created if new) and its folder takes writes."""
+    if not config.store.enabled:
+        return None
+    from .memory.store import Store, StoreError
+
+    store = Store(config.store, None)
+    try:
+        store.open()
+        probe = config.store.path.parent / ".ltu-write-probe"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except (StoreError, OSError) as e:
+        return f"store: {e}"
+    finally:
+        store.stop()
+    return None
+
+
+def _check_mqtt(config: DaemonConfig) -> str | None:
+    """The broker answers a connection within a few seconds."""
+    if not config.mqtt.enabled:
+        return None
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from .delivery.mqtt import MqttBridge
+
+    bridge = MqttBridge(config.mqtt, [], list, "check")
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{config.mqtt.client_id}-check")
+    if config.mqtt.username:
+        client.username_pw_set(config.mqtt.username, config.mqtt.resolved_password())
+    try:
+        client.connect(bridge.host, bridge.port, keepalive=5)
+        client.disconnect()
+    except OSError as e:
+        return (
+            f"mqtt: cannot reach the broker at {bridge.host}:{bridge.port} ({e}); start it, fix mqtt.url, "
+            "or set mqtt.enabled = false (the daemon queues messages while the broker is away)"
+        )
+    return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     problems = [
-        p for p in [_check_asr(config), *_check_model(config), *(_check_stream(s) for s in config.streams)] if p
+        p
+        for p in [
+            _check_asr(config),
+            *_check_model(config),
+            *(_check_stream(s) for s in config.streams),
+            _check_store(config),
+            _check_mqtt(config),
+        ]
+        if p
     ]
     print(
         f"configuration: ok ({len(config.streams)} stream(s); server {config.server.host}:{config.server.port}"
@@ -199,6 +254,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"asr model: {'demo (tiny, built on start)' if config.demo.enabled else config.asr.model}")
     ltu = "off" if not config.model.enabled else "demo (tiny)" if config.demo.enabled else config.model.checkpoint
     print(f"LTU-AS: {ltu}")
+    print(f"history store: {config.store.path if config.store.enabled else 'off'}")
+    print(
+        f"mqtt: {config.mqtt.url if config.mqtt.enabled else 'off'}; metrics: "
+        f"{'GET /metrics' if config.metrics.enabled else 'off'}; alert rules: {len(config.alerts.rules)}"
+    )
     for p in problems:
         print(f"PROBLEM: {p}")
     print("all checks passed" if not problems else f"{len(problems)} problem(s)")

@@ -1,9 +1,10 @@
-"""The composition root: builds sources, stream pipelines, the ASR worker, the model worker, the question desk,
-the event bus and the websocket server, hands each part only what it uses, runs them on one event loop and shuts
-them down in order.
+"""The composition root: builds sources, stream pipelines, the ASR worker, the model worker, the question and
+memory desks, the history store, the alert rules, the event bus with its taps (store, alerts, MQTT, metrics) and
+the websocket server; hands each part only what it uses, runs them on one event loop and shuts them down in order.
 
-Threads: one per file or microphone source (plus PortAudio's callback thread), one ASR worker and one model
-worker, each owning its model. Everything else runs on the loop. Results cross back through `Reply`.
+Threads: one per file or microphone source (plus PortAudio's callback thread), one ASR worker, one model worker
+and one store writer, each owning its resource, and paho's MQTT network thread. Everything else runs on the loop.
+Results cross back through `Reply`.
 """
 
 from __future__ import annotations
@@ -18,19 +19,25 @@ import numpy as np
 
 from . import __version__
 from .capture.sources import FileSource, MicSource, RemoteSource, RemoteStreams
+from .clock import SAMPLE_RATE, s_to_samples
 from .config import DaemonConfig, FileStream, MicStream
 from .delivery.bus import EventBus
-from .delivery.events import SceneEvent
+from .delivery.events import AlertEvent, AnswerDone, DigestEvent, HistoryHit, SceneEvent
 from .delivery.server import Identity, WebsocketServer
+from .delivery.wire import AlertRule
+from .memory.alerts import AlertEngine
+from .memory.desk import MemoryDesk
+from .memory.store import AnswerRecord, Clip, Store
 from .reply import Reply
 from .speech.asr import AsrWorker
 from .stream import StreamPipeline
-from .understanding.scheduler import Busy, SceneJob
+from .understanding.scheduler import Busy, CheckJob, CheckResult, SceneJob
 from .understanding.windows import Window
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_DRAIN_S = 10.0  # how long shutdown waits for the last finals to be decoded and delivered
+CLIP_S = 10.0  # audio kept with an alert that has no window: this much around the moment it was seen
 
 
 class ModelLoadError(RuntimeError):
@@ -39,6 +46,7 @@ class ModelLoadError(RuntimeError):
 
 class Service:
     def __init__(self, config: DaemonConfig) -> None:
+        """Raises `StoreError` when the history store cannot be opened."""
         self.config = config
         self.bus = EventBus()
         self.asr = AsrWorker(config.asr)
@@ -64,20 +72,58 @@ class Service:
                 self.sources[s.name] = MicSource(s)
             else:
                 self.sources[s.name] = remotes[s.name] = RemoteSource(s.name)
-        self.understanding = _Understanding(config, self.pipelines) if model_on else None
+
+        # memory: the store (numbering continues after the last stored window and utterance) and the alert rules
+        self.store: Store | None = None
+        if config.store.enabled:
+            from ltu_as.serving.embedding import Embedder
+
+            device = config.store.embed_device
+            self.store = Store(config.store, lambda: Embedder(device))
+            self.store.open()
+            for name, pipeline in self.pipelines.items():
+                pipeline.continue_from(*self.store.last_indices(name))
+        self.alerts = AlertEngine(
+            config.alerts.rules, self.store.rules() if self.store else [], self.bus.publish, clip=self._clip
+        )
+        if self.store is not None:
+            self.bus.tap(self.store.record)
+        self.bus.tap(self.alerts.on_event)
+
+        # delivery beyond websockets
+        self.metrics = None
+        if config.metrics.enabled:
+            from .delivery.metrics import Metrics
+
+            self.metrics = Metrics(self._gauges())
+            self.bus.tap(self.metrics.on_event)
+        self.mqtt = None
+        if config.mqtt.enabled:
+            from .delivery.mqtt import MqttBridge
+
+            self.mqtt = MqttBridge(config.mqtt, list(self.pipelines), self.alerts.info, __version__)
+            self.bus.tap(self.mqtt.on_event)
+
+        self.understanding = _Understanding(config, self.pipelines, self.store, self._record) if model_on else None
+        self.memory = MemoryDesk(self.store, self.alerts, changed=self.mqtt.rules_changed if self.mqtt else None)
         self.server = WebsocketServer(
             config.server,
             self.bus,
             RemoteStreams(remotes),
             self.understanding.desk if self.understanding else None,
+            self.memory,
             streams=lambda: [p.info() for p in self.pipelines.values()],
             identity=Identity(demo=config.demo.enabled, model=model_on),
             health=self.health,
+            extra_routes={"/metrics": self.metrics.render} if self.metrics else None,
         )
         self.started = time.time()
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: list[asyncio.Task[None]] = []
+        self._stop_background = asyncio.Event()
         self._scene_reply: Reply[SceneEvent] | None = None
+        self._check_reply: Reply[CheckResult] | None = None
 
     # --- lifecycle ---
 
@@ -85,9 +131,14 @@ class Service:
         """Serve until `stop` is set, then shut down in order. Raises `ModelLoadError` if a model cannot load."""
         loop = asyncio.get_running_loop()
         self._scene_reply = Reply(loop, self.bus.publish)
+        self._check_reply = Reply(loop, lambda r: self.alerts.on_check(r.stream, r.window, r.wall, r.scores))
+        if self.store is not None:
+            self.store.start()
         self.asr.start()
         if self.understanding is not None:
             self.understanding.worker.start()
+        if self.mqtt is not None:
+            self.mqtt.start()
         await self.server.start()  # /healthz answers (not ready) while the models load
         log.info("listening on ws://%s:%d (health: /healthz)", self.config.server.host, self.server.port)
         ready = asyncio.ensure_future(asyncio.to_thread(self._wait_models))
@@ -97,11 +148,16 @@ class Service:
         if error is not None:
             stopper.cancel()
             await self.server.close()
+            self._close_memory()
             raise ModelLoadError(str(error))
         if not stop.is_set():
             for name, pipeline in self.pipelines.items():
                 self._tasks.append(asyncio.create_task(pipeline.run(), name=f"stream-{name}"))
                 self.sources[name].start(loop, pipeline.queue)
+            self._background.append(asyncio.create_task(self._tick_alerts(), name="alerts"))
+            digests = self._digests()
+            if digests is not None:
+                self._background.append(asyncio.create_task(digests.run(self._stop_background), name="digests"))
             self.ready = True
             log.info("ready: %d stream(s): %s", len(self.pipelines), ", ".join(self.pipelines) or "none")
         await stopper
@@ -113,7 +169,7 @@ class Service:
             self.understanding.worker.ready.wait()
 
     async def shutdown(self) -> None:
-        """Stop sources, flush open utterances to finals, deliver them, close clients with 1001."""
+        """Stop sources, flush open utterances to finals, deliver them, close clients with 1001, write the store."""
         log.info("shutting down")
         self.ready = False
         deadline = time.monotonic() + SHUTDOWN_DRAIN_S
@@ -127,30 +183,162 @@ class Service:
         if self.understanding is not None:  # answers in flight end as cancelled; waiting work is dropped
             self.understanding.desk.cancel_all()
             await asyncio.to_thread(self.understanding.worker.stop, max(0.1, deadline - time.monotonic()))
+        self._stop_background.set()
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
         await asyncio.sleep(0)  # run the replies the workers scheduled before they ended
         while any(self.bus.pending()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)  # let writers hand the last finals to their clients
         await self.server.close()
         for source in self.sources.values():
             source.join(1.0)
+        await asyncio.to_thread(self._close_memory)
         log.info("stopped")
 
-    # --- understanding: a scene job per window ---
+    def _close_memory(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.stop()
+        if self.store is not None:
+            self.store.stop(10.0)
+
+    async def _tick_alerts(self) -> None:
+        while not self._stop_background.is_set():
+            self.alerts.tick(time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_background.wait(), self.config.alerts.tick_s)
+
+    # --- understanding: a scene job and an alert check per window ---
 
     def _on_window(self, w: Window, audio: np.ndarray | None) -> None:
-        sc = self.config.scene
-        if self.understanding is None or not sc.enabled or (w.index - 1) % sc.every or self._scene_reply is None:
+        if self.understanding is None or self._scene_reply is None or self._check_reply is None:
             return
-        job = SceneJob(
-            window=w,
-            audio=audio,
-            deadline=time.monotonic() + self.config.scheduler.scene_deadline_s,
-            reply=self._scene_reply,
-        )
+        deadline = time.monotonic() + self.config.scheduler.scene_deadline_s
+        questions = {r.name: r.question or "" for r in self.alerts.questions(w.stream)}
         with contextlib.suppress(Busy):  # only once closed for shutdown: nothing left to describe
-            self.understanding.scheduler.submit(job)
+            if questions:
+                self.understanding.scheduler.submit(
+                    CheckJob(window=w, audio=audio, deadline=deadline, questions=questions, reply=self._check_reply)
+                )
+            sc = self.config.scene
+            if sc.enabled and not (w.index - 1) % sc.every:
+                self.understanding.scheduler.submit(
+                    SceneJob(window=w, audio=audio, deadline=deadline, reply=self._scene_reply)
+                )
+
+    def _digests(self) -> Any:
+        if not self.config.digests.enabled or self.store is None or self.understanding is None:
+            return None
+        from ltu_as import GenerationOptions
+
+        from .memory.digests import Digests
+        from .understanding.scheduler import DigestJob
+
+        cfg, store, scheduler = self.config.digests, self.store, self.understanding.scheduler
+        reply: Reply[DigestEvent] = Reply.here(self.bus.publish)
+
+        def submit(stream: str, since: float, until: float, hits: list[HistoryHit]) -> None:
+            job = DigestJob(
+                deadline=time.monotonic() + cfg.every_s,
+                id=f"{stream}/digest/{int(until)}",
+                stream=stream,
+                since=since,
+                until=until,
+                prompt=cfg.prompt,
+                hits=list(reversed(hits)),
+                options=GenerationOptions(max_new_tokens=cfg.max_new_tokens).greedy(),
+                reply=reply,
+            )
+            with contextlib.suppress(Busy):
+                scheduler.submit(job)
+
+        return Digests(cfg, list(self.pipelines), store.windows_between, submit)
+
+    # --- memory: answers kept, clips of alerts ---
+
+    def _record(self, question: str, done: AnswerDone) -> None:
+        if self.store is not None:
+            self.store.put(AnswerRecord(question, done))
+        if self.metrics is not None:
+            self.metrics.on_answer(done)
+
+    def _clip(self, alert: AlertEvent, rule: AlertRule) -> str | None:
+        """Keep the alert's audio (its window, or `CLIP_S` around the moment) if clips are on and allowed."""
+        store, pipeline = self.store, self.pipelines.get(alert.stream)
+        if store is None or pipeline is None or not store.config.clips:
+            return None
+        w = pipeline.windows.get(alert.window.id) if alert.window else None
+        speech = bool(w.transcript) if w else alert.kind in ("phrase", "regex")
+        if speech and not store.config.clips_with_speech:
+            return None
+        if w is not None:
+            audio = pipeline.windows.audio(w)
+        else:
+            mid = s_to_samples(alert.at)
+            start = max(pipeline.ring.start, mid - s_to_samples(CLIP_S / 2))
+            try:
+                audio = pipeline.ring.read(start, min(pipeline.ring.end, start + s_to_samples(CLIP_S)))
+            except IndexError:
+                audio = None
+        if audio is None or not len(audio):
+            return None
+        name = alert.id.replace("/", "_") + ".wav"
+        store.put(Clip(alert.id, name, audio, SAMPLE_RATE))
+        return name
 
     # --- what operators see ---
+
+    def _gauges(self) -> Any:
+        from .delivery.metrics import per_key
+
+        def queues() -> dict[tuple[str, ...], float]:
+            out: dict[tuple[str, ...], float] = {("asr", k): float(v) for k, v in self.asr.depth.items()}
+            if self.understanding is not None:
+                out.update({("model", k): float(v) for k, v in self.understanding.scheduler.depth.items()})
+            if self.store is not None:
+                out[("store", "writes")] = float(self.store.stats()["queue"])
+            if self.mqtt is not None:
+                out[("mqtt", "messages")] = float(self.mqtt.stats()["queue"])
+            out[("clients", "messages")] = float(sum(self.bus.pending()))
+            return out
+
+        def dropped() -> dict[tuple[str, ...], float]:
+            out: dict[tuple[str, ...], float] = {(t,): float(n) for t, n in self.bus.shed.items()}
+            out[("slow_client_disconnect",)] = float(self.bus.overflowed)
+            if self.store is not None:
+                out[("store_queue_full",)] = float(self.store.dropped)
+            if self.mqtt is not None:
+                out[("mqtt_queue_full",)] = float(self.mqtt.dropped)
+            if self.understanding is not None:
+                out[("scene_skipped",)] = float(self.understanding.scheduler.skipped_scenes)
+                out[("check_skipped",)] = float(self.understanding.scheduler.skipped_checks)
+            return out
+
+        return {
+            "ltu_stream_audio_seconds": (
+                "Audio heard per stream, s (this run)",
+                lambda: per_key({n: p.ring.end / SAMPLE_RATE for n, p in self.pipelines.items()}),
+                ("stream",),
+            ),
+            "ltu_queue_depth": ("Items waiting, by queue", queues, ("queue", "kind")),
+            "ltu_dropped_total": ("Events and work dropped, by reason", dropped, ("reason",)),
+            "ltu_clients": ("Websocket clients past their hello", lambda: {(): float(self.server.clients)}, ()),
+            "ltu_store_bytes": (
+                "History store size in use, bytes",
+                lambda: {(): float(self.store.size_bytes())} if self.store else {},
+                (),
+            ),
+            "ltu_store_degraded": (
+                "1 while the history store cannot write (full disk, I/O error)",
+                lambda: {(): float(bool(self.store.degraded))} if self.store else {},
+                (),
+            ),
+            "ltu_alerts_active": ("Active alerts", lambda: {(): float(len(self.alerts.active()))}, ()),
+            "ltu_mqtt_connected": (
+                "1 while connected to the MQTT broker",
+                lambda: {(): float(self.mqtt.connected)} if self.mqtt else {},
+                (),
+            ),
+        }
 
     def health(self) -> dict[str, Any]:
         return {
@@ -159,6 +347,14 @@ class Service:
             "version": __version__,
             "uptime_s": round(time.time() - self.started, 1),
             "demo": self.config.demo.enabled,
+            "degraded": [
+                what
+                for what, bad in (
+                    ("store", self.store is not None and self.store.degraded),
+                    ("mqtt", self.mqtt is not None and not self.mqtt.connected),
+                )
+                if bad
+            ],
             "asr": {
                 "model": self.config.asr.model,
                 "loaded": self.asr.ready.is_set() and self.asr.error is None,
@@ -169,6 +365,14 @@ class Service:
             },
             "streams": {name: p.health() for name, p in self.pipelines.items()},
             "model": self.understanding.health() if self.understanding else {"enabled": False},
+            "store": self.store.stats() if self.store else {"enabled": False},
+            "alerts": {
+                "rules": len(self.alerts.info()),
+                "active": len(self.alerts.active()),
+                "fired": self.alerts.fired,
+                "cleared": self.alerts.cleared,
+            },
+            "mqtt": self.mqtt.stats() if self.mqtt else {"enabled": False},
             **self.server.stats(),
             "events": dict(self.bus.published),
         }
@@ -178,7 +382,9 @@ class _Understanding:
     """The model side, present only with `model.enabled`: scheduler, feature cache, model worker, question desk.
     (Importing it loads torch and ltu_as, which a transcripts-only daemon never needs.)"""
 
-    def __init__(self, config: DaemonConfig, pipelines: dict[str, StreamPipeline]) -> None:
+    def __init__(
+        self, config: DaemonConfig, pipelines: dict[str, StreamPipeline], store: Store | None, record: Any
+    ) -> None:
         from .understanding.cache import FeatureCache
         from .understanding.desk import QuestionDesk
         from .understanding.scheduler import Scheduler
@@ -189,12 +395,21 @@ class _Understanding:
         self.scheduler = Scheduler(sc.max_queue, sc.max_batch, sc.retry_after_s)
         self.cache = FeatureCache(config.features.cache_windows, int(config.features.cache_mb * 2**20))
         self.worker = ModelWorker(config.model, config.scene, self.scheduler, self.cache)
+        search = None
+        if store is not None:
+
+            def search(query: str, since: float | None, until: float | None, streams: Any, limit: int) -> Any:
+                return store.search(query, since=since, until=until, streams=streams, limit=limit)[0]
+
         self.desk = QuestionDesk(
             self.scheduler,
             self.cache,
             {n: p.windows for n, p in pipelines.items()},
             config.questions,
             sc.question_deadline_s,
+            history=config.history,
+            search=search,
+            record=record,
         )
 
     def health(self) -> dict[str, Any]:
@@ -208,6 +423,7 @@ class _Understanding:
             "counts": dict(w.counts),
             "latest_ms": dict(w.stats),
             "skipped_scenes": self.scheduler.skipped_scenes,
+            "skipped_checks": self.scheduler.skipped_checks,
             "open_questions": self.desk.open_questions,
             "feature_cache": {"entries": len(c), "mb": round(c.bytes / 2**20, 2), "hits": c.hits, "misses": c.misses},
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -83,6 +84,11 @@ class StreamPipeline:
         self.utterances = 0
         self.last_latency_s: float | None = None
 
+    def continue_from(self, windows: int, utterances: int) -> None:
+        """Number this run's windows and utterances after the last ones stored (ids stay unique across restarts)."""
+        self.windower.index = max(self.windower.index, windows)
+        self.vad.index = max(self.vad.index, utterances)
+
     def info(self) -> StreamInfo:
         return StreamInfo(name=self.name, kind=self.kind, state=self.state)
 
@@ -142,6 +148,7 @@ class StreamPipeline:
         if self.vad.open_start is not None:
             starts.append(self.vad.open_start)
         for w in self.windower.ready(self.ring.end, min(starts) if starts else None):
+            w = dataclasses.replace(w, wall_start=self.wall_at(w.start), wall_end=self.wall_at(w.end))
             self.windows.add(w)
             self.publish(
                 WindowEvent(
@@ -149,8 +156,8 @@ class StreamPipeline:
                     id=w.id,
                     start=samples_to_s(w.start),
                     end=samples_to_s(w.end),
-                    wall_start=self.wall_at(w.start),
-                    wall_end=self.wall_at(w.end),
+                    wall_start=w.wall_start,
+                    wall_end=w.wall_end,
                     transcript=w.transcript,
                 )
             )

@@ -18,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import fnmatch
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .events import Dropped, ServerMessage, StreamEvent, encode
+
+log = logging.getLogger(__name__)
 
 DROPPABLE = frozenset({"level", "transcript.partial"})
 
@@ -49,12 +52,21 @@ class Filter:
         return any(fnmatch.fnmatchcase(item.type, p) for p in self.events)
 
 
+@dataclass
+class Shedding:
+    """What every subscriber lost, for the metrics: events shed by type, and clients let go for overflowing."""
+
+    shed: collections.Counter[str] = field(default_factory=collections.Counter)
+    overflowed: int = 0
+
+
 class Subscriber:
     """One consumer's bounded queue; see the module docstring for the overflow policy."""
 
-    def __init__(self, maxsize: int, flt: Filter) -> None:
+    def __init__(self, maxsize: int, flt: Filter, losses: Shedding | None = None) -> None:
         self.maxsize = maxsize
         self.filter = flt
+        self.losses = losses or Shedding()
         self._queue: collections.deque[Outgoing] = collections.deque()
         self._wakeup = asyncio.Event()
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -80,12 +92,15 @@ class Subscriber:
             victim = next((i for i, e in enumerate(self._queue) if e.type in DROPPABLE), None)
             if victim is not None:
                 self.dropped[self._queue[victim].type] += 1
+                self.losses.shed[self._queue[victim].type] += 1
                 del self._queue[victim]
             elif item.type in DROPPABLE:
                 self.dropped[item.type] += 1
+                self.losses.shed[item.type] += 1
                 return
             else:
                 self.overflowed = True
+                self.losses.overflowed += 1
                 self._wakeup.set()
                 return
         self._queue.append(item)
@@ -112,6 +127,8 @@ class EventBus:
 
     def __init__(self) -> None:
         self._subs: set[Subscriber] = set()
+        self._taps: list[Callable[[StreamEvent], object]] = []
+        self.losses = Shedding()
         self._seq: collections.Counter[tuple[str, str]] = collections.Counter()
         self.published: collections.Counter[str] = collections.Counter()
 
@@ -119,13 +136,26 @@ class EventBus:
     def subscribers(self) -> int:
         return len(self._subs)
 
+    @property
+    def shed(self) -> collections.Counter[str]:
+        return self.losses.shed
+
+    @property
+    def overflowed(self) -> int:
+        return self.losses.overflowed
+
     def subscribe(self, maxsize: int, flt: Filter | None = None) -> Subscriber:
-        sub = Subscriber(maxsize, flt or Filter())
+        sub = Subscriber(maxsize, flt or Filter(), self.losses)
         self._subs.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subs.discard(sub)
+
+    def tap(self, fn: Callable[[StreamEvent], object]) -> None:
+        """Also hand every stamped event to `fn`, on the loop, after the subscribers (the store, alert rules,
+        MQTT, metrics). `fn` must not block; an exception in it is logged and does not stop the others."""
+        self._taps.append(fn)
 
     def publish(self, event: StreamEvent) -> StreamEvent:
         """Stamp `event` with its `seq`, serialise it and fan it out. Returns the stamped event."""
@@ -136,6 +166,11 @@ class EventBus:
         item = Outgoing(event.type, event.stream, encode(stamped))
         for sub in self._subs:
             sub.offer(item)
+        for tap in self._taps:
+            try:
+                tap(stamped)
+            except Exception:
+                log.exception("%s failed on a %s event", getattr(tap, "__qualname__", tap), event.type)
         return stamped
 
     def pending(self) -> Iterator[int]:

@@ -32,11 +32,15 @@ from ..config import ServerConfig
 from .bus import EventBus, Filter, Subscriber
 from .events import (
     EVENT_TYPES,
+    AlertAdded,
+    AlertRemoved,
+    AlertRules,
     Answer,
     AudioReady,
     AudioStopped,
     Cancelled,
     ErrorEvent,
+    HistoryResults,
     Pong,
     ServerMessage,
     StreamInfo,
@@ -44,12 +48,16 @@ from .events import (
     Welcome,
 )
 from .protocol import (
+    AlertAdd,
+    AlertList,
+    AlertRemove,
     Ask,
     AudioStart,
     AudioStop,
     Cancel,
     ClientMessage,
     Hello,
+    HistorySearch,
     ProtocolError,
     Subscribe,
     parse_client_message,
@@ -66,9 +74,18 @@ REFUSAL_WINDOW_S = 10.0  # a client refused more than messages_burst times withi
 class Desk(Protocol):
     """What the server needs from the question desk (`understanding.desk.QuestionDesk`)."""
 
-    def ask(self, owner: object, send: Callable[[Answer], None], msg: Ask) -> None: ...
+    async def ask(self, owner: object, send: Callable[[Answer], None], msg: Ask) -> None: ...
     def cancel(self, owner: object, tag: MessageId) -> bool: ...
     def disconnected(self, owner: object) -> None: ...
+
+
+class Memory(Protocol):
+    """What the server needs from the memory desk (`memory.desk.MemoryDesk`)."""
+
+    async def search(self, msg: HistorySearch) -> HistoryResults: ...
+    def rules(self, msg: AlertList) -> AlertRules: ...
+    def add(self, msg: AlertAdd) -> AlertAdded: ...
+    def remove(self, msg: AlertRemove) -> AlertRemoved: ...
 
 
 @dataclass(frozen=True)
@@ -119,12 +136,16 @@ class WebsocketServer:
         bus: EventBus,
         remotes: RemoteStreams,
         desk: Desk | None,
+        memory: Memory,
         streams: Callable[[], list[StreamInfo]],
         identity: Identity,
         health: Callable[[], dict[str, Any]],
+        extra_routes: dict[str, Callable[[], tuple[str, bytes]]] | None = None,
     ) -> None:
+        """`extra_routes`: GET paths answered over HTTP, each by a function giving (content type, body)."""
         self.config = config
-        self.bus, self.remotes, self.desk = bus, remotes, desk
+        self.bus, self.remotes, self.desk, self.memory = bus, remotes, desk, memory
+        self.routes = extra_routes or {}
         self.streams, self.identity, self.health = streams, identity, health
         self.token = config.resolved_token()
         self._server: Server | None = None
@@ -179,8 +200,17 @@ class WebsocketServer:
             health = self.health()
             status = http.HTTPStatus.OK if health["ready"] else http.HTTPStatus.SERVICE_UNAVAILABLE
             return _json_response(conn, status, health)
+        if path in self.routes:
+            content_type, body = self.routes[path]()
+            response = conn.respond(http.HTTPStatus.OK, "")
+            response.body = body
+            del response.headers["Content-Type"], response.headers["Content-Length"]
+            response.headers["Content-Type"] = content_type
+            response.headers["Content-Length"] = str(len(body))
+            return response
         if path != "/":
-            return conn.respond(http.HTTPStatus.NOT_FOUND, "websocket endpoint is /, health is /healthz\n")
+            known = ", ".join(["/healthz", *self.routes])
+            return conn.respond(http.HTTPStatus.NOT_FOUND, f"websocket endpoint is /; also {known}\n")
         auth = request.headers.get("Authorization")
         if self.token is not None and auth is not None:
             scheme, _, given = auth.partition(" ")
@@ -380,8 +410,16 @@ class WebsocketServer:
                 raise ProtocolError(
                     ErrorCode.MODEL_DISABLED, "LTU-AS is off in this daemon (model.enabled = false)", msg.id
                 )
-            self.desk.ask(client, client.sub.send, msg)
+            await self.desk.ask(client, client.sub.send, msg)
             return None
+        if isinstance(msg, HistorySearch):
+            return await self.memory.search(msg)
+        if isinstance(msg, AlertList):
+            return self.memory.rules(msg)
+        if isinstance(msg, AlertAdd):
+            return self.memory.add(msg)
+        if isinstance(msg, AlertRemove):
+            return self.memory.remove(msg)
         if isinstance(msg, Cancel):
             if self.desk is None or not self.desk.cancel(client, msg.target):
                 raise ProtocolError(ErrorCode.UNKNOWN_QUESTION, f"no question {msg.target!r} in progress", msg.id)

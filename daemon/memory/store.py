@@ -31,7 +31,7 @@ import wave
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import apsw
 import numpy as np
@@ -157,7 +157,7 @@ def connect(path: Path) -> apsw.Connection:
 
 def migrate(conn: apsw.Connection) -> int:
     """Bring the schema to `SCHEMA_VERSION`; returns the version found. Raises `StoreError` for a newer file."""
-    found = int(conn.execute("PRAGMA user_version").fetchall()[0][0])
+    found = int(_q(conn, "PRAGMA user_version")[0][0])
     if found > SCHEMA_VERSION:
         raise StoreError(f"the store's schema is version {found}, newer than this daemon's {SCHEMA_VERSION}")
     if found == 0:
@@ -168,6 +168,11 @@ def migrate(conn: apsw.Connection) -> int:
             conn.execute(f"PRAGMA user_version = {version + 1}")
         log.info("store schema migrated to version %d", version + 1)
     return found
+
+
+def _q(conn: apsw.Connection, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a query (apsw types each value as any SQLite value; the schema says which they are)."""
+    return cast(list[tuple[Any, ...]], conn.execute(sql, tuple(args)).fetchall())
 
 
 def _fts_query(text: str) -> str | None:
@@ -353,11 +358,9 @@ class Store:
                     now,
                 ),
             )
-            dirty.update(r[0] for r in conn.execute("SELECT rowid FROM windows WHERE id = ?", (op.id,)))
+            dirty.update(r[0] for r in _q(conn, "SELECT rowid FROM windows WHERE id = ?", (op.id,)))
         elif isinstance(op, SceneEvent):
-            rows = conn.execute(
-                "UPDATE windows SET scene = ? WHERE id = ? RETURNING rowid", (op.text, op.window.id)
-            ).fetchall()
+            rows = _q(conn, "UPDATE windows SET scene = ? WHERE id = ? RETURNING rowid", (op.text, op.window.id))
             dirty.update(r[0] for r in rows)
         elif isinstance(op, FinalEvent):
             conn.execute(
@@ -434,11 +437,12 @@ class Store:
         embed = self._embedder() if rowids else None
         if embed is None:
             return
-        rows = conn.execute(
+        rows = _q(
+            conn,
             f"SELECT rowid, stream, wall_end, transcript, scene FROM windows WHERE rowid IN "
             f"({','.join('?' * len(rowids))})",
             tuple(rowids),
-        ).fetchall()
+        )
         vectors = embed([_text(t, s) for _, _, _, t, s in rows])
         for (rowid, stream, wall_end, _, _), v in zip(rows, vectors, strict=True):
             conn.execute("DELETE FROM windows_vec WHERE rowid = ?", (rowid,))
@@ -470,7 +474,7 @@ class Store:
                     conn.execute(f"DELETE FROM {table} WHERE created < ?", (cutoff,))
             while self.size_bytes() > self.config.max_mb * 2**20:
                 with conn:
-                    n = int(conn.execute("SELECT count(*) FROM windows").fetchall()[0][0])
+                    n = int(_q(conn, "SELECT count(*) FROM windows")[0][0])
                     if n == 0:
                         break
                     oldest = "SELECT rowid FROM windows ORDER BY rowid LIMIT ?"
@@ -502,29 +506,25 @@ class Store:
         """Bytes in use in the database file (without free pages)."""
         with self._read_lock:
             c = self._reader()
-            pages, free, size = (
-                int(c.execute(f"PRAGMA {p}").fetchall()[0][0]) for p in ("page_count", "freelist_count", "page_size")
-            )
+            pages, free, size = (int(_q(c, f"PRAGMA {p}")[0][0]) for p in ("page_count", "freelist_count", "page_size"))
         return (pages - free) * size
 
     def counts(self) -> dict[str, int]:
         with self._read_lock:
             c = self._reader()
-            return {
-                t: int(c.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]) for t in ("windows", *_OLD, "rules")
-            }
+            return {t: int(_q(c, f"SELECT count(*) FROM {t}")[0][0]) for t in ("windows", *_OLD, "rules")}
 
     def last_indices(self, stream: str) -> tuple[int, int]:
         """(last window index, last utterance index) stored for `stream`: numbering continues after a restart."""
         with self._read_lock:
             c = self._reader()
-            w = c.execute("SELECT max(idx) FROM windows WHERE stream = ?", (stream,)).fetchall()[0][0]
-            u = c.execute("SELECT max(idx) FROM finals WHERE stream = ?", (stream,)).fetchall()[0][0]
+            w = _q(c, "SELECT max(idx) FROM windows WHERE stream = ?", (stream,))[0][0]
+            u = _q(c, "SELECT max(idx) FROM finals WHERE stream = ?", (stream,))[0][0]
         return int(w or 0), int(u or 0)
 
     def rules(self) -> list[AlertRule]:
         with self._read_lock:
-            rows = self._reader().execute("SELECT rule FROM rules ORDER BY created").fetchall()
+            rows = _q(self._reader(), "SELECT rule FROM rules ORDER BY created")
         return [AlertRule.model_validate_json(r[0]) for r in rows]
 
     def search(
@@ -552,18 +552,20 @@ class Store:
         with self._read_lock:
             c = self._reader()
             if mode == "time":
-                rows = c.execute(
+                rows = _q(
+                    c,
                     f"SELECT rowid FROM windows w WHERE {where} ORDER BY wall_end DESC, rowid DESC LIMIT ?",
                     (*args, limit),
-                ).fetchall()
+                )
                 return self._hits(c, [r[0] for r in rows], {}), mode
             pool = max(limit * 5, 50)  # candidates per ranking before merging
             if mode in ("text", "combined"):
-                rows = c.execute(
+                rows = _q(
+                    c,
                     f"SELECT w.rowid FROM windows_fts f JOIN windows w ON w.rowid = f.rowid "
                     f"WHERE windows_fts MATCH ? AND {where} ORDER BY bm25(windows_fts) LIMIT ?",
                     (fts, *args, pool),
-                ).fetchall()
+                )
                 ranked.append([r[0] for r in rows])
         if mode in ("vector", "combined"):
             ranked.append(self._knn(query, since, until, streams, pool))
@@ -583,7 +585,8 @@ class Store:
         if embed is None:
             return []
         vector = np.asarray(embed([query])[0], np.float32).tobytes()
-        cond, args = ["embedding MATCH ?", "k = ?"], [vector, pool * 4]
+        cond: list[str] = ["embedding MATCH ?", "k = ?"]
+        args: list[Any] = [vector, pool * 4]
         if since is not None:
             cond.append("wall_end >= ?")
             args.append(since)
@@ -591,14 +594,11 @@ class Store:
             cond.append("wall_end <= ?")
             args.append(until)
         with self._read_lock:
-            rows = (
-                self._reader()
-                .execute(
-                    f"SELECT v.rowid, w.stream FROM windows_vec v JOIN windows w ON "
-                    f"w.rowid = v.rowid WHERE {' AND '.join(cond)} ORDER BY distance",
-                    tuple(args),
-                )
-                .fetchall()
+            rows = _q(
+                self._reader(),
+                f"SELECT v.rowid, w.stream FROM windows_vec v JOIN windows w ON "
+                f"w.rowid = v.rowid WHERE {' AND '.join(cond)} ORDER BY distance",
+                args,
             )
         return [r for r, s in rows if any(fnmatch.fnmatchcase(s, g) for g in streams)][:pool]
 
@@ -634,11 +634,12 @@ class Store:
         """A stream's stored windows in [since, until) (wall clock), oldest first, at most `limit` (the newest)."""
         with self._read_lock:
             c = self._reader()
-            rows = c.execute(
+            rows = _q(
+                c,
                 "SELECT rowid FROM windows WHERE stream = ? AND wall_end >= ? AND wall_end < ? "
                 "ORDER BY wall_end DESC LIMIT ?",
                 (stream, since, until, limit),
-            ).fetchall()
+            )
             return list(reversed(self._hits(c, [r[0] for r in rows], {})))
 
     def stats(self) -> dict[str, Any]:
@@ -660,7 +661,8 @@ def _text(transcript: str | None, scene: str | None) -> str:
 
 
 def _time_filter(since: float | None, until: float | None, streams: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
-    cond, args = ["(" + " OR ".join("w.stream GLOB ?" for _ in streams) + ")"], list(streams)
+    cond = ["(" + " OR ".join("w.stream GLOB ?" for _ in streams) + ")"]
+    args: list[Any] = list(streams)
     if since is not None:
         cond.append("w.wall_end >= ?")
         args.append(since)

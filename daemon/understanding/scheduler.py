@@ -1,14 +1,17 @@
 """The one queue in front of the model worker.
 
-- Priorities: questions, then scene descriptions. (ASR runs on its own worker; on a shared GPU its finals would
-  come first, then questions.) A scene job being generated yields to a waiting question between tokens.
+- Priorities: questions (about a live window, or about the past), then alert checks (the yes/no rules asked of each
+  window), then scene descriptions, then digests. (ASR runs on its own worker; on a shared GPU its finals would
+  come first.) A scene job being generated yields to a waiting question between tokens.
 - Scene jobs coalesce per stream: at most one waits per stream. A newer one replaces it and counts it as skipped,
   so a stream that is behind gets its newest window described.
 - Questions on the same window with the same generation options are taken together (up to `max_batch`), so they
   share one prefill of the audio and the common prompt prefix. Scene jobs of several streams are taken together
   too (one batched feature extraction and one batched decode).
-- Bounded: at most `max_queue` questions wait. Beyond that `submit` raises `Busy` with a retry hint instead of
-  growing. Jobs past their deadline when they reach the front are failed, not run; cancelled ones end at once.
+- Bounded: at most `max_queue` questions wait; beyond that `submit` raises `Busy` with a retry hint instead of
+  growing. At most `max_queue` checks wait; beyond that the oldest is dropped and counted (a newer window is the
+  better one to check). At most one digest per stream waits. Jobs past their deadline when they reach the front
+  are failed, not run; cancelled ones end at once.
 
 Thread-safe: the event loop submits and cancels, the worker thread pops. `cancel` is the only writer of a job's
 `cancelled` flag; the worker reads it between tokens.
@@ -20,18 +23,19 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..delivery.events import Answer, SceneEvent
+from ..delivery.events import Answer, DigestEvent, Evidence, HistoryHit, SceneEvent
 from ..delivery.wire import MessageId
 from ..reply import Reply
 from .windows import Window
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ltu_as import GenerationOptions
 
 
@@ -46,11 +50,8 @@ _ids = itertools.count(1)
 
 @dataclass(eq=False, kw_only=True)
 class _Job:
-    """Work on one `window`; `audio` is its `[WINDOW_SAMPLES]` float32, or None when its features are cached.
-    `deadline` and `submitted` are time.monotonic() values."""
+    """`deadline` and `submitted` are time.monotonic() values."""
 
-    window: Window
-    audio: np.ndarray | None
     deadline: float
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # written only by Scheduler.cancel
@@ -58,7 +59,18 @@ class _Job:
 
 
 @dataclass(eq=False, kw_only=True)
-class SceneJob(_Job):
+class _WindowJob(_Job):
+    """Work on one `window`; `audio` is its `[WINDOW_SAMPLES]` float32, or None when its features are cached."""
+
+    window: Window
+    audio: np.ndarray | None
+
+    def describe(self) -> str:
+        return self.window.id
+
+
+@dataclass(eq=False, kw_only=True)
+class SceneJob(_WindowJob):
     """Describe the window; the `SceneEvent` goes to `reply` (the bus)."""
 
     reply: Reply[SceneEvent]
@@ -66,7 +78,7 @@ class SceneJob(_Job):
 
 
 @dataclass(eq=False, kw_only=True)
-class QuestionJob(_Job):
+class QuestionJob(_WindowJob):
     """Answer `question` about the window for the client `owner`, which named it `tag`; every answer event
     (start, deltas, done, or an error) goes to `reply`."""
 
@@ -78,23 +90,84 @@ class QuestionJob(_Job):
     ended: bool = False  # written by the worker once it sent answer.done or an error
 
 
-Job = SceneJob | QuestionJob
+@dataclass(frozen=True)
+class CheckResult:
+    """The yes/no rules' answers for one window: rule name → P(yes)."""
+
+    stream: str
+    window: Evidence
+    wall: float
+    scores: dict[str, float]
+
+
+@dataclass(eq=False, kw_only=True)
+class CheckJob(_WindowJob):
+    """Ask the window each of `questions` (rule name → yes/no question), one prefill each, no decoding."""
+
+    questions: dict[str, str]
+    reply: Reply[CheckResult]
+
+
+@dataclass(eq=False, kw_only=True)
+class HistoryJob(_Job):
+    """Answer `question` from stored windows (`hits`, best-ranked first): text only, no audio."""
+
+    question: str
+    hits: list[HistoryHit]
+    options: GenerationOptions
+    owner: object
+    tag: MessageId
+    reply: Reply[Answer]
+    ended: bool = False
+
+    def describe(self) -> str:
+        return f"history ({len(self.hits)} windows)"
+
+
+@dataclass(eq=False, kw_only=True)
+class DigestJob(_Job):
+    """Summarise a stream's stored windows of [since, until) with `prompt`: text only."""
+
+    id: str
+    stream: str
+    since: float
+    until: float
+    prompt: str
+    hits: list[HistoryHit]
+    options: GenerationOptions
+    reply: Reply[DigestEvent]
+
+    def describe(self) -> str:
+        return f"digest {self.id}"
+
+
+Asked = QuestionJob | HistoryJob
+Job = SceneJob | QuestionJob | CheckJob | HistoryJob | DigestJob
+Batch = list[QuestionJob] | list[HistoryJob] | list[CheckJob] | list[SceneJob] | list[DigestJob]
 
 
 class Scheduler:
     def __init__(self, max_queue: int, max_batch: int, retry_after_s: float) -> None:
         self.max_queue, self.max_batch, self.retry_after_s = max_queue, max_batch, retry_after_s
-        self._questions: collections.deque[QuestionJob] = collections.deque()
+        self._questions: collections.deque[Asked] = collections.deque()
+        self._checks: collections.deque[CheckJob] = collections.deque()
         self._scenes: dict[str, SceneJob] = {}  # stream → the one waiting scene job
+        self._digests: dict[str, DigestJob] = {}  # stream → the one waiting digest
         self._cv = threading.Condition()
         self._closed = False
         self.expired: list[Job] = []  # cancelled or past their deadline before they ran; the worker reports them
         self.skipped_scenes = 0
+        self.skipped_checks = 0
 
     @property
     def depth(self) -> dict[str, int]:
         with self._cv:
-            return {"questions": len(self._questions), "scenes": len(self._scenes)}
+            return {
+                "questions": len(self._questions),
+                "checks": len(self._checks),
+                "scenes": len(self._scenes),
+                "digests": len(self._digests),
+            }
 
     def has_questions(self) -> bool:
         with self._cv:
@@ -105,11 +178,18 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise Busy(self.retry_after_s, 0)
-            if isinstance(job, QuestionJob):
+            if isinstance(job, QuestionJob | HistoryJob):
                 live = sum(not j.cancelled for j in self._questions)
                 if live >= self.max_queue:
                     raise Busy(self.retry_after_s, live)
                 self._questions.append(job)
+            elif isinstance(job, CheckJob):
+                if len(self._checks) >= self.max_queue:
+                    self._checks.popleft()
+                    self.skipped_checks += 1
+                self._checks.append(job)
+            elif isinstance(job, DigestJob):
+                self._digests[job.stream] = job
             else:
                 old = self._scenes.get(job.window.stream)
                 if old is not None:
@@ -125,7 +205,7 @@ class Scheduler:
                 self._scenes[job.window.stream] = job
                 self._cv.notify()
 
-    def cancel(self, jobs: Iterable[QuestionJob]) -> int:
+    def cancel(self, jobs: Iterable[Asked]) -> int:
         """Cancel questions, waiting or running: a waiting one ends when it reaches the front, a running one
         between two tokens. Returns how many were not cancelled already."""
         with self._cv:
@@ -142,9 +222,10 @@ class Scheduler:
             self._closed = True
             self._cv.notify_all()
 
-    def pop(self, timeout: float | None = None) -> list[QuestionJob] | list[SceneJob] | None:
-        """The next batch: questions on one window (same options), else the oldest waiting scene jobs of several
-        streams (batched feature extraction). None when closed, [] on timeout or when jobs expired."""
+    def pop(self, timeout: float | None = None) -> Batch | None:
+        """The next batch (one kind of job): questions on one window (same options) or one history question,
+        else one window's check, else the oldest waiting scene jobs of several streams (batched feature
+        extraction), else one digest. None when closed, [] on timeout or when jobs expired."""
         with self._cv:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -152,19 +233,27 @@ class Scheduler:
                     return []  # let the worker report them now
                 if self._questions:
                     head = self._questions.popleft()
+                    if isinstance(head, HistoryJob):
+                        return [head]
                     batch = [head]
                     for j in list(self._questions):
                         if len(batch) >= self.max_batch:
                             break
-                        if j.window.id == head.window.id and j.options == head.options:
+                        if isinstance(j, QuestionJob) and j.window.id == head.window.id and j.options == head.options:
                             self._questions.remove(j)
                             batch.append(j)
                     return batch
+                if self._checks:
+                    return [self._checks.popleft()]
                 if self._scenes:
                     jobs = sorted(self._scenes.values(), key=lambda j: j.seq)[: self.max_batch]
                     for s in jobs:
                         del self._scenes[s.window.stream]
                     return jobs
+                if self._digests:
+                    first = min(self._digests.values(), key=lambda j: j.seq)
+                    del self._digests[first.stream]
+                    return [first]
                 if self._closed:
                     return None
                 left = None if deadline is None else deadline - time.monotonic()
@@ -176,13 +265,20 @@ class Scheduler:
         """Move cancelled and overdue jobs to `expired` (the worker ends each with the right event)."""
         now = time.monotonic()
         n = len(self.expired)
-        for j in [j for j in self._questions if j.cancelled or j.deadline < now]:
-            self._questions.remove(j)
-            self.expired.append(j)
-        for stream, s in list(self._scenes.items()):
-            if s.deadline < now:
+        for q in [q for q in self._questions if q.cancelled or q.deadline < now]:
+            self._questions.remove(q)
+            self.expired.append(q)
+        for c in [c for c in self._checks if c.deadline < now]:
+            self._checks.remove(c)
+            self.expired.append(c)
+        for stream, sj in list(self._scenes.items()):
+            if sj.deadline < now:
                 del self._scenes[stream]
-                self.expired.append(s)
+                self.expired.append(sj)
+        for stream, dj in list(self._digests.items()):
+            if dj.deadline < now:
+                del self._digests[stream]
+                self.expired.append(dj)
         return len(self.expired) > n
 
     def take_expired(self) -> list[Job]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..clock import WINDOW_SAMPLES, s_to_samples, samples_to_s
-from ..delivery.events import WindowRef
+from ..delivery.events import Evidence, WindowRef
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,23 @@ class Window:
     start: int
     end: int
     transcript: str
+    wall_start: float | None = None  # Unix time of the first and last sample, when known
+    wall_end: float | None = None
 
     @property
     def id(self) -> str:
         return f"{self.stream}:w{self.index}"
+
+    def evidence(self) -> Evidence:
+        """How history answers and alerts cite this window."""
+        return Evidence(
+            id=self.id,
+            stream=self.stream,
+            start=samples_to_s(self.start),
+            end=samples_to_s(self.end),
+            wall_start=self.wall_start,
+            wall_end=self.wall_end,
+        )
 
     def ref(self) -> WindowRef:
         """How events and answers name this window."""

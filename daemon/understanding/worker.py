@@ -11,21 +11,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
 import torch
 
 from ltu_as import GenerationOptions, LoadedModel, load_model
+from ltu_as.model.generation import yes_probability
 from ltu_as.model.processor import TextStreamer
 
 from ..clock import SAMPLE_RATE, WINDOW_SAMPLES
 from ..config import ModelConfig, SceneConfig
-from ..delivery.events import AnswerDelta, AnswerDone, AnswerStart, AnswerTimings, ErrorEvent, SceneEvent, SceneTimings
+from ..delivery.events import (
+    AnswerDelta,
+    AnswerDone,
+    AnswerStart,
+    AnswerTimings,
+    DigestEvent,
+    ErrorEvent,
+    Evidence,
+    SceneEvent,
+    SceneTimings,
+    WindowRef,
+)
 from ..delivery.wire import ErrorCode
+from ..memory.retrieval import evidence, fit, history_input
 from .cache import FeatureCache
-from .scheduler import Job, QuestionJob, SceneJob, Scheduler
+from .scheduler import Asked, Batch, CheckJob, CheckResult, DigestJob, HistoryJob, Job, QuestionJob, SceneJob, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +75,11 @@ class ModelWorker:
             "feature_batches": 0,
             "failed": 0,
             "out_of_memory": 0,
+            "checks": 0,
+            "history_answers": 0,
+            "digests": 0,
         }
+        self._yes_no: dict[str, tuple[list[int], list[int]]] = {}  # question → first-token ids of yes / no
 
     def start(self) -> None:
         self._thread.start()
@@ -104,22 +121,29 @@ class ModelWorker:
             if batch:
                 self._run_batch(batch)
 
-    def _run_batch(self, batch: list[QuestionJob] | list[SceneJob]) -> None:
+    def _run_batch(self, batch: Batch) -> None:
+        first = batch[0]
         try:
             if self.before_batch is not None:
                 self.before_batch(list(batch))
             with torch.inference_mode():
-                if isinstance(batch[0], QuestionJob):
-                    self._questions(batch)
+                if isinstance(first, QuestionJob):
+                    self._questions(batch)  # type: ignore[arg-type]  # a batch holds one kind of job
+                elif isinstance(first, HistoryJob):
+                    self._history(first)
+                elif isinstance(first, CheckJob):
+                    self._check(first)
+                elif isinstance(first, DigestJob):
+                    self._digest(first)
                 else:
-                    self._scenes(batch)
+                    self._scenes(batch)  # type: ignore[arg-type]
         except torch.OutOfMemoryError as e:
             self.counts["out_of_memory"] += 1
             log.error(
-                "out of memory on a batch of %d %s job(s) on %s: %s",
+                "out of memory on %d %s job(s) (%s): %s",
                 len(batch),
-                _kind(batch),
-                batch[0].window.id,
+                _kind(first),
+                first.describe(),
                 str(e).splitlines()[0] if str(e) else "",
             )
             if torch.cuda.is_available():
@@ -132,23 +156,23 @@ class ModelWorker:
             )
         except Exception as e:  # one failed job must not take the worker down
             self.counts["failed"] += 1
-            log.exception("model job failed (%d %s job(s) on %s)", len(batch), _kind(batch), batch[0].window.id)
+            log.exception("model job failed (%d %s job(s): %s)", len(batch), _kind(first), first.describe())
             self._fail(batch, ErrorCode.INTERNAL, f"model job failed: {type(e).__name__}: {e}", None)
 
-    def _fail(
-        self, batch: list[QuestionJob] | list[SceneJob], code: ErrorCode, message: str, retry_after_s: float | None
-    ) -> None:
+    def _fail(self, batch: Batch, code: ErrorCode, message: str, retry_after_s: float | None) -> None:
         for job in batch:
-            if isinstance(job, QuestionJob) and not job.ended:
+            if isinstance(job, QuestionJob | HistoryJob) and not job.ended:
                 job.ended = True
                 job.reply(ErrorEvent(code=code, message=message, re=job.tag, retry_after_s=retry_after_s))
 
     def _report_expired(self) -> None:
         for job in self.scheduler.take_expired():
-            if isinstance(job, SceneJob):
+            if not isinstance(job, QuestionJob | HistoryJob):
                 self.counts["expired"] += 1
-                log.warning("scene job for %s expired in the queue", job.window.id)
+                log.warning("%s job (%s) expired in the queue", _kind(job), job.describe())
             elif job.cancelled:  # cancelled while waiting: it ends like any cancelled answer
+                window, cited = _scope_of(job)
+                job.ended = True
                 job.reply(
                     AnswerDone(
                         re=job.tag,
@@ -156,7 +180,9 @@ class ModelWorker:
                         tokens=0,
                         token_ids=[],
                         reason="cancelled",
-                        window=job.window.ref(),
+                        scope="live" if window else "history",
+                        window=window,
+                        evidence=cited,
                         timings=AnswerTimings(
                             queue_ms=_ms(time.monotonic() - job.submitted),
                             ttft_ms=None,
@@ -167,6 +193,7 @@ class ModelWorker:
                 )
             else:
                 self.counts["expired"] += 1
+                job.ended = True
                 job.reply(
                     ErrorEvent(
                         code=ErrorCode.DEADLINE_EXCEEDED,
@@ -175,7 +202,7 @@ class ModelWorker:
                     )
                 )
 
-    def features(self, jobs: list[QuestionJob] | list[SceneJob]) -> torch.Tensor:
+    def features(self, jobs: list[QuestionJob] | list[SceneJob] | list[CheckJob]) -> torch.Tensor:
         """`[B, L, T, D]` features of the jobs' windows: from the cache, the rest computed in one batch."""
         assert self.loaded is not None
         model, processor = self.loaded.model, self.loaded.processor
@@ -256,10 +283,50 @@ class ModelWorker:
             return
         rows = [processor.encode(j.question, j.window.transcript) for j in jobs]
         for j in jobs:
-            j.reply(AnswerStart(re=j.tag, window=j.window.ref(), batch=len(jobs), queue_ms=_ms(t0 - j.submitted)))
+            j.reply(
+                AnswerStart(
+                    re=j.tag,
+                    scope="live",
+                    window=j.window.ref(),
+                    evidence=[j.window.evidence()],
+                    batch=len(jobs),
+                    queue_ms=_ms(t0 - j.submitted),
+                )
+            )
         answers = [_Answer(j, TextStreamer(processor.decode), t0) for j in jobs]
-        options = jobs[0].options
-        steps = model.stream_shared(feats, rows, options, eos_token_id=processor.eos_token_id)
+        self._decode(
+            answers,
+            model.stream_shared(feats, rows, jobs[0].options, eos_token_id=processor.eos_token_id),
+            jobs[0].options.max_new_tokens,
+        )
+
+    def _history(self, job: HistoryJob) -> None:
+        """A question about the past: the LLM reads the best-ranked stored windows that fit its context."""
+        assert self.loaded is not None
+        model, processor = self.loaded.model, self.loaded.processor
+        t0 = time.monotonic()
+        budget = int(model.config.llm["max_position_embeddings"]) - job.options.max_new_tokens
+        hits = fit(job.hits, lambda text: len(processor.encode(job.question, text)) <= budget)
+        cited = evidence(hits)
+        job.reply(
+            AnswerStart(
+                re=job.tag, scope="history", window=None, evidence=cited, batch=1, queue_ms=_ms(t0 - job.submitted)
+            )
+        )
+        answer = _Answer(job, TextStreamer(processor.decode), t0)
+        if not hits:  # nothing stored in that time: say so rather than let the model make something up
+            answer.text.append("Nothing was stored for that time.")
+            self._done(answer, "eos")
+            return
+        ids = processor.encode(job.question, history_input(hits))
+        self._decode(
+            [answer],
+            model.stream_text([ids], job.options, eos_token_id=processor.eos_token_id),
+            job.options.max_new_tokens,
+        )
+        self.counts["history_answers"] += 1
+
+    def _decode(self, answers: list[_Answer], steps: Iterator[list[int | None]], max_new_tokens: int) -> None:
         n_steps = 0
         for step in steps:
             n_steps += 1
@@ -272,11 +339,11 @@ class ModelWorker:
                 else:
                     a.push(tok, now)
             if all(a.finished for a in answers):
-                steps.close()
+                steps.close()  # type: ignore[attr-defined]  # a generator
                 break
         for a in answers:
             if not a.finished:
-                self._done(a, "length" if n_steps >= options.max_new_tokens else "eos")
+                self._done(a, "length" if n_steps >= max_new_tokens else "eos")
 
     def _done(self, a: _Answer, reason: Literal["eos", "length", "cancelled"]) -> None:
         done = a.finish(reason)
@@ -284,9 +351,9 @@ class ModelWorker:
         t = done.timings
         self.stats.update({k: v for k, v in t.model_dump().items() if v is not None})
         log.info(
-            "answered %r on %s: %d tokens (%s), queue %s ms, first token %s ms, %s tokens/s",
+            "answered %r (%s): %d tokens (%s), queue %s ms, first token %s ms, %s tokens/s",
             a.job.tag,
-            a.job.window.id,
+            a.job.describe(),
             done.tokens,
             reason,
             t.queue_ms,
@@ -294,11 +361,56 @@ class ModelWorker:
             t.tokens_per_s,
         )
 
+    def _check(self, job: CheckJob) -> None:
+        """The window's yes/no rules: one prefill per question (batched), P(yes) from the first-token logits."""
+        assert self.loaded is not None
+        model, processor = self.loaded.model, self.loaded.processor
+        try:
+            feats = self.features([job])  # [1, L, T, D]
+        except WindowGone:
+            log.warning("alert check skipped: %s is no longer in memory", job.window.id)
+            return
+        names = list(job.questions)
+        rows = [processor.encode(job.questions[n], job.window.transcript) for n in names]
+        logits = model.next_token_logits(feats.expand(len(rows), -1, -1, -1), rows)  # [Q, vocab]
+        scores = {}
+        for i, name in enumerate(names):
+            q = job.questions[name]
+            if q not in self._yes_no:
+                self._yes_no[q] = processor.yes_no_ids(q, job.window.transcript)
+            yes, no = self._yes_no[q]
+            scores[name] = float(yes_probability(logits[i : i + 1], yes, no)[0])
+        self.counts["checks"] += 1
+        job.reply(CheckResult(job.window.stream, job.window.evidence(), job.window.wall_end or time.time(), scores))
+
+    def _digest(self, job: DigestJob) -> None:
+        """A stream's summary over stored windows (greedy, text only)."""
+        assert self.loaded is not None
+        model, processor = self.loaded.model, self.loaded.processor
+        budget = int(model.config.llm["max_position_embeddings"]) - job.options.max_new_tokens
+        hits = fit(job.hits, lambda text: len(processor.encode(job.prompt, text)) <= budget)
+        ids = processor.encode(job.prompt, history_input(hits))
+        tokens: list[int] = []
+        for step in model.stream_text([ids], job.options, eos_token_id=processor.eos_token_id):
+            if step[0] is not None:
+                tokens.append(step[0])
+        self.counts["digests"] += 1
+        job.reply(
+            DigestEvent(
+                stream=job.stream,
+                id=job.id,
+                since=job.since,
+                until=job.until,
+                text=processor.decode(tokens).strip(),
+                windows=len(hits),
+            )
+        )
+
 
 class _Answer:
     """One question's answer while it is generated: streamed text, timings, and its final `answer.done`."""
 
-    def __init__(self, job: QuestionJob, streamer: TextStreamer, t0: float) -> None:
+    def __init__(self, job: Asked, streamer: TextStreamer, t0: float) -> None:
         self.job, self.streamer, self.t0 = job, streamer, t0
         self.text: list[str] = []
         self.first: float | None = None
@@ -327,13 +439,16 @@ class _Answer:
             tokens_per_s=round(rate, 2) if rate else None,
             total_ms=_ms(time.monotonic() - job.submitted),
         )
+        window, cited = _scope_of(job)
         done = AnswerDone(
             re=job.tag,
             text="".join(self.text),
             tokens=n,
             token_ids=list(self.streamer.ids),
             reason=reason,
-            window=job.window.ref(),
+            scope="live" if window else "history",
+            window=window,
+            evidence=cited,
             timings=timings,
         )
         job.ended = True
@@ -341,5 +456,18 @@ class _Answer:
         return done
 
 
-def _kind(batch: list[QuestionJob] | list[SceneJob]) -> str:
-    return "question" if isinstance(batch[0], QuestionJob) else "scene"
+def _scope_of(job: Asked) -> tuple[WindowRef | None, list[Evidence]]:
+    """(window, evidence) of an answer: a live question's window, or the stored windows a history answer cites."""
+    if isinstance(job, QuestionJob):
+        return job.window.ref(), [job.window.evidence()]
+    return None, evidence(job.hits)
+
+
+def _kind(job: Job) -> str:
+    return {
+        QuestionJob: "question",
+        HistoryJob: "history question",
+        CheckJob: "alert check",
+        DigestJob: "digest",
+        SceneJob: "scene",
+    }[type(job)]

@@ -52,6 +52,8 @@ class Daemon:
         self.config_path.write_text(config)
         self.log_path = tmp / f"daemon-{self.port}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        # the history store only where a test asks for one ([store] in its config), and then in its tmp folder
+        store = {} if "[store]" in config else {"LTU_DAEMON__STORE__ENABLED": "false"}
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -67,7 +69,7 @@ class Daemon:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "XDG_DATA_HOME": str(tmp / "data"), **store, **(env or {})},
         )
         if wait_ready:
             self.wait_ready()

@@ -13,9 +13,13 @@ import pytest
 
 from daemon.delivery.events import (
     EVENT_TYPES,
+    AlertEvent,
+    AlertRules,
     AnswerDone,
     AnswerTimings,
     ErrorEvent,
+    Evidence,
+    RuleInfo,
     ServerMessage,
     StreamEvent,
     Welcome,
@@ -23,7 +27,7 @@ from daemon.delivery.events import (
     encode,
 )
 from daemon.delivery.protocol import Ask, AudioStart, Hello, ProtocolError, json_schema, parse_client_message
-from daemon.delivery.wire import MAX_JSON_DEPTH, MAX_QUESTION_CHARS, CloseCode, ErrorCode
+from daemon.delivery.wire import MAX_JSON_DEPTH, MAX_QUESTION_CHARS, AlertRule, CloseCode, ErrorCode
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
@@ -116,10 +120,33 @@ def test_every_server_message_validates_against_the_published_schema() -> None:
             tokens=1,
             token_ids=[5],
             reason="eos",
+            scope="live",
             window=ref,
+            evidence=[Evidence(id="k:w1", stream="k", start=0, end=10, wall_start=None, wall_end=None)],
             timings=AnswerTimings(queue_ms=1, ttft_ms=None, tokens_per_s=None, total_ms=2),
         ),
         ErrorEvent(code=ErrorCode.INTERNAL, message="x", re="q"),
+        AlertRules(
+            re=2,
+            rules=[
+                RuleInfo(
+                    rule=AlertRule(name="smoke", kind="question", question="Smoke?"), source="config", active=["k"]
+                )
+            ],
+        ),
+        AlertEvent(
+            stream="k",
+            seq=1,
+            id="smoke/k/1",
+            rule="smoke",
+            kind="question",
+            window=None,
+            at=3.0,
+            wall=None,
+            evidence="Smoke?",
+            score=0.9,
+            clip=None,
+        ),
     ]
     for m in samples:
         server.validate(json.loads(encode(m)))
