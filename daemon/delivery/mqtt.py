@@ -50,7 +50,7 @@ class MqttBridge:
         self.availability = f"{p}/availability"
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=config.client_id, clean_session=True)
         self._client.will_set(self.availability, "offline", qos=1, retain=True)
-        self._client.reconnect_delay_set(1, 60)
+        self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

@@ -86,11 +86,14 @@ class AlertEngine:
         publish: Callable[[StreamEvent], object],
         *,
         clip: Callable[[AlertEvent, AlertRule], str | None] | None = None,
+        counts: dict[tuple[str, str], int] | None = None,
         local_time: Callable[[float], datetime] = datetime.fromtimestamp,
     ) -> None:
         """`rules` from the config, `runtime` ones from the store; `publish` gets every alert and alert.cleared;
-        `clip(alert, rule)` may keep audio and return the clip's name (rules with `clip = true`)."""
+        `clip(alert, rule)` may keep audio and return the clip's name (rules with `clip = true`); `counts`:
+        (rule, stream) → the last alert number stored, so ids stay unique across restarts."""
         self.publish, self.clip, self.local_time = publish, clip, local_time
+        self._counts = dict(counts or {})
         self._rules: dict[str, _Rule] = {}
         for r in rules:
             self._rules[r.name] = _Rule(r, "config", _pattern(r))
@@ -199,7 +202,9 @@ class AlertEngine:
     # --- the state machine ---
 
     def _hit(self, r: _Rule, hit: Hit) -> None:
-        st = r.states.setdefault(hit.stream, _State())
+        st = r.states.get(hit.stream)
+        if st is None:
+            st = r.states[hit.stream] = _State(count=self._counts.get((r.rule.name, hit.stream), 0))
         if st.since is not None and hit.wall - st.last > r.rule.hold_s:
             self._end(r, hit.stream, st, hit.wall)
         if st.since is None:

@@ -195,7 +195,7 @@ class Store:
         self.clips_dir = config.clips_dir or self.path.parent / "clips"
         self._make_embedder = embedder if config.embeddings else None
         self._embed: Callable[[list[str]], np.ndarray] | None = None
-        self._embed_ready = threading.Event()
+        self._embed_lock = threading.Lock()
         self._queue: queue.Queue[object] = queue.Queue(maxsize=config.queue)
         self._thread = threading.Thread(target=self._run, name="store", daemon=True)
         self._write: apsw.Connection | None = None
@@ -302,14 +302,15 @@ class Store:
                 self._write.close()
 
     def _embedder(self) -> Callable[[list[str]], np.ndarray] | None:
-        if self._make_embedder is not None and self._embed is None:
-            try:
-                self._embed = self._make_embedder()
-            except Exception as e:  # a missing optional model must not stop the store: text search goes on
-                log.error("history store: no sentence embeddings (%s); search falls back to full text", e)
-                self._make_embedder = None
-            self._embed_ready.set()
-        return self._embed
+        """The sentence embedder, built on first use by whichever thread needs it first (the writer, a search)."""
+        with self._embed_lock:
+            if self._make_embedder is not None and self._embed is None:
+                try:
+                    self._embed = self._make_embedder()
+                except Exception as e:  # a missing optional model must not stop the store: text search goes on
+                    log.error("history store: no sentence embeddings (%s); search falls back to full text", e)
+                    self._make_embedder = None
+            return self._embed
 
     def _flush(self, ops: list[object]) -> bool:
         """Apply `ops` in one transaction. False (and degraded) when the disk refused them."""
@@ -522,6 +523,16 @@ class Store:
             u = _q(c, "SELECT max(idx) FROM finals WHERE stream = ?", (stream,))[0][0]
         return int(w or 0), int(u or 0)
 
+    def alert_counts(self) -> dict[tuple[str, str], int]:
+        """(rule, stream) → the number in its last stored alert id (`<rule>/<stream>/<n>`): numbering continues."""
+        with self._read_lock:
+            rows = _q(self._reader(), "SELECT id FROM alerts")
+        out: dict[tuple[str, str], int] = {}
+        for (alert_id,) in rows:
+            rule, stream, n = str(alert_id).rsplit("/", 2)
+            out[(rule, stream)] = max(out.get((rule, stream), 0), int(n))
+        return out
+
     def rules(self) -> list[AlertRule]:
         with self._read_lock:
             rows = _q(self._reader(), "SELECT rule FROM rules ORDER BY created")
@@ -580,18 +591,17 @@ class Store:
     def _knn(
         self, query: str, since: float | None, until: float | None, streams: Sequence[str], pool: int
     ) -> list[int]:
-        self._embed_ready.wait(120)  # the writer loads the model; a search right after start waits for it
-        embed = self._embed
+        embed = self._embedder()
         if embed is None:
             return []
         vector = np.asarray(embed([query])[0], np.float32).tobytes()
-        cond: list[str] = ["embedding MATCH ?", "k = ?"]
+        cond: list[str] = ["v.embedding MATCH ?", "v.k = ?"]
         args: list[Any] = [vector, pool * 4]
         if since is not None:
-            cond.append("wall_end >= ?")
+            cond.append("v.wall_end >= ?")
             args.append(since)
         if until is not None:
-            cond.append("wall_end <= ?")
+            cond.append("v.wall_end <= ?")
             args.append(until)
         with self._read_lock:
             rows = _q(

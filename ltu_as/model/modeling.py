@@ -280,6 +280,21 @@ class LtuAsForConditionalGeneration(nn.Module):
         yield from generate_tokens(self.llm, embeds, mask, positions, rows, eos, options)
 
     @torch.no_grad()
+    def generate_text(
+        self,
+        input_ids: Sequence[Sequence[int] | torch.Tensor],
+        options: GenerationOptions | None = None,
+        eos_token_id: int | None = None,
+    ) -> list[list[int]]:
+        """`generate` for prompts without audio: B prompts → B lists of new token ids (EOS excluded)."""
+        out: list[list[int]] = [[] for _ in input_ids]
+        for step in self.stream_text(input_ids, options, eos_token_id):
+            for row, tok in zip(out, step, strict=True):
+                if tok is not None:
+                    row.append(tok)
+        return out
+
+    @torch.no_grad()
     def next_token_logits(
         self, features: torch.Tensor, input_ids: Sequence[Sequence[int] | torch.Tensor]
     ) -> torch.Tensor:

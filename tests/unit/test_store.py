@@ -163,6 +163,9 @@ def test_vector_search_finds_a_paraphrase_with_the_real_embedder(tmp_path: Path,
     assert [h.id for h in hits] == [f"kitchen:w{i + 1}" for i in np.argsort(-sims)[:3]]
     combined, mode = s.search("dog walk", limit=2)
     assert mode == "combined" and combined[0].id == "kitchen:w2"
+    # time limits apply to the vector ranking too (w1 ends at NOW + 10, w5 at NOW + 50)
+    bounded, _ = s.search("dog walk", mode="vector", since=NOW + 15, until=NOW + 45, limit=5)
+    assert sorted(h.id for h in bounded) == ["kitchen:w2", "kitchen:w3", "kitchen:w4"]
     s.stop(10)
 
 
