@@ -83,8 +83,13 @@ class Service:
             self.store.open()
             for name, pipeline in self.pipelines.items():
                 pipeline.continue_from(*self.store.last_indices(name))
+        self._rowid_at_start = self.store.last_rowid() if self.store else 0  # digests cover what comes after
         self.alerts = AlertEngine(
-            config.alerts.rules, self.store.rules() if self.store else [], self.bus.publish, clip=self._clip
+            config.alerts.rules,
+            self.store.rules() if self.store else [],
+            self.bus.publish,
+            clip=self._clip,
+            counts=self.store.alert_counts() if self.store else None,  # alert ids continue after a restart
         )
         if self.store is not None:
             self.bus.tap(self.store.record)
@@ -251,7 +256,7 @@ class Service:
             with contextlib.suppress(Busy):
                 scheduler.submit(job)
 
-        return Digests(cfg, list(self.pipelines), store.windows_between, submit)
+        return Digests(cfg, list(self.pipelines), store.windows_after, submit, after=self._rowid_at_start)
 
     # --- memory: answers kept, clips of alerts ---
 

