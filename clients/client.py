@@ -114,7 +114,8 @@ class DaemonClient:
         """Ask about a window (default: the newest) and yield this question's events: `answer.start`, then
         `answer.delta`s, then `answer.done`, or a single `error` (e.g. `busy` with `retry_after_s`). Other events
         arriving meanwhile are skipped (use a client subscribed to nothing, or iterate it separately).
-        `options`: max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed."""
+        `options`: scope (live, history, auto), since, until (Unix times), max_new_tokens, greedy, temperature,
+        top_p, top_k, repetition_penalty, seed."""
         message: dict[str, Any] = {"type": "ask", "question": question, **options}
         for key, value in (("stream", stream), ("window", window), ("at", at)):
             if value is not None:
@@ -127,6 +128,17 @@ class DaemonClient:
             yield event
             if event["type"] in ("answer.done", "error"):
                 return
+
+    async def search(self, query: str = "", **options: Any) -> dict[str, Any]:
+        """`history.search`: the reply (`history.results` with `hits`), or raises `DaemonError`.
+        `options`: since, until (Unix times), streams (globs), limit, mode (combined, text, vector, time)."""
+        qid = await self._send({"type": "history.search", "query": query, **options})
+        while True:
+            event = await self.recv()
+            if event.get("re") == qid:
+                if event["type"] == "error":
+                    raise DaemonError(event["code"], event["message"])
+                return event
 
     async def cancel(self, question_id: str) -> str:
         return await self._send({"type": "cancel", "target": question_id})
