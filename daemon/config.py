@@ -195,7 +195,7 @@ class HistoryConfig(_Section):
 
 
 class DigestConfig(_Section):
-    enabled: bool = False
+    enabled: bool = True
     every_s: float = Field(3600.0, ge=1)
     max_windows: int = Field(24, ge=1, le=200)
     prompt: str = "Summarise what happened, briefly, with the times of the main events."

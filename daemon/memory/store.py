@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 EMBED_DIM = 384  # all-MiniLM-L6-v2
 RETRY_S = 3.0  # how often a failing write (full disk) is retried
 RETENTION_EVERY_S = 60.0
+DAY_S = 86400  # the vector index is partitioned by day (UTC) of a window's end: time-bounded searches scan less
 
 # Migration i takes the schema from version i to i + 1. Never edit one that has shipped: add the next.
 MIGRATIONS: list[str] = [
@@ -77,7 +78,8 @@ MIGRATIONS: list[str] = [
         INSERT INTO windows_fts(windows_fts, rowid, transcript, scene)
         VALUES ('delete', old.rowid, old.transcript, old.scene);
         INSERT INTO windows_fts(rowid, transcript, scene) VALUES (new.rowid, new.transcript, new.scene); END;
-    CREATE VIRTUAL TABLE windows_vec USING vec0(embedding float[{EMBED_DIM}], stream TEXT, wall_end FLOAT);
+    CREATE VIRTUAL TABLE windows_vec USING vec0(day INTEGER PARTITION KEY, embedding float[{EMBED_DIM}],
+                                                stream TEXT, wall_end FLOAT);
     CREATE TABLE finals(
         rowid INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL, idx INTEGER NOT NULL,
         start REAL NOT NULL, end REAL NOT NULL, wall_start REAL, wall_end REAL, text TEXT NOT NULL,
@@ -453,9 +455,10 @@ class Store:
         vectors = embed([_text(t, s) for _, _, _, t, s in rows])
         for (rowid, stream, wall_end, _, _), v in zip(rows, vectors, strict=True):
             conn.execute("DELETE FROM windows_vec WHERE rowid = ?", (rowid,))
+            wall = float(wall_end or time.time())
             conn.execute(
-                "INSERT INTO windows_vec(rowid, embedding, stream, wall_end) VALUES (?,?,?,?)",
-                (rowid, np.asarray(v, np.float32).tobytes(), stream, float(wall_end or 0.0)),
+                "INSERT INTO windows_vec(rowid, day, embedding, stream, wall_end) VALUES (?,?,?,?,?)",
+                (rowid, int(wall // DAY_S), np.asarray(v, np.float32).tobytes(), stream, wall),
             )
 
     def _write_clip(self, clip: Clip) -> None:
@@ -601,14 +604,16 @@ class Store:
         if embed is None:
             return []
         vector = np.asarray(embed([query])[0], np.float32).tobytes()
+        every = list(streams) == ["*"]
         cond: list[str] = ["v.embedding MATCH ?", "v.k = ?"]
-        args: list[Any] = [vector, pool * 4]
+        args: list[Any] = [vector, pool if every else pool * 4]  # room for the stream filter applied after
+        # vec0 scans only the day partitions a time range covers (a flat scan of everything otherwise)
         if since is not None:
-            cond.append("v.wall_end >= ?")
-            args.append(since)
+            cond += ["v.day >= ?", "v.wall_end >= ?"]
+            args += [int(since // DAY_S), since]
         if until is not None:
-            cond.append("v.wall_end <= ?")
-            args.append(until)
+            cond += ["v.day <= ?", "v.wall_end <= ?"]
+            args += [int(until // DAY_S), until]
         with self._read_lock:
             rows = _q(
                 self._reader(),

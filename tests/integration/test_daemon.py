@@ -436,7 +436,7 @@ def test_config_typo_and_check(tiny, tmp_path: Path) -> None:
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "XDG_DATA_HOME": str(tmp_path / "data")},
         )
 
     started = run("start", "--config", str(bad))
@@ -456,3 +456,16 @@ def test_config_typo_and_check(tiny, tmp_path: Path) -> None:
     assert checked.returncode == 1
     assert "gone.ogg" in checked.stdout and "not a CTranslate2 Whisper folder" in checked.stdout
     assert "model.checkpoint" in checked.stdout and "nope.bin" in checked.stdout
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # a port nobody listens on
+    port = closed.getsockname()[1]
+    unreachable = tmp_path / "unreachable.toml"
+    unreachable.write_text(
+        config(tiny) + f'[mqtt]\nenabled = true\nurl = "mqtt://127.0.0.1:{port}"\n'
+        '[store]\npath = "/proc/no-such-dir/history.db"\n'
+    )
+    checked = run("check", "--config", str(unreachable))
+    closed.close()
+    assert checked.returncode == 1
+    assert f"mqtt: cannot reach the broker at 127.0.0.1:{port}" in checked.stdout
+    assert "store: cannot open the history store /proc/no-such-dir/history.db" in checked.stdout

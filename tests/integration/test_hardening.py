@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -234,3 +235,43 @@ def test_disconnects_are_logged_with_their_reason(small: Daemon) -> None:
             break
         asyncio.run(asyncio.sleep(0.1))
     assert "(logged-client) disconnected: client sent 4321 'bye for now'" in small.log()
+
+
+def test_a_full_disk_under_the_store_degrades_the_daemon_but_never_stops_it(tiny, tmp_path: Path) -> None:
+    """The history store on a 300 KB file system: it fills within seconds; /healthz then says `degraded: store`
+    and the daemon goes on transcribing and serving."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (the store's own full-disk test still runs)")
+    try:
+        d = Daemon(
+            tmp_path,
+            transcripts_only(tiny).replace("realtime = true", "realtime = false")
+            + f"""
+[store]
+path = "{mnt / "history.db"}"
+embeddings = false
+commit_interval_s = 0.1
+""",
+        )
+        try:
+            deadline = time.monotonic() + 120
+            health: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                status, health = d.health()
+                if "store" in health["degraded"]:
+                    break
+                time.sleep(0.2)
+            assert "store" in health["degraded"] and health["store"]["degraded"], health["store"]
+            finals = health["streams"]["talk"]["finals"]
+            time.sleep(3)
+            status, later = d.health()
+            assert status == 200 and later["ready"] and later["streams"]["talk"]["finals"] > finals
+            assert "Traceback" not in d.log() and "history store degraded" in d.log()
+        finally:
+            assert d.stop() == 0, d.log()[-3000:]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

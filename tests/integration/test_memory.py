@@ -469,3 +469,10 @@ def test_restart_keeps_history_and_the_broker_coming_back_loses_no_alert(run: Ru
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(10)
     run.sub.wait(lambda m: [x.payload for x in m if x.topic == "ltu/availability"][n:] == [b"offline"], 30)
+    # and the store it was writing is sound, holding every final it published
+    import apsw
+
+    c = apsw.Connection(str(run.tmp / "history.db"))
+    assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    stored = {r[0] for r in c.execute("SELECT id FROM finals WHERE stream = 'porch'").fetchall()}
+    assert stored and all(f"porch/{i}" in stored for i in range(1, max(int(x.split("/")[1]) for x in stored)))

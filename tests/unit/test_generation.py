@@ -157,3 +157,36 @@ def test_shared_prefix_batch_equals_one_by_one(loaded) -> None:
     # identical prompts too (the prefix then stops one token short of the end)
     same = list(model.stream_shared(features, [rows[0], rows[0]], options))
     assert [s[0] for s in same if s[0] is not None] == alone[0][: len(same)]
+
+
+def test_text_only_generation_batched_equals_alone(loaded) -> None:
+    """History answers and digests read text only: left-padded rows give the same tokens alone and together."""
+    p = loaded.processor
+    rows = [
+        p.encode("What was said about the kettle?", "[kitchen 10:00] speech: the kettle is boiling"),
+        p.encode("Summarise.", "nothing heard"),
+    ]
+    opts = GenerationOptions(max_new_tokens=6).greedy()
+    together = loaded.model.generate_text(rows, opts, eos_token_id=p.eos_token_id)
+    alone = [loaded.model.generate_text([r], opts, eos_token_id=p.eos_token_id)[0] for r in rows]
+    assert together == alone and all(together)
+
+
+def test_yes_probability_is_the_first_token_mass_of_yes_against_no(loaded, clip) -> None:
+    import torch
+
+    from ltu_as.model.generation import yes_probability
+
+    p, m = loaded.processor, loaded.model
+    feats = m.audio_features(p.mel(clip)[None])
+    q = "Is a smoke alarm beeping?"
+    ids = p.encode(q, "hello")
+    logits = m.next_token_logits(feats, [ids])
+    # the same logits as the first step of decoding
+    first = m.generate(feats, [ids], GenerationOptions(max_new_tokens=1).greedy(), eos_token_id=-1)[0][0]
+    assert int(logits[0].argmax()) == first
+    yes, no = p.yes_no_ids(q, "hello")
+    assert yes and no and not set(yes) & set(no)
+    probs = torch.softmax(logits[0].double(), dim=-1)
+    expected = float(probs[yes].sum() / (probs[yes].sum() + probs[no].sum()))
+    assert float(yes_probability(logits, yes, no)[0]) == pytest.approx(expected, abs=1e-6)
