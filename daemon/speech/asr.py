@@ -29,6 +29,8 @@ from ..reply import Reply
 
 log = logging.getLogger(__name__)
 
+LAST_DECODE_S = 60.0  # at shutdown, how long the decode in progress may still take
+
 
 @dataclass(frozen=True)
 class AsrJob:
@@ -108,13 +110,23 @@ class AsrWorker:
             self._partials[job.stream] = job
             self._cv.notify()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish the queued finals (pending partials are dropped), then end the thread."""
+    def stop(self, timeout: float | None = None) -> int:
+        """Finish the queued finals within `timeout` (pending partials are dropped), then end the thread. Finals
+        still queued after `timeout` are dropped (and counted in the log); the decode in progress is waited for,
+        so the process never exits in the middle of CTranslate2. Returns how many finals were dropped."""
         with self._cv:
             self._stop = True
             self._partials.clear()
             self._cv.notify()
         self._thread.join(timeout)
+        dropped = 0
+        if self._thread.is_alive():
+            with self._cv:
+                dropped = len(self._finals)
+                self._finals.clear()
+            log.warning("ASR did not finish its queue within %.1f s: %d queued finals dropped", timeout or 0, dropped)
+            self._thread.join(LAST_DECODE_S)
+        return dropped
 
     def _next(self) -> AsrJob | None:
         with self._cv:

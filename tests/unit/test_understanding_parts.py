@@ -123,7 +123,7 @@ def test_full_queue_is_busy_not_growing() -> None:
         s.submit(job("question"))
     assert e.value.retry_after_s == 2.5 and "2 questions waiting" in str(e.value)
     s.submit(job("scene"))  # scenes are bounded by coalescing instead
-    assert s.depth == {"questions": 2, "scenes": 1}
+    assert s.depth == {"questions": 2, "checks": 0, "scenes": 1, "digests": 0}
 
 
 def test_deadlines_and_cancellation() -> None:
