@@ -150,6 +150,17 @@ class SchedulerConfig(_Section):
     retry_after_s: float = Field(2.0, gt=0)
 
 
+class EngineConfig(_Section):
+    """The decode engine (`ltu_as.serving.engine`): one running batch for every stream and client."""
+
+    slots: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # rows holding KV; auto: what memory_fraction fits
+    max_slots: int = Field(64, ge=1)  # the cap on "auto"
+    memory_fraction: float = Field(0.5, gt=0, le=0.95)  # of the device's free memory (RAM on CPU), after loading
+    max_positions: int = Field(1024, ge=64)  # per row: audio tokens + prompt + answer
+    prefill_chunk: int = Field(256, ge=1)  # most prompt positions prefilled per step (running rows wait ≤ 1 chunk)
+    prefix_cache: int = Field(32, ge=0)  # recent windows whose audio-token KV is kept for questions
+
+
 class QuestionsConfig(_Section):
     max_new_tokens: int = Field(128, ge=1)
     max_new_tokens_limit: int = Field(512, ge=1, le=4096)
@@ -301,6 +312,7 @@ class DaemonConfig(_Section):
     features: FeaturesConfig = FeaturesConfig()
     scene: SceneConfig = SceneConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    engine: EngineConfig = EngineConfig()
     questions: QuestionsConfig = QuestionsConfig()
     store: StoreConfig = StoreConfig()
     history: HistoryConfig = HistoryConfig()

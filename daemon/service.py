@@ -399,7 +399,7 @@ class _Understanding:
         self.checkpoint = config.model.checkpoint
         self.scheduler = Scheduler(sc.max_queue, sc.max_batch, sc.retry_after_s)
         self.cache = FeatureCache(config.features.cache_windows, int(config.features.cache_mb * 2**20))
-        self.worker = ModelWorker(config.model, config.scene, self.scheduler, self.cache)
+        self.worker = ModelWorker(config.model, config.scene, self.scheduler, self.cache, config.engine)
         search = None
         if store is not None:
 
@@ -426,6 +426,7 @@ class _Understanding:
             "error": str(w.error) if w.error else None,
             "queue": self.scheduler.depth,
             "counts": dict(w.counts),
+            "engine": w.engine_stats(),
             "latest_ms": dict(w.stats),
             "skipped_scenes": self.scheduler.skipped_scenes,
             "skipped_checks": self.scheduler.skipped_checks,

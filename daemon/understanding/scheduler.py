@@ -2,7 +2,8 @@
 
 - Priorities: questions (about a live window, or about the past), then alert checks (the yes/no rules asked of each
   window), then scene descriptions, then digests. (ASR runs on its own worker; on a shared GPU its finals would
-  come first.) A scene job being generated yields to a waiting question between tokens.
+  come first.) The worker moves jobs into the decode engine's running batch, where questions take free slots
+  first and preempt scene rows when none is free.
 - Scene jobs coalesce per stream: at most one waits per stream. A newer one replaces it and counts it as skipped,
   so a stream that is behind gets its newest window described.
 - Questions on the same window with the same generation options are taken together (up to `max_batch`), so they
@@ -199,7 +200,7 @@ class Scheduler:
             self._cv.notify()
 
     def requeue_scene(self, job: SceneJob) -> None:
-        """Put back a scene job that yielded to a question, unless a newer one for its stream is waiting."""
+        """Put back a scene job that could not run, unless a newer one for its stream is waiting."""
         with self._cv:
             if job.window.stream not in self._scenes and not self._closed:
                 self._scenes[job.window.stream] = job

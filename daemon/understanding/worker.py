@@ -1,9 +1,15 @@
-"""The model worker: one thread owns the LTU-AS model (feature encoder, TLTR, projector, LLaMA + LoRA) and runs
-the scheduler's jobs. Results are protocol messages sent through each job's `reply` (to the event loop).
-Cancellation and yielding to questions are checked between tokens.
+"""The model worker: one thread owns the LTU-AS model (feature encoder, TLTR, projector, LLaMA + LoRA merged) and
+drives the decode engine (`ltu_as.serving.engine`): scenes and questions of every stream and client share one
+running batch, joining after their prefill and leaving on EOS, their token cap or cancel, at step boundaries.
+
+The loop: take the scheduler's next batch when the engine has room (questions always; scenes only when nothing
+waits for a slot), compute the windows' features, submit one engine row per job, run one engine step, deliver what
+it produced. Results are protocol messages sent through each job's `reply` (to the event loop). Questions get the
+free slots first and preempt scene rows when the slots run out; a preempted scene resumes later with what it had.
 
 A job that raises ends every question in its batch with an `internal` error carrying the question's id (and the
-worker goes on); running out of accelerator memory ends them with `out_of_memory` and a retry hint.
+worker goes on); running out of accelerator memory ends them with `out_of_memory` and a retry hint. A failing engine
+step ends every row in the engine the same way and starts the engine afresh.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -20,9 +27,20 @@ import torch
 from ltu_as import GenerationOptions, LoadedModel, load_model
 from ltu_as.model.generation import yes_probability
 from ltu_as.model.processor import TextStreamer
+from ltu_as.serving.engine import (
+    QUESTION,
+    SCENE,
+    TEXT,
+    DecodeEngine,
+    Output,
+    PromptTooLong,
+    Request,
+    Row,
+    auto_slots,
+)
 
 from ..clock import SAMPLE_RATE, WINDOW_SAMPLES
-from ..config import ModelConfig, SceneConfig
+from ..config import EngineConfig, ModelConfig, SceneConfig
 from ..delivery.events import (
     AnswerDelta,
     AnswerDone,
@@ -53,14 +71,37 @@ def _ms(t: float) -> float:
     return round(t * 1000, 1)
 
 
+@dataclass(eq=False)
+class _Live:
+    """What an engine row is for: its job, the answer being streamed (questions), and scene timings."""
+
+    job: Job
+    answer: _Answer | None = None
+    popped: float = 0.0
+    features_ms: float = 0.0
+    batch: int = 1
+    expired: bool = False  # cancelled by the worker because its deadline passed while it waited for a slot
+
+
 class ModelWorker:
-    def __init__(self, model: ModelConfig, scene: SceneConfig, scheduler: Scheduler, cache: FeatureCache) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        scene: SceneConfig,
+        scheduler: Scheduler,
+        cache: FeatureCache,
+        engine: EngineConfig | None = None,
+    ) -> None:
         self.model_config, self.scene = model, scene
+        self.engine_config = engine or EngineConfig()
         self.scheduler = scheduler
         self.cache = cache
         self.ready = threading.Event()
         self.error: Exception | None = None
         self.loaded: LoadedModel | None = None
+        self.engine: DecodeEngine | None = None
+        self._live: dict[Row, _Live] = {}
+        self._shared_prefix: list[int] = []  # the prompt template's start, the same for every question
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         # Test hook: called with each batch before it runs; an exception it raises is handled like one from the
         # model (tests use it to simulate failures and torch.OutOfMemoryError without a GPU).
@@ -88,6 +129,21 @@ class ModelWorker:
         self.scheduler.close()
         self._thread.join(timeout)
 
+    def engine_stats(self) -> dict[str, object]:
+        """The engine's slots and counters (for /healthz)."""
+        e = self.engine
+        if e is None:
+            return {}
+        return {
+            "slots": e.slots,
+            "used": e.used,
+            "running": len(e.running),
+            "waiting": len(e.waiting),
+            "max_positions": e.max_positions,
+            "prefix_cache": len(e.prefixes),
+            **e.counts,
+        }
+
     # --- thread ---
 
     def _load(self) -> LoadedModel:
@@ -101,11 +157,38 @@ class ModelWorker:
                 f"the checkpoint reads {arch.clip_samples} samples at {arch.sampling_rate} Hz; the "
                 f"daemon's windows are {WINDOW_SAMPLES} samples at {SAMPLE_RATE} Hz"
             )
-        # warm-up: one window's features and one token
+        loaded.model.merge_lora()  # inference only: a decode step then reads the base weights, nothing more
+        self.engine = self._engine(loaded)
+        self._shared_prefix = loaded.processor.shared_prefix()
+        # warm-up: one window's features and one token through the engine
         feats = loaded.model.audio_features(loaded.processor.mel(np.zeros(SAMPLE_RATE, np.float32))[None])
-        loaded.model.generate(feats, [loaded.processor.encode("warm up")], GenerationOptions(max_new_tokens=1).greedy())
-        log.info("LTU-AS ready in %.1f s", time.monotonic() - t0)
+        audio = loaded.model.audio_embeddings(feats)[0]
+        warm = GenerationOptions(max_new_tokens=1).greedy()
+        self.engine.run([Request(loaded.processor.encode("warm up"), warm, prefix_embeds=audio)])
+        log.info(
+            "LTU-AS ready in %.1f s (engine: %d slots of %d positions)",
+            time.monotonic() - t0,
+            self.engine.slots,
+            self.engine.max_positions,
+        )
         return loaded
+
+    def _engine(self, loaded: LoadedModel) -> DecodeEngine:
+        c, llm = self.engine_config, loaded.model.llm
+        p = next(llm.parameters())
+        positions = min(c.max_positions, int(loaded.model.config.llm["max_position_embeddings"]))
+        if c.slots == "auto":
+            slots = min(c.max_slots, auto_slots(llm.config, positions, p.dtype, p.device, c.memory_fraction))
+        else:
+            slots = c.slots
+        return DecodeEngine(
+            llm,
+            slots=slots,
+            max_positions=positions,
+            eos_token_id=loaded.processor.eos_token_id,
+            prefill_chunk=c.prefill_chunk,
+            prefix_cache=c.prefix_cache,
+        )
 
     def _run(self) -> None:
         try:
@@ -116,12 +199,35 @@ class ModelWorker:
             self.ready.set()
             return
         self.ready.set()
-        while (batch := self.scheduler.pop()) is not None:
+        engine = self.engine
+        assert engine is not None
+        while True:
+            if not engine.has_work():
+                batch = self.scheduler.pop()  # idle: wait for work
+            elif self._room(engine):
+                batch = self.scheduler.pop(timeout=0)
+            else:
+                batch = []
+            if batch is None:
+                break
             self._report_expired()
             if batch:
-                self._run_batch(batch)
+                self._start(batch)
+            if engine.has_work():
+                self._step(engine)
+        for row in engine.abort():  # closing: end what is left
+            self._live.pop(row, None)
 
-    def _run_batch(self, batch: Batch) -> None:
+    def _room(self, engine: DecodeEngine) -> bool:
+        """Whether to take more work from the scheduler now: when nothing waits for a slot, or when questions wait
+        there and fewer than a batch's worth of slots' questions wait in the engine (so both stay bounded)."""
+        if not engine.waiting:
+            return True
+        waiting_questions = sum(r.request.priority == QUESTION for r in engine.waiting)
+        return waiting_questions < engine.slots and self.scheduler.has_questions()
+
+    def _start(self, batch: Batch) -> None:
+        """Features and engine rows for a batch (checks run here at once: one prefill, no decoding)."""
         first = batch[0]
         try:
             if self.before_batch is not None:
@@ -137,7 +243,12 @@ class ModelWorker:
                     self._digest(first)
                 else:
                     self._scenes(batch)  # type: ignore[arg-type]
-        except torch.OutOfMemoryError as e:
+        except Exception as e:
+            self._failed(batch, e)
+
+    def _failed(self, batch: Batch | list[Job], e: Exception) -> None:
+        first = batch[0]
+        if isinstance(e, torch.OutOfMemoryError):
             self.counts["out_of_memory"] += 1
             log.error(
                 "out of memory on %d %s job(s) (%s): %s",
@@ -149,15 +260,212 @@ class ModelWorker:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self._fail(
-                batch,
+                batch,  # type: ignore[arg-type]
                 ErrorCode.OUT_OF_MEMORY,
                 "the model ran out of memory on this question; retry, or ask for fewer tokens",
                 OOM_RETRY_S,
             )
-        except Exception as e:  # one failed job must not take the worker down
+        elif isinstance(e, PromptTooLong):
+            self._fail(batch, ErrorCode.TOO_LARGE, str(e), None)  # type: ignore[arg-type]
+        else:  # one failed job must not take the worker down
             self.counts["failed"] += 1
-            log.exception("model job failed (%d %s job(s): %s)", len(batch), _kind(first), first.describe())
-            self._fail(batch, ErrorCode.INTERNAL, f"model job failed: {type(e).__name__}: {e}", None)
+            log.error("model job failed (%d %s job(s): %s)", len(batch), _kind(first), first.describe(), exc_info=e)
+            self._fail(batch, ErrorCode.INTERNAL, f"model job failed: {type(e).__name__}: {e}", None)  # type: ignore[arg-type]
+
+    def _step(self, engine: DecodeEngine) -> None:
+        """Cancel what was cancelled or waited past its deadline, run one engine step, deliver its outputs."""
+        now = time.monotonic()
+        for row, live in self._live.items():
+            job = live.job
+            if isinstance(job, QuestionJob | HistoryJob) and not row.cancelled:
+                if job.cancelled:
+                    engine.cancel(row)
+                elif row.state == "waiting" and not row.generated and job.deadline < now:
+                    live.expired = True
+                    engine.cancel(row)
+        try:
+            with torch.inference_mode():
+                outputs = engine.step()
+        except Exception as e:  # the engine's state is unknown: end every row in it and start afresh
+            rows = engine.abort()
+            jobs = [self._live.pop(r).job for r in rows if r in self._live]
+            if jobs:
+                self._failed(jobs, e)
+            else:
+                log.exception("engine step failed with no rows to fail")
+            return
+        self.counts["preempted"] = engine.counts["preempted"]
+        now = time.monotonic()
+        for out in outputs:
+            self._deliver(out, now)
+
+    def _deliver(self, out: Output, now: float) -> None:
+        live = self._live.get(out.row)
+        if live is None:
+            return
+        a = live.answer
+        if a is not None:
+            if out.token is not None:
+                a.push(out.token, now)
+            if out.finished is not None:
+                del self._live[out.row]
+                if live.expired:
+                    self.counts["expired"] += 1
+                    a.job.ended = True
+                    a.job.reply(
+                        ErrorEvent(
+                            code=ErrorCode.DEADLINE_EXCEEDED,
+                            re=a.job.tag,
+                            message="the question waited past its deadline; ask again",
+                        )
+                    )
+                else:
+                    self._done(a, out.finished)
+            return
+        if out.finished is None:
+            return
+        del self._live[out.row]
+        job = live.job
+        if isinstance(job, SceneJob):
+            self._scene_done(job, live, out.row.generated, now)
+        elif isinstance(job, DigestJob):
+            self._digest_done(job, out.row.generated)
+
+    def features(self, jobs: list[QuestionJob] | list[SceneJob] | list[CheckJob]) -> torch.Tensor:
+        """`[B, L, T, D]` features of the jobs' windows: from the cache, the rest computed in one batch."""
+        assert self.loaded is not None
+        model, processor = self.loaded.model, self.loaded.processor
+        have: dict[str, torch.Tensor | None] = {j.window.id: self.cache.get(j.window.id) for j in jobs}
+        todo = list({j.window.id: j for j in jobs if have[j.window.id] is None}.values())  # one per window
+        if todo:
+            audio = [j.audio for j in todo]
+            if any(a is None for a in audio):
+                raise WindowGone("the window's audio left the ring buffer and its features the cache")
+            t0 = time.monotonic()
+            mel = torch.stack([processor.mel(a) for a in audio if a is not None])  # [B, n_mels, n_frames]
+            out = model.audio_features(mel)  # [B, L, T, D]
+            for j, f in zip(todo, out, strict=True):
+                have[j.window.id] = f.clone()
+                self.cache.put(j.window.id, f.clone())
+            self.counts["feature_batches"] += 1
+            self.stats["features_ms"] = _ms(time.monotonic() - t0)
+            self.stats["features_batch"] = len(todo)
+        return torch.stack([t for t in (have[j.window.id] for j in jobs) if t is not None])
+
+    def _window_request(
+        self, ids: list[int], audio: torch.Tensor, window_id: str, options: GenerationOptions, priority: int
+    ) -> Request:
+        """An engine row about a window: its audio tokens and the template's start are a prefix shared (and
+        cached) across every question about that window."""
+        shared = 0
+        while shared < min(len(ids), len(self._shared_prefix)) and ids[shared] == self._shared_prefix[shared]:
+            shared += 1
+        return Request(ids, options, prefix_embeds=audio, prefix_key=window_id, shared=shared, priority=priority)
+
+    def _submit(self, request: Request, live: _Live) -> None:
+        assert self.engine is not None
+        self._live[self.engine.submit(request)] = live
+
+    def _scenes(self, jobs: list[SceneJob]) -> None:
+        assert self.loaded is not None
+        model, processor = self.loaded.model, self.loaded.processor
+        t0 = time.monotonic()
+        try:
+            audio = model.audio_embeddings(self.features(jobs))  # [B, T, d]
+        except WindowGone as e:
+            log.warning("scene skipped: %s", e)
+            return
+        t1 = time.monotonic()
+        options = GenerationOptions(max_new_tokens=self.scene.max_new_tokens).greedy()
+        for j, a in zip(jobs, audio, strict=True):
+            ids = processor.encode(self.scene.prompt, j.window.transcript)
+            live = _Live(j, popped=t0, features_ms=_ms(t1 - t0), batch=len(jobs))
+            self._submit(self._window_request(ids, a, j.window.id, options, SCENE), live)
+
+    def _scene_done(self, job: SceneJob, live: _Live, tokens: list[int], now: float) -> None:
+        assert self.loaded is not None
+        self.counts["scenes"] += 1
+        generate_ms = _ms(now - live.popped) - live.features_ms
+        job.reply(
+            SceneEvent(
+                stream=job.window.stream,
+                window=job.window.ref(),
+                text=self.loaded.processor.decode(tokens).strip(),
+                tokens=len(tokens),
+                skipped=job.skipped,
+                timings=SceneTimings(
+                    queue_ms=_ms(live.popped - job.submitted),
+                    features_ms=live.features_ms,
+                    generate_ms=round(generate_ms, 1),
+                    batch=live.batch,
+                ),
+            )
+        )
+        self.stats["scene_ms"] = _ms(now - live.popped)
+        log.info(
+            "described %s in %.0f ms (features %.0f, generate %.0f; %d tokens; queue %s)",
+            job.window.id,
+            (now - live.popped) * 1000,
+            live.features_ms,
+            generate_ms,
+            len(tokens),
+            self.scheduler.depth,
+        )
+
+    def _questions(self, jobs: list[QuestionJob]) -> None:
+        assert self.loaded is not None
+        model, processor = self.loaded.model, self.loaded.processor
+        t0 = time.monotonic()
+        try:
+            audio = model.audio_embeddings(self.features(jobs[:1]))[0]  # one window for the whole batch
+        except WindowGone as e:
+            self._fail(jobs, ErrorCode.WINDOW_EXPIRED, str(e), None)
+            return
+        for j in jobs:
+            ids = processor.encode(j.question, j.window.transcript)
+            request = self._window_request(ids, audio, j.window.id, j.options, QUESTION)
+            self._start_answer(j, request, t0, scope="live", batch=len(jobs))
+
+    def _start_answer(
+        self, job: Asked, request: Request, t0: float, scope: Literal["live", "history"], batch: int = 1
+    ) -> None:
+        assert self.loaded is not None
+        window, cited = _scope_of(job)
+        job.reply(
+            AnswerStart(
+                re=job.tag,
+                scope=scope,
+                window=window,
+                evidence=cited,
+                batch=batch,
+                queue_ms=_ms(t0 - job.submitted),
+            )
+        )
+        answer = _Answer(job, TextStreamer(self.loaded.processor.decode), t0)
+        request.tag = job.tag
+        self._submit(request, _Live(job, answer=answer, popped=t0))
+
+    def _history(self, job: HistoryJob) -> None:
+        """A question about the past: the LLM reads the best-ranked stored windows that fit its context."""
+        assert self.loaded is not None and self.engine is not None
+        processor = self.loaded.processor
+        t0 = time.monotonic()
+        budget = self.engine.max_positions - job.options.max_new_tokens
+        hits = fit(job.hits, lambda text: len(processor.encode(job.question, text)) <= budget)
+        job.hits = hits
+        if not hits:  # nothing stored in that time: say so rather than let the model make something up
+            job.reply(
+                AnswerStart(
+                    re=job.tag, scope="history", window=None, evidence=[], batch=1, queue_ms=_ms(t0 - job.submitted)
+                )
+            )
+            answer = _Answer(job, TextStreamer(processor.decode), t0)
+            answer.text.append("Nothing was stored for that time.")
+            self._done(answer, "eos")
+            return
+        ids = processor.encode(job.question, history_input(hits))
+        self._start_answer(job, Request(ids, job.options, priority=QUESTION), t0, "history")
+        self.counts["history_answers"] += 1
 
     def _fail(self, batch: Batch, code: ErrorCode, message: str, retry_after_s: float | None) -> None:
         for job in batch:
@@ -202,149 +510,6 @@ class ModelWorker:
                     )
                 )
 
-    def features(self, jobs: list[QuestionJob] | list[SceneJob] | list[CheckJob]) -> torch.Tensor:
-        """`[B, L, T, D]` features of the jobs' windows: from the cache, the rest computed in one batch."""
-        assert self.loaded is not None
-        model, processor = self.loaded.model, self.loaded.processor
-        have: dict[str, torch.Tensor | None] = {j.window.id: self.cache.get(j.window.id) for j in jobs}
-        todo = list({j.window.id: j for j in jobs if have[j.window.id] is None}.values())  # one per window
-        if todo:
-            audio = [j.audio for j in todo]
-            if any(a is None for a in audio):
-                raise WindowGone("the window's audio left the ring buffer and its features the cache")
-            t0 = time.monotonic()
-            mel = torch.stack([processor.mel(a) for a in audio if a is not None])  # [B, n_mels, n_frames]
-            out = model.audio_features(mel)  # [B, L, T, D]
-            for j, f in zip(todo, out, strict=True):
-                have[j.window.id] = f.clone()
-                self.cache.put(j.window.id, f.clone())
-            self.counts["feature_batches"] += 1
-            self.stats["features_ms"] = _ms(time.monotonic() - t0)
-            self.stats["features_batch"] = len(todo)
-        return torch.stack([t for t in (have[j.window.id] for j in jobs) if t is not None])
-
-    def _scenes(self, jobs: list[SceneJob]) -> None:
-        assert self.loaded is not None
-        model, processor = self.loaded.model, self.loaded.processor
-        t0 = time.monotonic()
-        feats = self.features(jobs)
-        rows = [processor.encode(self.scene.prompt, j.window.transcript) for j in jobs]
-        options = GenerationOptions(max_new_tokens=self.scene.max_new_tokens).greedy()
-        tokens: list[list[int]] = [[] for _ in jobs]
-        steps = model.stream(feats, rows, options, eos_token_id=processor.eos_token_id)
-        t_gen = time.monotonic()
-        for step in steps:
-            if self.scheduler.has_questions():  # questions go first: give the model up, describe later
-                steps.close()
-                self.counts["preempted"] += 1
-                for j in jobs:
-                    self.scheduler.requeue_scene(j)
-                return
-            for out, tok in zip(tokens, step, strict=True):
-                if tok is not None:
-                    out.append(tok)
-        t1 = time.monotonic()
-        for j, toks in zip(jobs, tokens, strict=True):
-            self.counts["scenes"] += 1
-            j.reply(
-                SceneEvent(
-                    stream=j.window.stream,
-                    window=j.window.ref(),
-                    text=processor.decode(toks).strip(),
-                    tokens=len(toks),
-                    skipped=j.skipped,
-                    timings=SceneTimings(
-                        queue_ms=_ms(t0 - j.submitted),
-                        features_ms=_ms(t_gen - t0),
-                        generate_ms=_ms(t1 - t_gen),
-                        batch=len(jobs),
-                    ),
-                )
-            )
-        self.stats["scene_ms"] = _ms(t1 - t0)
-        log.info(
-            "described %s in %.0f ms (features %.0f, generate %.0f; batch %d; queue %s)",
-            ", ".join(j.window.id for j in jobs),
-            (t1 - t0) * 1000,
-            (t_gen - t0) * 1000,
-            (t1 - t_gen) * 1000,
-            len(jobs),
-            self.scheduler.depth,
-        )
-
-    def _questions(self, jobs: list[QuestionJob]) -> None:
-        assert self.loaded is not None
-        model, processor = self.loaded.model, self.loaded.processor
-        t0 = time.monotonic()
-        try:
-            feats = self.features(jobs[:1])  # one window for the whole batch
-        except WindowGone as e:
-            self._fail(jobs, ErrorCode.WINDOW_EXPIRED, str(e), None)
-            return
-        rows = [processor.encode(j.question, j.window.transcript) for j in jobs]
-        for j in jobs:
-            j.reply(
-                AnswerStart(
-                    re=j.tag,
-                    scope="live",
-                    window=j.window.ref(),
-                    evidence=[j.window.evidence()],
-                    batch=len(jobs),
-                    queue_ms=_ms(t0 - j.submitted),
-                )
-            )
-        answers = [_Answer(j, TextStreamer(processor.decode), t0) for j in jobs]
-        self._decode(
-            answers,
-            model.stream_shared(feats, rows, jobs[0].options, eos_token_id=processor.eos_token_id),
-            jobs[0].options.max_new_tokens,
-        )
-
-    def _history(self, job: HistoryJob) -> None:
-        """A question about the past: the LLM reads the best-ranked stored windows that fit its context."""
-        assert self.loaded is not None
-        model, processor = self.loaded.model, self.loaded.processor
-        t0 = time.monotonic()
-        budget = int(model.config.llm["max_position_embeddings"]) - job.options.max_new_tokens
-        hits = fit(job.hits, lambda text: len(processor.encode(job.question, text)) <= budget)
-        cited = evidence(hits)
-        job.reply(
-            AnswerStart(
-                re=job.tag, scope="history", window=None, evidence=cited, batch=1, queue_ms=_ms(t0 - job.submitted)
-            )
-        )
-        answer = _Answer(job, TextStreamer(processor.decode), t0)
-        if not hits:  # nothing stored in that time: say so rather than let the model make something up
-            answer.text.append("Nothing was stored for that time.")
-            self._done(answer, "eos")
-            return
-        ids = processor.encode(job.question, history_input(hits))
-        self._decode(
-            [answer],
-            model.stream_text([ids], job.options, eos_token_id=processor.eos_token_id),
-            job.options.max_new_tokens,
-        )
-        self.counts["history_answers"] += 1
-
-    def _decode(self, answers: list[_Answer], steps: Iterator[list[int | None]], max_new_tokens: int) -> None:
-        n_steps = 0
-        for step in steps:
-            n_steps += 1
-            now = time.monotonic()
-            for a, tok in zip(answers, step, strict=True):
-                if a.finished:
-                    continue
-                if a.job.cancelled or tok is None:
-                    self._done(a, "cancelled" if a.job.cancelled else "eos")
-                else:
-                    a.push(tok, now)
-            if all(a.finished for a in answers):
-                steps.close()  # type: ignore[attr-defined]  # a generator
-                break
-        for a in answers:
-            if not a.finished:
-                self._done(a, "length" if n_steps >= max_new_tokens else "eos")
-
     def _done(self, a: _Answer, reason: Literal["eos", "length", "cancelled"]) -> None:
         done = a.finish(reason)
         self.counts["answers"] += 1
@@ -384,16 +549,16 @@ class ModelWorker:
         job.reply(CheckResult(job.window.stream, job.window.evidence(), job.window.wall_end or time.time(), scores))
 
     def _digest(self, job: DigestJob) -> None:
-        """A stream's summary over stored windows (greedy, text only)."""
+        """A stream's summary over stored windows (greedy, text only), delivered when its row finishes."""
+        assert self.loaded is not None and self.engine is not None
+        processor = self.loaded.processor
+        budget = self.engine.max_positions - job.options.max_new_tokens
+        job.hits = fit(job.hits, lambda text: len(processor.encode(job.prompt, text)) <= budget)
+        ids = processor.encode(job.prompt, history_input(job.hits))
+        self._submit(Request(ids, job.options, priority=TEXT), _Live(job, popped=time.monotonic()))
+
+    def _digest_done(self, job: DigestJob, tokens: list[int]) -> None:
         assert self.loaded is not None
-        model, processor = self.loaded.model, self.loaded.processor
-        budget = int(model.config.llm["max_position_embeddings"]) - job.options.max_new_tokens
-        hits = fit(job.hits, lambda text: len(processor.encode(job.prompt, text)) <= budget)
-        ids = processor.encode(job.prompt, history_input(hits))
-        tokens: list[int] = []
-        for step in model.stream_text([ids], job.options, eos_token_id=processor.eos_token_id):
-            if step[0] is not None:
-                tokens.append(step[0])
         self.counts["digests"] += 1
         job.reply(
             DigestEvent(
@@ -401,8 +566,8 @@ class ModelWorker:
                 id=job.id,
                 since=job.since,
                 until=job.until,
-                text=processor.decode(tokens).strip(),
-                windows=len(hits),
+                text=self.loaded.processor.decode(tokens).strip(),
+                windows=len(job.hits),
             )
         )
 

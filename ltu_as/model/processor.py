@@ -92,6 +92,15 @@ class LtuAsProcessor:
             raise ValueError(f"the tokenizer gives no distinct first tokens for yes {yes} and no {no}")
         return yes, no
 
+    def shared_prefix(self) -> list[int]:
+        """The ids every prompt starts with (BOS and the template's header up to the question): the common start of
+        two prompts that differ from their first character on."""
+        a, b = self.encode("A"), self.encode("z")
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n]
+
     @property
     def bos_token_id(self) -> int:
         return int(self.tokenizer.bos_token_id)

@@ -44,6 +44,9 @@ max_new_tokens = 12
 max_queue = 4
 retry_after_s = 0.2
 
+[engine]
+slots = 2          # few, so that ten questions fill the engine and the scheduler's bound (4) is reached
+
 [[streams]]
 name = "talk"
 source = "file"
@@ -171,6 +174,9 @@ def test_windows_scenes_and_answers(daemon: Daemon, loaded, speech: np.ndarray) 
     model = health["model"]
     assert status == 200 and model["loaded"] and model["feature_cache"]["hits"] > 0
     assert model["counts"]["scenes"] >= 2 and model["counts"]["answers"] >= 12
+    engine = model["engine"]
+    assert engine["slots"] == 2 and engine["used"] == 0 and engine["waiting"] == 0  # every slot came back
+    assert engine["prefix_hits"] > 0  # questions about talk:w1 reused its audio-token KV
 
 
 def test_ltu_ask_cli(daemon: Daemon) -> None:

@@ -1,0 +1,482 @@
+"""`DecodeEngine`: continuous batching over a preallocated slot KV cache, for a stock `LlamaForCausalLM`.
+
+What it does, per `step()` (the caller's loop; no threads, no asyncio):
+
+1. admits waiting rows into free KV slots, most urgent first (lower `priority`, then oldest); when none is free, a
+   waiting row may preempt a running row of a less urgent priority (the preempted row keeps what it generated,
+   gives its slot back and is prefilled again from its prompt + its tokens when it returns);
+2. prefills newcomers, at most `prefill_chunk` positions per step in all, so a long prompt never stalls the running
+   rows for more than about one step; a row whose prefix (a window's audio tokens + the prompt's common start) was
+   prefilled before copies that KV from a bounded LRU instead of computing it;
+3. runs one decode step for every running row: one forward of `[rows, 1]` through the LLaMA layers with SDPA over
+   each row's own slot (no pads: a row's positions are 0..n-1 in its slot), then the logits pipeline
+   (`sampling.choose`) on `[rows, vocab]` tensors and one device→host copy of the new tokens;
+4. retires rows on EOS, `max_new_tokens` or cancel, and compacts the slots so that the running rows stay a
+   contiguous range (their KV is then read as a view, not gathered).
+
+The layer math is the stock model's: its own modules (`input_layernorm`, `q/k/v/o_proj`, `rotary_emb`, `mlp`, ...)
+called on our cache, with transformers' `apply_rotary_pos_emb`. LoRA is whatever the modules hold: merge it first
+(`LtuAsForConditionalGeneration.merge_lora`) so a decode step costs the base weights only.
+
+Greedy rows give the same tokens as `LtuAsForConditionalGeneration.stream` (tests compare them); sampled rows draw
+from the same filtered distribution (see `sampling`).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from ..model.generation import GenerationOptions
+from .sampling import RowOptions, choose
+
+Finish = Literal["eos", "length", "cancelled"]
+
+# Priorities: lower runs first and may preempt higher.
+QUESTION, CHECK, SCENE, TEXT = 0, 1, 2, 3
+
+
+class PromptTooLong(ValueError):
+    """A prompt that fills a whole slot, leaving no room for an answer."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to continue.
+
+    Layout: `[prefix_embeds][ids]`, positions 0..n-1. The first `len(prefix_embeds) + shared` positions are the
+    cacheable prefix, found again by `(prefix_key, ids[:shared])`; `prefix_key` None means never cached.
+
+    prefix_embeds: `[P, d]` embeddings placed before the text (LTU-AS: the window's 25 audio tokens), or None.
+    ids: the text token ids (BOS first); also what the repetition penalty sees, as in the reference.
+    """
+
+    ids: Sequence[int]
+    options: GenerationOptions
+    prefix_embeds: torch.Tensor | None = None
+    prefix_key: Hashable | None = None
+    shared: int = 0
+    priority: int = QUESTION
+    tag: Any = None  # the caller's, returned with each output
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            raise ValueError("a request needs at least one text token (BOS)")
+        self.ids = [int(i) for i in self.ids]
+        self.shared = max(0, min(self.shared, len(self.ids) - 1))  # a row always prefills one token of its own
+
+
+@dataclass(eq=False)
+class Row:
+    """A request inside the engine. `generated` holds the tokens produced so far (EOS excluded)."""
+
+    request: Request
+    seq: int
+    generated: list[int] = field(default_factory=list)
+    slot: int | None = None
+    filled: int = 0  # positions of this row's KV written in its slot
+    target: int = 0  # positions to prefill before decoding (prompt + tokens kept over a preemption)
+    state: Literal["waiting", "prefill", "running", "done"] = "waiting"
+    cancelled: bool = False
+    preemptions: int = 0
+    max_new: int = 0  # options.max_new_tokens, or less where the slot ends first
+    generator: torch.Generator | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        pe = self.request.prefix_embeds
+        return (0 if pe is None else pe.shape[0]) + len(self.request.ids)
+
+
+@dataclass
+class Output:
+    """What one step produced for one row: a new token, and/or the reason it finished (EOS is not a token)."""
+
+    row: Row
+    token: int | None
+    finished: Finish | None = None
+
+    @property
+    def tag(self) -> Any:
+        return self.row.request.tag
+
+
+def kv_bytes_per_slot(config: Any, max_positions: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one slot of `max_positions` positions over every layer."""
+    heads = config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * heads * head_dim * max_positions * size
+
+
+def auto_slots(config: Any, max_positions: int, dtype: torch.dtype, device: torch.device, fraction: float) -> int:
+    """How many slots fit in `fraction` of the device's free memory (CUDA), or of the available RAM (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import os
+
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, int(free * fraction) // kv_bytes_per_slot(config, max_positions, dtype))
+
+
+class DecodeEngine:
+    """Continuous batching for one `LlamaForCausalLM` (see the module docstring).
+
+    Parameters
+    ----------
+    llm: the stock model (LoRA merged for speed; unmerged works).
+    slots: rows that can hold KV at once (running + prefilling).
+    max_positions: positions per slot: prompt + new tokens of any one row must fit.
+    eos_token_id: ends a row (not emitted).
+    prefill_chunk: most prompt positions prefilled per step, all newcomers together.
+    prefix_cache: most prefixes (window audio + common prompt start) whose KV is kept for reuse.
+    seed: seeds the generator of sampling rows that have no seed of their own.
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        slots: int,
+        max_positions: int,
+        eos_token_id: int,
+        prefill_chunk: int = 256,
+        prefix_cache: int = 32,
+        seed: int = 0,
+    ) -> None:
+        if slots < 1 or max_positions < 2 or prefill_chunk < 1:
+            raise ValueError("slots >= 1, max_positions >= 2 and prefill_chunk >= 1 are needed")
+        self.llm = llm
+        self.base = llm.model
+        cfg = llm.config
+        self.layers = list(self.base.layers[: cfg.num_hidden_layers])
+        self.kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.heads = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab = cfg.vocab_size
+        p = next(llm.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.slots, self.max_positions, self.prefill_chunk = slots, max_positions, prefill_chunk
+        self.eos = int(eos_token_id)
+        shape = (len(self.layers), slots, self.kv_heads, max_positions, self.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        # per-slot decoding state, on the device
+        self.seen = torch.zeros((slots, self.vocab), dtype=torch.bool, device=self.device)
+        self.tok = torch.zeros(slots, dtype=torch.long, device=self.device)  # the next input token
+        self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)  # its position
+        self._opt = {
+            "penalty": torch.ones(slots, device=self.device),
+            "temperature": torch.ones(slots, device=self.device),
+            "top_k": torch.zeros(slots, dtype=torch.long, device=self.device),
+            "top_p": torch.ones(slots, device=self.device),
+            "sample": torch.zeros(slots, dtype=torch.bool, device=self.device),
+        }
+        self.owner: list[Row | None] = [None] * slots  # slot → row; slots 0..used-1 are taken
+        self.waiting: list[Row] = []
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.prefixes: collections.OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
+        self.prefix_cache_size = prefix_cache
+        self._seq = itertools.count()
+        self.counts = {"steps": 0, "prefix_hits": 0, "prefix_misses": 0, "preempted": 0, "prefill_tokens": 0}
+
+    # --- the caller's side ------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Row:
+        """Queue a request; it joins the running batch at a later `step()`. Raises ValueError when its prompt
+        fills a slot; a prompt + `max_new_tokens` longer than a slot ends at the slot's end (reason "length")."""
+        row = Row(request, next(self._seq))
+        if row.prompt_len >= self.max_positions:
+            raise PromptTooLong(
+                f"the prompt ({row.prompt_len} positions) leaves no room to answer in the engine's "
+                f"{self.max_positions} positions per slot; shorten it or raise max_positions"
+            )
+        # an answer stops at the slot's end like at its token cap (reason "length")
+        row.max_new = min(request.options.max_new_tokens, self.max_positions - row.prompt_len)
+        if request.prefix_embeds is not None and tuple(request.prefix_embeds.shape[1:]) != (
+            self.llm.config.hidden_size,
+        ):
+            raise ValueError(f"prefix_embeds must be [P, {self.llm.config.hidden_size}]")
+        if request.options.do_sample and request.options.seed is not None:
+            row.generator = torch.Generator(device=self.device).manual_seed(request.options.seed)
+        row.target = row.prompt_len
+        self.waiting.append(row)
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """End `row` at the next step (its last output says "cancelled"); the others are not affected."""
+        row.cancelled = True
+
+    def abort(self) -> list[Row]:
+        """End every row at once (after a failed step, or at shutdown) and return them; the engine is then empty
+        and usable. The prefix cache is dropped too, as a failed step may have left it half written."""
+        rows = [r for r in self.owner if r is not None] + self.waiting
+        for r in rows:
+            r.state, r.slot = "done", None
+        self.owner = [None] * self.slots
+        self.waiting = []
+        self.prefixes.clear()
+        return rows
+
+    @property
+    def used(self) -> int:
+        return sum(r is not None for r in self.owner)
+
+    @property
+    def running(self) -> list[Row]:
+        return [r for r in self.owner if r is not None and r.state == "running"]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.used > 0
+
+    def step(self) -> list[Output]:
+        """One step: admit, prefill (≤ `prefill_chunk` positions), decode every running row once, retire."""
+        out: list[Output] = []
+        self._retire_cancelled(out)
+        self._admit()
+        self._prefill(out)
+        self._decode(out)
+        self.counts["steps"] += 1
+        return out
+
+    def run(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Submit `requests` and step until all are done: their generated tokens (EOS excluded), in order."""
+        rows = [self.submit(r) for r in requests]
+        while any(r.state != "done" for r in rows):
+            self.step()
+        return [r.generated for r in rows]
+
+    # --- slots ------------------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        self.waiting.sort(key=lambda r: (r.request.priority, r.seq))
+        while self.waiting:
+            row = self.waiting[0]
+            if self.used >= self.slots:
+                victim = self._victim(row.request.priority)
+                if victim is None:
+                    return
+                self._preempt(victim)
+            self.waiting.pop(0)
+            self._take_slot(row)
+
+    def _victim(self, priority: int) -> Row | None:
+        """The least urgent, most recently started row less urgent than `priority` (None: nobody to preempt)."""
+        cands = [r for r in self.owner if r is not None and r.request.priority > priority]
+        return max(cands, key=lambda r: (r.request.priority, r.seq)) if cands else None
+
+    def _preempt(self, row: Row) -> None:
+        self.counts["preempted"] += 1
+        row.preemptions += 1
+        self._free(row)
+        # prefilled again later from prompt + what it generated; the last generated token is then fed by decode
+        row.state, row.filled = "waiting", 0
+        row.target = row.prompt_len + max(0, len(row.generated) - 1)
+        self.waiting.append(row)
+
+    def _take_slot(self, row: Row) -> None:
+        slot = self.owner.index(None)
+        self.owner[slot] = row
+        row.slot, row.state, row.filled = slot, "prefill", 0
+        o, opts = self._opt, row.request.options
+        o["penalty"][slot] = opts.repetition_penalty
+        sample = opts.do_sample
+        o["temperature"][slot] = opts.temperature if sample else 1.0
+        o["top_k"][slot] = opts.top_k if sample else 0
+        o["top_p"][slot] = opts.top_p if sample else 1.0
+        o["sample"][slot] = sample
+        self.seen[slot] = False
+        ids = torch.tensor(list(row.request.ids) + row.generated, dtype=torch.long, device=self.device)
+        self.seen[slot, ids] = True
+
+    def _free(self, row: Row) -> None:
+        """Give `row`'s slot back and move the highest taken slot into it, so the taken slots stay 0..used-1."""
+        slot = row.slot
+        assert slot is not None
+        self.owner[slot] = None
+        row.slot = None
+        last = max((i for i, r in enumerate(self.owner) if r is not None), default=-1)
+        if last > slot:
+            moved = self.owner[last]
+            assert moved is not None
+            n = moved.filled
+            self.k[:, slot, :, :n] = self.k[:, last, :, :n]
+            self.v[:, slot, :, :n] = self.v[:, last, :, :n]
+            for t in (self.seen, self.tok, self.pos, *self._opt.values()):
+                t[slot] = t[last]
+            self.owner[slot], self.owner[last] = moved, None
+            moved.slot = slot
+
+    def _finish(self, row: Row, reason: Finish, out: list[Output], token: int | None = None) -> None:
+        if row.slot is not None:
+            self._free(row)
+        if row in self.waiting:
+            self.waiting.remove(row)
+        row.state = "done"
+        out.append(Output(row, token, reason))
+
+    def _retire_cancelled(self, out: list[Output]) -> None:
+        for row in [r for r in (*self.owner, *self.waiting) if r is not None and r.cancelled]:
+            self._finish(row, "cancelled", out)
+
+    # --- the model --------------------------------------------------------------------------------------------------
+    def _embeds(self, row: Row, start: int, end: int) -> torch.Tensor:
+        """`[end - start, d]` input embeddings of positions start..end-1 of the row's sequence."""
+        pe = row.request.prefix_embeds
+        p = 0 if pe is None else pe.shape[0]
+        parts = []
+        if pe is not None and start < p:
+            parts.append(pe[start : min(end, p)].to(self.device, self.dtype))
+        if end > p:
+            ids = (list(row.request.ids) + row.generated)[max(start, p) - p : end - p]
+            parts.append(self.base.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device)))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _forward(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor | slice,
+        write: int | torch.Tensor,
+        mask: torch.Tensor,
+        length: int,
+    ) -> torch.Tensor:
+        """The LLaMA layers on `h` `[R, S, d]` at `positions` `[R, S]`, over the KV of `slots` (R of them).
+
+        write: an int `start` for the prefill of one row (its S positions go to start..start+S-1 of its slot), or
+            the `[R]` slot indices of decoding rows (one position each, at `positions[:, 0]`).
+        mask: `[R, 1, S, length]`, True = attend, over the first `length` positions of each slot.
+
+        Returns the final-norm hidden state of each row's last position, `[R, d]`.
+        """
+        r, s, _ = h.shape
+        cos, sin = self.base.rotary_emb(h, positions)
+        groups = self.heads // self.kv_heads
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(r, s, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(r, s, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(r, s, self.kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            kc, vc = self.k[i], self.v[i]
+            if isinstance(write, int):
+                kc[slots, :, write : write + s] = k
+                vc[slots, :, write : write + s] = v
+            else:
+                kc[write, :, positions[:, 0]] = k[:, :, 0]
+                vc[write, :, positions[:, 0]] = v[:, :, 0]
+            keys, values = kc[slots, :, :length], vc[slots, :, :length]
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=groups > 1
+            )
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(r, s, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.base.norm(h[:, -1])
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm.lm_head(hidden).float()  # [R, vocab]
+
+    def _prefill(self, out: list[Output]) -> None:
+        budget = self.prefill_chunk
+        for row in [r for r in self.owner if r is not None and r.state == "prefill"]:
+            if budget <= 0:
+                return
+            slot = row.slot
+            assert slot is not None
+            key, cut = self._prefix(row)
+            if row.filled == 0 and key is not None and key in self.prefixes:
+                pk, pv = self.prefixes[key]
+                self.prefixes.move_to_end(key)
+                self.k[:, slot, :, :cut] = pk
+                self.v[:, slot, :, :cut] = pv
+                row.filled = cut
+                self.counts["prefix_hits"] += 1
+            end = min(row.target, row.filled + budget)
+            if key is not None and row.filled < cut:
+                end = min(end, cut)  # stop at the prefix's end once, to keep a copy of it
+            n = end - row.filled
+            h = self._embeds(row, row.filled, end)[None]
+            positions = torch.arange(row.filled, end, device=self.device)[None]
+            causal = torch.arange(end, device=self.device)[None, :] <= positions[0, :, None]  # [n, end]
+            hidden = self._forward(h, positions, slice(slot, slot + 1), row.filled, causal[None, None], end)
+            row.filled = end
+            budget -= n
+            self.counts["prefill_tokens"] += n
+            if key is not None and end == cut and key not in self.prefixes:
+                self.counts["prefix_misses"] += 1
+                self.prefixes[key] = (self.k[:, slot, :, :cut].clone(), self.v[:, slot, :, :cut].clone())
+                while len(self.prefixes) > self.prefix_cache_size:
+                    self.prefixes.popitem(last=False)
+            if row.filled < row.target:
+                continue
+            self.pos[slot] = row.filled
+            if row.generated and row.target < row.prompt_len + len(row.generated):
+                # back from a preemption: the last token it generated is the next input
+                self.tok[slot] = row.generated[-1]
+                row.state = "running"
+                continue
+            self._emit(row, self._choose([row], self._logits(hidden), slice(slot, slot + 1))[0], out)
+
+    def _prefix(self, row: Row) -> tuple[Hashable | None, int]:
+        """The row's prefix cache key (None: not cached) and how many positions it covers."""
+        req = row.request
+        if req.prefix_key is None:
+            return None, 0
+        p = 0 if req.prefix_embeds is None else req.prefix_embeds.shape[0]
+        return (req.prefix_key, tuple(req.ids[: req.shared])), p + req.shared
+
+    def _decode(self, out: list[Output]) -> None:
+        rows = self.running
+        if not rows:
+            return
+        slots_list = [r.slot for r in rows if r.slot is not None]
+        r = len(rows)
+        contiguous = slots_list == list(range(slots_list[0], slots_list[0] + r))
+        idx = torch.tensor(slots_list, dtype=torch.long, device=self.device)
+        slots: torch.Tensor | slice = slice(slots_list[0], slots_list[0] + r) if contiguous else idx
+        length = max(row.filled for row in rows) + 1
+        positions = self.pos[idx][:, None]  # [R, 1]
+        h = self.base.embed_tokens(self.tok[idx])[:, None]  # [R, 1, d]
+        mask = (torch.arange(length, device=self.device)[None, :] <= positions)[:, None, None]  # [R, 1, 1, L]
+        hidden = self._forward(h, positions, slots, idx, mask, length)
+        for row in rows:
+            row.filled += 1
+        self.pos[idx] += 1
+        tokens = self._choose(rows, self._logits(hidden), idx)
+        for row, tok in zip(rows, tokens, strict=True):
+            self._emit(row, tok, out)
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor, slots: torch.Tensor | slice) -> list[int]:
+        """Next tokens of `rows` (logits `[R, vocab]`, in `slots`): the pipeline on tensors, then one device→host
+        copy. Also records each token as the slot's next input and as seen."""
+        o = {k: t[slots] for k, t in self._opt.items()}
+        sample = any(r.request.options.do_sample for r in rows)
+        options = RowOptions(
+            **o,
+            max_top_k=max((r.request.options.top_k for r in rows if r.request.options.do_sample), default=0),
+            any_sample=sample,
+        )
+        seeded = [(i, r.generator) for i, r in enumerate(rows) if r.generator is not None]
+        chosen = choose(logits, self.seen[slots], options, self.generator if sample else None, seeded)
+        idx = torch.arange(self.slots, device=self.device)[slots]
+        self.tok[idx] = chosen
+        self.seen[idx, chosen] = True
+        return chosen.tolist()  # the one sync of the step
+
+    def _emit(self, row: Row, token: int, out: list[Output]) -> None:
+        if token == self.eos:
+            self._finish(row, "eos", out)
+            return
+        row.generated.append(token)
+        if len(row.generated) >= row.max_new:
+            self._finish(row, "length", out, token)
+            return
+        row.state = "running"
+        out.append(Output(row, token))
