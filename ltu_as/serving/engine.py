@@ -193,6 +193,8 @@ class DecodeEngine:
         """Queue a request; it joins the running batch at a later `step()`. Raises ValueError when its prompt
         fills a slot; a prompt + `max_new_tokens` longer than a slot ends at the slot's end (reason "length")."""
         row = Row(request, next(self._seq))
+        if not all(0 <= i < self.vocab for i in request.ids):
+            raise ValueError(f"token ids must be in [0, {self.vocab}): the model's vocabulary")
         if row.prompt_len >= self.max_positions:
             raise PromptTooLong(
                 f"the prompt ({row.prompt_len} positions) leaves no room to answer in the engine's "
