@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,6 +37,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..model.generation import GenerationOptions
 from .sampling import RowOptions, choose
+
+log = logging.getLogger(__name__)
 
 Finish = Literal["eos", "length", "cancelled"]
 
@@ -139,6 +142,10 @@ class DecodeEngine:
     prefill_chunk: most prompt positions prefilled per step, all newcomers together.
     prefix_cache: most prefixes (window audio + common prompt start) whose KV is kept for reuse.
     seed: seeds the generator of sampling rows that have no seed of their own.
+    static: decode with static shapes (rows padded to a power of two, attention over a power-of-two span of
+        positions): what a CUDA graph needs. Default: on CUDA. On CPU it runs eagerly (tests check it there).
+    graphs: capture each (rows, span) bucket of the static step as a CUDA graph on first use and replay it
+        (default: on CUDA). A capture that fails turns graphs off with a warning; decoding goes on eagerly.
     """
 
     def __init__(
@@ -151,6 +158,8 @@ class DecodeEngine:
         prefill_chunk: int = 256,
         prefix_cache: int = 32,
         seed: int = 0,
+        static: bool | None = None,
+        graphs: bool | None = None,
     ) -> None:
         if slots < 1 or max_positions < 2 or prefill_chunk < 1:
             raise ValueError("slots >= 1, max_positions >= 2 and prefill_chunk >= 1 are needed")
@@ -166,7 +175,8 @@ class DecodeEngine:
         self.device, self.dtype = p.device, p.dtype
         self.slots, self.max_positions, self.prefill_chunk = slots, max_positions, prefill_chunk
         self.eos = int(eos_token_id)
-        shape = (len(self.layers), slots, self.kv_heads, max_positions, self.head_dim)
+        # one more position than a row can use: the scratch column padding rows of a static step write to
+        shape = (len(self.layers), slots, self.kv_heads, max_positions + 1, self.head_dim)
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         # per-slot decoding state, on the device
@@ -186,7 +196,23 @@ class DecodeEngine:
         self.prefixes: collections.OrderedDict[Hashable, tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
         self.prefix_cache_size = prefix_cache
         self._seq = itertools.count()
-        self.counts = {"steps": 0, "prefix_hits": 0, "prefix_misses": 0, "preempted": 0, "prefill_tokens": 0}
+        cuda = self.device.type == "cuda"
+        self.static = cuda if static is None else static
+        self.graphs = (cuda if graphs is None else graphs) and cuda
+        self.static = self.static or self.graphs
+        self._arange = torch.arange(max(slots, max_positions) + 1, device=self.device)
+        self._g_tok = torch.zeros(slots, dtype=torch.long, device=self.device)  # the static step's inputs
+        self._g_pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
+        self._pool: Any = None
+        self.counts = {
+            "steps": 0,
+            "prefix_hits": 0,
+            "prefix_misses": 0,
+            "preempted": 0,
+            "prefill_tokens": 0,
+            "graphs": 0,
+        }
 
     # --- the caller's side ------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> Row:
@@ -298,22 +324,38 @@ class DecodeEngine:
         self.seen[slot, ids] = True
 
     def _free(self, row: Row) -> None:
-        """Give `row`'s slot back and move the highest taken slot into it, so the taken slots stay 0..used-1."""
-        slot = row.slot
-        assert slot is not None
-        self.owner[slot] = None
+        """Give `row`'s slot back (`_layout` closes the gap before the next decode)."""
+        assert row.slot is not None
+        self.owner[row.slot] = None
         row.slot = None
-        last = max((i for i, r in enumerate(self.owner) if r is not None), default=-1)
-        if last > slot:
-            moved = self.owner[last]
-            assert moved is not None
-            n = moved.filled
-            self.k[:, slot, :, :n] = self.k[:, last, :, :n]
-            self.v[:, slot, :, :n] = self.v[:, last, :, :n]
-            for t in (self.seen, self.tok, self.pos, *self._opt.values()):
-                t[slot] = t[last]
-            self.owner[slot], self.owner[last] = moved, None
-            moved.slot = slot
+
+    def _layout(self) -> None:
+        """Move rows so that the running ones hold slots 0..R-1 and the prefilling ones the slots after them: a
+        decode step then reads its KV as one view `[0:R]` (and a captured graph always the same addresses). Moves
+        happen only when rows join or leave, and copy only the positions a moved row has filled."""
+        holders = [r for r in self.owner if r is not None]
+        order = [r for r in holders if r.state == "running"] + [r for r in holders if r.state != "running"]
+        moves = [(r, r.slot, new) for new, r in enumerate(order) if r.slot != new]
+        if not moves:
+            return
+        per_slot = (self.seen, self.tok, self.pos, *self._opt.values())
+        saved = [
+            (
+                r,
+                new,
+                self.k[:, old, :, : r.filled].clone(),
+                self.v[:, old, :, : r.filled].clone(),
+                [t[old].clone() for t in per_slot],
+            )
+            for r, old, new in moves
+        ]
+        for r, new, k, v, rest in saved:
+            self.k[:, new, :, : r.filled] = k
+            self.v[:, new, :, : r.filled] = v
+            for t, x in zip(per_slot, rest, strict=True):
+                t[new] = x
+            r.slot = new
+        self.owner = order + [None] * (self.slots - len(order))
 
     def _finish(self, row: Row, reason: Finish, out: list[Output], token: int | None = None) -> None:
         if row.slot is not None:
@@ -435,25 +477,74 @@ class DecodeEngine:
         return (req.prefix_key, tuple(req.ids[: req.shared])), p + req.shared
 
     def _decode(self, out: list[Output]) -> None:
-        rows = self.running
+        self._layout()
+        rows = self.running  # in slots 0..R-1, in that order
         if not rows:
             return
-        slots_list = [r.slot for r in rows if r.slot is not None]
         r = len(rows)
-        contiguous = slots_list == list(range(slots_list[0], slots_list[0] + r))
-        idx = torch.tensor(slots_list, dtype=torch.long, device=self.device)
-        slots: torch.Tensor | slice = slice(slots_list[0], slots_list[0] + r) if contiguous else idx
         length = max(row.filled for row in rows) + 1
-        positions = self.pos[idx][:, None]  # [R, 1]
-        h = self.base.embed_tokens(self.tok[idx])[:, None]  # [R, 1, d]
-        mask = (torch.arange(length, device=self.device)[None, :] <= positions)[:, None, None]  # [R, 1, 1, L]
-        hidden = self._forward(h, positions, slots, idx, mask, length)
+        if self.static:
+            logits = self._static_step(r, length)
+        else:
+            idx = self._arange[:r]
+            positions = self.pos[:r, None]  # [R, 1]
+            h = self.base.embed_tokens(self.tok[:r])[:, None]  # [R, 1, d]
+            mask = (self._arange[None, :length] <= positions)[:, None, None]  # [R, 1, 1, L]
+            logits = self._logits(self._forward(h, positions, slice(0, r), idx, mask, length))
         for row in rows:
             row.filled += 1
-        self.pos[idx] += 1
-        tokens = self._choose(rows, self._logits(hidden), idx)
+        self.pos[:r] += 1
+        tokens = self._choose(rows, logits, slice(0, r))
         for row, tok in zip(rows, tokens, strict=True):
             self._emit(row, tok, out)
+
+    def _static_step(self, r: int, length: int) -> torch.Tensor:
+        """Logits `[r, vocab]` of the decode step of rows 0..r-1 through the static-shape step of bucket
+        (rows → power of two ≤ slots, span → power of two ≥ 64 ≤ max_positions); a graph replay where enabled."""
+        b = min(_pow2(r), self.slots)
+        span = min(max(_pow2(length), 64), self.max_positions)
+        self._g_tok[:r] = self.tok[:r]
+        self._g_pos[:r] = self.pos[:r]
+        if b > r:  # padding rows: token 0 at the scratch position, never read by a real row
+            self._g_tok[r:b] = 0
+            self._g_pos[r:b] = self.max_positions
+        if self.graphs:
+            entry = self._graphs.get((b, span))
+            if entry is None:
+                try:
+                    entry = self._capture(b, span)
+                except Exception as e:  # a graph is an optimisation: decode on without it
+                    log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(e).__name__, e)
+                    self.graphs = False
+                    return self._static_forward(b, span)[:r]
+                self._graphs[(b, span)] = entry
+                self.counts["graphs"] = len(self._graphs)
+            graph, out = entry
+            graph.replay()
+            return out[:r]
+        return self._static_forward(b, span)[:r]
+
+    def _static_forward(self, b: int, span: int) -> torch.Tensor:
+        """The decode step on the static buffers: `b` rows in slots 0..b-1, attention over positions 0..span-1."""
+        positions = self._g_pos[:b, None]
+        h = self.base.embed_tokens(self._g_tok[:b])[:, None]
+        mask = (self._arange[None, :span] <= positions)[:, None, None]
+        return self._logits(self._forward(h, positions, slice(0, b), self._arange[:b], mask, span))
+
+    def _capture(self, b: int, span: int) -> tuple[Any, torch.Tensor]:
+        """Record the static step of bucket (b, span) as a CUDA graph (warm-up runs first, on a side stream, as
+        graphs require; they write the same KV the step itself writes)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._static_forward(b, span)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._static_forward(b, span)
+        self._pool = graph.pool()
+        return graph, out
 
     def _choose(self, rows: list[Row], logits: torch.Tensor, slots: torch.Tensor | slice) -> list[int]:
         """Next tokens of `rows` (logits `[R, vocab]`, in `slots`): the pipeline on tensors, then one device→host
@@ -467,7 +558,7 @@ class DecodeEngine:
         )
         seeded = [(i, r.generator) for i, r in enumerate(rows) if r.generator is not None]
         chosen = choose(logits, self.seen[slots], options, self.generator if sample else None, seeded)
-        idx = torch.arange(self.slots, device=self.device)[slots]
+        idx = self._arange[: self.slots][slots]
         self.tok[idx] = chosen
         self.seen[idx, chosen] = True
         return chosen.tolist()  # the one sync of the step
@@ -482,3 +573,8 @@ class DecodeEngine:
             return
         row.state = "running"
         out.append(Output(row, token))
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two ≥ n (n ≥ 1)."""
+    return 1 << (n - 1).bit_length()

@@ -17,6 +17,8 @@ from ltu_as import GenerationOptions
 from ltu_as.serving.engine import QUESTION, SCENE, DecodeEngine, PromptTooLong, Request
 from ltu_as.serving.sampling import RowOptions, apply_penalty, warp
 
+# the dynamic step (CPU default) and the static-shape step a CUDA graph captures (here run eagerly)
+STATIC = pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 GREEDY = GenerationOptions(max_new_tokens=20).greedy()
 QUESTIONS = [
     ("What sound is this?", "hello there"),
@@ -63,20 +65,22 @@ def test_one_row_gives_the_same_greedy_tokens_as_stream(loaded, setup) -> None:
     assert e.used == 0 and not e.waiting
 
 
-def test_rows_of_different_lengths_in_one_batch(loaded, setup) -> None:
+@STATIC
+def test_rows_of_different_lengths_in_one_batch(loaded, setup, static: bool) -> None:
     feats, _, prompts = setup
     expected = [reference(loaded, feats, prompts[i], clip=i % 2) for i in range(4)]
     assert len({tuple(x) for x in expected}) == 4  # the four really differ
-    e = engine(loaded, prefill_chunk=1000)
+    e = engine(loaded, static=static, prefill_chunk=1000)
     assert e.run([request(setup, i) for i in range(4)]) == expected
     # all four decoded together: one step per token once they were all prefilled
     assert e.counts["steps"] <= max(len(x) for x in expected) + 4
 
 
-def test_rows_join_and_leave_mid_flight(loaded, setup) -> None:
+@STATIC
+def test_rows_join_and_leave_mid_flight(loaded, setup, static: bool) -> None:
     feats, _, prompts = setup
     caps = [20, 5, 12, 20]
-    e = engine(loaded, prefill_chunk=8)
+    e = engine(loaded, static=static, prefill_chunk=8)
     rows = [e.submit(request(setup, 0))]
     outputs = []
     for step in range(60):
@@ -110,9 +114,10 @@ def test_shared_prefix_rows_reuse_the_window_kv(loaded, setup) -> None:
     assert e.counts["prefill_tokens"] - before == len(prompts[1]) - 3  # only what follows the shared start
 
 
-def test_a_cancelled_row_leaves_the_others_unaffected(loaded, setup) -> None:
+@STATIC
+def test_a_cancelled_row_leaves_the_others_unaffected(loaded, setup, static: bool) -> None:
     feats, _, prompts = setup
-    e = engine(loaded)
+    e = engine(loaded, static=static)
     rows = [e.submit(request(setup, i)) for i in range(3)]
     outputs = []
     while len(rows[1].generated) < 3:
@@ -127,9 +132,10 @@ def test_a_cancelled_row_leaves_the_others_unaffected(loaded, setup) -> None:
     assert e.used == 0
 
 
-def test_a_preempted_row_resumes_with_the_same_tokens(loaded, setup) -> None:
+@STATIC
+def test_a_preempted_row_resumes_with_the_same_tokens(loaded, setup, static: bool) -> None:
     feats, _, prompts = setup
-    e = engine(loaded, slots=1)
+    e = engine(loaded, static=static, slots=1)
     scene = e.submit(request(setup, 2, priority=SCENE))
     while len(scene.generated) < 5:
         e.step()
