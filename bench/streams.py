@@ -185,7 +185,7 @@ def main() -> None:
     out = {
         "device": torch.cuda.get_device_name(device) if gpu else "cpu",
         "dims": dims,
-        "layers": a.layers,
+        "layers": llm.config.num_hidden_layers,
         "largest_real_time_streams": best,
         "trials": results,
     }

@@ -10,9 +10,11 @@ What it does, per `step()` (the caller's loop; no threads, no asyncio):
    prefilled before copies that KV from a bounded LRU instead of computing it;
 3. runs one decode step for every running row: one forward of `[rows, 1]` through the LLaMA layers with SDPA over
    each row's own slot (no pads: a row's positions are 0..n-1 in its slot), then the logits pipeline
-   (`sampling.choose`) on `[rows, vocab]` tensors and one device→host copy of the new tokens;
-4. retires rows on EOS, `max_new_tokens` or cancel, and compacts the slots so that the running rows stay a
-   contiguous range (their KV is then read as a view, not gathered).
+   (`sampling.choose`) on `[rows, vocab]` tensors and one device→host copy of the new tokens. The running rows
+   always hold slots 0..R-1 (rows are moved when others join or leave), so the step reads the KV as one view. On
+   CUDA the step has static shapes (rows padded to a power of two, attention over a power-of-two span of
+   positions) and each (rows, span) bucket is captured once as a CUDA graph and replayed;
+4. retires rows on EOS, `max_new_tokens` (or the slot's end) or cancel.
 
 The layer math is the stock model's: its own modules (`input_layernorm`, `q/k/v/o_proj`, `rotary_emb`, `mlp`, ...)
 called on our cache, with transformers' `apply_rotary_pos_emb`. LoRA is whatever the modules hold: merge it first
