@@ -223,10 +223,12 @@ class Scheduler:
             self._closed = True
             self._cv.notify_all()
 
-    def pop(self, timeout: float | None = None) -> Batch | None:
+    def pop(self, timeout: float | None = None, limit: int | None = None) -> Batch | None:
         """The next batch (one kind of job): questions on one window (same options) or one history question,
         else one window's check, else the oldest waiting scene jobs of several streams (batched feature
-        extraction), else one digest. None when closed, [] on timeout or when jobs expired."""
+        extraction), else one digest; at most `limit` (and `max_batch`) jobs. None when closed, [] on timeout or
+        when jobs expired."""
+        most = self.max_batch if limit is None else max(1, min(limit, self.max_batch))
         with self._cv:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -238,7 +240,7 @@ class Scheduler:
                         return [head]
                     batch = [head]
                     for j in list(self._questions):
-                        if len(batch) >= self.max_batch:
+                        if len(batch) >= most:
                             break
                         if isinstance(j, QuestionJob) and j.window.id == head.window.id and j.options == head.options:
                             self._questions.remove(j)
@@ -247,7 +249,7 @@ class Scheduler:
                 if self._checks:
                     return [self._checks.popleft()]
                 if self._scenes:
-                    jobs = sorted(self._scenes.values(), key=lambda j: j.seq)[: self.max_batch]
+                    jobs = sorted(self._scenes.values(), key=lambda j: j.seq)[:most]
                     for s in jobs:
                         del self._scenes[s.window.stream]
                     return jobs

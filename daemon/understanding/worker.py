@@ -204,8 +204,8 @@ class ModelWorker:
         while True:
             if not engine.has_work():
                 batch = self.scheduler.pop()  # idle: wait for work
-            elif self._room(engine):
-                batch = self.scheduler.pop(timeout=0)
+            elif room := self._room(engine):
+                batch = self.scheduler.pop(timeout=0, limit=room)
             else:
                 batch = []
             if batch is None:
@@ -218,13 +218,14 @@ class ModelWorker:
         for row in engine.abort():  # closing: end what is left
             self._live.pop(row, None)
 
-    def _room(self, engine: DecodeEngine) -> bool:
-        """Whether to take more work from the scheduler now: when nothing waits for a slot, or when questions wait
-        there and fewer than a batch's worth of slots' questions wait in the engine (so both stay bounded)."""
-        if not engine.waiting:
-            return True
-        waiting_questions = sum(r.request.priority == QUESTION for r in engine.waiting)
-        return waiting_questions < engine.slots and self.scheduler.has_questions()
+    def _room(self, engine: DecodeEngine) -> int:
+        """How many jobs to take from the scheduler now (0: none). Questions are taken while fewer than `slots`
+        wait in the engine for a slot (they may preempt scenes); anything else only into a slot free right now.
+        So the engine's waiting list stays bounded, the scheduler's own bound (`max_queue`, then `busy`) applies
+        beyond it, and scenes of a stream that falls behind coalesce in the scheduler (newest window wins)."""
+        if self.scheduler.has_questions():
+            return max(0, engine.slots - len(engine.waiting))
+        return max(0, engine.slots - engine.used - len(engine.waiting))
 
     def _start(self, batch: Batch) -> None:
         """Features and engine rows for a batch (checks run here at once: one prefill, no decoding)."""

@@ -224,14 +224,18 @@ def test_model_disabled_answers_with_a_clear_error(tiny, tmp_path: Path) -> None
 
 
 def test_question_is_not_delayed_behind_a_scene_backlog(tiny, tmp_path: Path) -> None:
-    """Overlapping windows every second and long descriptions keep the model permanently behind on scenes. A
-    question must go first: no scene finishes between the ask and the answer's start (the scene being generated
-    yields to it), and the backlog shows up as skipped windows rather than a growing queue."""
+    """Overlapping windows every second and long descriptions keep a one-slot engine permanently behind on
+    scenes. A question must go first: no scene finishes between the ask and the answer's start (it takes the slot
+    of the scene being generated, which is preempted), and the backlog shows up as skipped windows rather than a
+    growing queue."""
     config = (
         tiny_asr_config(tiny, model=True)
         + f"""
 [windows]
 hop_s = 1.0
+
+[engine]
+slots = 1
 
 [scene]
 max_new_tokens = 1024
@@ -270,7 +274,7 @@ loop = true
         model = d.health()[1]["model"]
     finally:
         assert d.stop() == 0
-    # a scene in flight when the question arrived yields (counts.preempted) instead of finishing first; random
+    # a scene in flight when the question arrived is preempted (counts.preempted) instead of finishing first; random
     # weights sometimes end a description early, so the worker may also have been between scenes
     assert not [e for e in between if e["type"] == "scene"]
     assert max(e["skipped"] for e in before) >= 1 and model["queue"]["scenes"] <= 1

@@ -4,6 +4,8 @@ preempted and resumed; sampling equal to transformers' processors; slots always 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -47,12 +49,12 @@ def reference(loaded, feats, prompt, options=GREEDY, clip=0):
     return loaded.model.generate(feats[clip : clip + 1], [prompt], options, eos_token_id=p.eos_token_id)[0]
 
 
-def engine(loaded, **kw) -> DecodeEngine:
+def engine(loaded, **kw: Any) -> DecodeEngine:
     kw = {"slots": 4, "max_positions": 256, "prefill_chunk": 16, **kw}
     return DecodeEngine(loaded.model.llm, eos_token_id=loaded.processor.eos_token_id, **kw)
 
 
-def request(setup, i, options=GREEDY, clip=None, key=True, **kw) -> Request:
+def request(setup, i, options=GREEDY, clip=None, key=True, **kw: Any) -> Request:
     _, audio, prompts = setup
     c = i % 2 if clip is None else clip
     return Request(prompts[i], options, prefix_embeds=audio[c], prefix_key=f"w{c}" if key else None, shared=3, **kw)
