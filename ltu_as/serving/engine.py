@@ -271,8 +271,8 @@ class DecodeEngine:
         out: list[Output] = []
         self._retire_cancelled(out)
         self._admit()
-        self._prefill(out)
-        self._decode(out)
+        fresh = self._prefill()
+        self._decode(out, fresh)
         self.counts["steps"] += 1
         return out
 
@@ -429,11 +429,14 @@ class DecodeEngine:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm.lm_head(hidden).float()  # [R, vocab]
 
-    def _prefill(self, out: list[Output]) -> None:
+    def _prefill(self) -> list[tuple[Row, torch.Tensor]]:
+        """Prefill newcomers within the step's budget. Returns the rows whose prompt is now complete with the
+        logits `[1, vocab]` of their first token (chosen together with the decode step's, one sync for both)."""
+        fresh: list[tuple[Row, torch.Tensor]] = []
         budget = self.prefill_chunk
         for row in [r for r in self.owner if r is not None and r.state == "prefill"]:
             if budget <= 0:
-                return
+                break
             slot = row.slot
             assert slot is not None
             key, cut = self._prefix(row)
@@ -468,7 +471,8 @@ class DecodeEngine:
                 self.tok[slot] = row.generated[-1]
                 row.state = "running"
                 continue
-            self._emit(row, self._choose([row], self._logits(hidden), slice(slot, slot + 1))[0], out)
+            fresh.append((row, self._logits(hidden)))
+        return fresh
 
     def _prefix(self, row: Row) -> tuple[Hashable | None, int]:
         """The row's prefix cache key (None: not cached) and how many positions it covers."""
@@ -478,26 +482,36 @@ class DecodeEngine:
         p = 0 if req.prefix_embeds is None else req.prefix_embeds.shape[0]
         return (req.prefix_key, tuple(req.ids[: req.shared])), p + req.shared
 
-    def _decode(self, out: list[Output]) -> None:
+    def _decode(self, out: list[Output], fresh: list[tuple[Row, torch.Tensor]]) -> None:
+        """One decode step of every running row, then the next token of those rows and of the `fresh` ones (whose
+        prefill just ended) chosen together: one device→host copy per step."""
         self._layout()
         rows = self.running  # in slots 0..R-1, in that order
-        if not rows:
-            return
         r = len(rows)
-        length = max(row.filled for row in rows) + 1
-        if self.static:
-            logits = self._static_step(r, length)
+        logits = None
+        if r:
+            length = max(row.filled for row in rows) + 1
+            if self.static:
+                logits = self._static_step(r, length)
+            else:
+                positions = self.pos[:r, None]  # [R, 1]
+                h = self.base.embed_tokens(self.tok[:r])[:, None]  # [R, 1, d]
+                mask = (self._arange[None, :length] <= positions)[:, None, None]  # [R, 1, 1, L]
+                hidden = self._forward(h, positions, slice(0, r), self._arange[:r], mask, length)
+                logits = self._logits(hidden)
+            for row in rows:
+                row.filled += 1
+            self.pos[:r] += 1
+        if fresh:
+            logits = torch.cat([x for x in (logits, *(f[1] for f in fresh)) if x is not None])
+            rows = rows + [f[0] for f in fresh]
+            slots: torch.Tensor | slice = torch.tensor([row.slot for row in rows], dtype=torch.long, device=self.device)
+        elif not r:
+            return
         else:
-            idx = self._arange[:r]
-            positions = self.pos[:r, None]  # [R, 1]
-            h = self.base.embed_tokens(self.tok[:r])[:, None]  # [R, 1, d]
-            mask = (self._arange[None, :length] <= positions)[:, None, None]  # [R, 1, 1, L]
-            logits = self._logits(self._forward(h, positions, slice(0, r), idx, mask, length))
-        for row in rows:
-            row.filled += 1
-        self.pos[:r] += 1
-        tokens = self._choose(rows, logits, slice(0, r))
-        for row, tok in zip(rows, tokens, strict=True):
+            slots = slice(0, r)
+        assert logits is not None
+        for row, tok in zip(rows, self._choose(rows, logits, slots), strict=True):
             self._emit(row, tok, out)
 
     def _static_step(self, r: int, length: int) -> torch.Tensor:

@@ -251,3 +251,28 @@ def test_slot_end_and_prompts_too_long(loaded, setup) -> None:
     assert len(row.generated) <= 3 and outs[-1].finished in ("length", "eos")
     with pytest.raises(PromptTooLong, match="max_positions"):
         e.submit(request(setup, 2))
+
+
+def test_one_choice_and_one_host_copy_per_step(loaded, setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows finishing their prefill get their first token in the same choice as the decoding rows: `_choose`
+    (the one place that copies tokens to the host) runs at most once per step, however many rows join."""
+    calls: list[int] = []
+    original = DecodeEngine._choose
+
+    def counting(self: DecodeEngine, rows: Any, logits: torch.Tensor, slots: Any) -> list[int]:
+        calls.append(len(rows))
+        return original(self, rows, logits, slots)
+
+    monkeypatch.setattr(DecodeEngine, "_choose", counting)
+    e = engine(loaded, prefill_chunk=1000)
+    e.submit(request(setup, 0))
+    for step in range(40):
+        if step == 2:  # three newcomers finish their prefill in the same step as row 0 decodes
+            for i in (1, 2, 3):
+                e.submit(request(setup, i))
+        before = len(calls)
+        e.step()
+        assert len(calls) - before <= 1
+        if not e.has_work():
+            break
+    assert 4 in calls  # one choice covered the decoding row and the three fresh ones
