@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ltu_as.model.generation import GenerationOptions  # noqa: E402
-from ltu_as.serving.engine import DecodeEngine, Request  # noqa: E402
+from ltu_as.serving.engine import DecodeEngine, Request, kv_bytes_per_slot  # noqa: E402
 
 AUDIO_TOKENS, HEADER, QUESTION_TOKENS = 25, 6, 40  # a window's audio, the template's start, question + transcript
 
@@ -91,8 +91,7 @@ def weight_bytes_per_step(llm: Any) -> int:
 
 
 def kv_bytes(llm: Any, positions: int) -> int:
-    c = llm.config
-    return 2 * c.num_hidden_layers * c.hidden_size * positions * next(llm.parameters()).element_size()
+    return kv_bytes_per_slot(llm.config, positions, next(llm.parameters()).dtype)
 
 
 def engine_for(llm: Any, slots: int, positions: int) -> DecodeEngine:

@@ -68,6 +68,12 @@ def trial(llm: Any, n: int, args: argparse.Namespace, device: torch.device) -> d
     scene_opts = GenerationOptions(max_new_tokens=args.scene_tokens).greedy()
     q_opts = GenerationOptions(max_new_tokens=args.answer_tokens).greedy()
     audio = [(0.02 * torch.randn(25, d)).to(p.device, p.dtype) for _ in range(n)]  # one per stream, reused
+
+    def about(stream: int, window: int, ids: list[int], options: GenerationOptions, priority: int) -> Request:
+        """A row about a stream's window: its audio tokens and the template's start are the shared prefix."""
+        key = (stream, window)
+        return Request(ids, options, prefix_embeds=audio[stream], prefix_key=key, shared=len(HEADER), priority=priority)
+
     period = args.period
     arrivals = sorted((s * period / n + k * period, s, k) for s in range(n) for k in range(args.windows))
     q_every = 1.0 / args.question_rate if args.question_rate > 0 else float("inf")
@@ -85,32 +91,14 @@ def trial(llm: Any, n: int, args: argparse.Namespace, device: torch.device) -> d
         while i_arrival < len(arrivals) and arrivals[i_arrival][0] <= now:
             at, s, k = arrivals[i_arrival]
             latest[s] = k
-            row = e.submit(
-                Request(
-                    prompt(s * 1000 + k, 30, vocab),
-                    scene_opts,
-                    prefix_embeds=audio[s],
-                    prefix_key=(s, k),
-                    shared=len(HEADER),
-                    priority=SCENE,
-                )
-            )
+            row = e.submit(about(s, k, prompt(s * 1000 + k, 30, vocab), scene_opts, SCENE))
             submitted[row] = ("scene", at)
             i_arrival += 1
         while next_q <= now and next_q <= end_of_arrivals:
             s = q_seq % n
             k = latest.get(s)
             if k is not None:
-                row = e.submit(
-                    Request(
-                        prompt(q_seq, 20, vocab),
-                        q_opts,
-                        prefix_embeds=audio[s],
-                        prefix_key=(s, k),
-                        shared=len(HEADER),
-                        priority=QUESTION,
-                    )
-                )
+                row = e.submit(about(s, k, prompt(q_seq, 20, vocab), q_opts, QUESTION))
                 submitted[row] = ("question", next_q)
             q_seq += 1
             next_q += q_every

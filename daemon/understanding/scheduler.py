@@ -199,13 +199,6 @@ class Scheduler:
                 self._scenes[job.window.stream] = job
             self._cv.notify()
 
-    def requeue_scene(self, job: SceneJob) -> None:
-        """Put back a scene job that could not run, unless a newer one for its stream is waiting."""
-        with self._cv:
-            if job.window.stream not in self._scenes and not self._closed:
-                self._scenes[job.window.stream] = job
-                self._cv.notify()
-
     def cancel(self, jobs: Iterable[Asked]) -> int:
         """Cancel questions, waiting or running: a waiting one ends when it reaches the front, a running one
         between two tokens. Returns how many were not cancelled already."""

@@ -101,7 +101,6 @@ class ModelWorker:
         self.loaded: LoadedModel | None = None
         self.engine: DecodeEngine | None = None
         self._live: dict[Row, _Live] = {}
-        self._shared_prefix: list[int] = []  # the prompt template's start, the same for every question
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         # Test hook: called with each batch before it runs; an exception it raises is handled like one from the
         # model (tests use it to simulate failures and torch.OutOfMemoryError without a GPU).
@@ -159,7 +158,6 @@ class ModelWorker:
             )
         loaded.model.merge_lora()  # inference only: a decode step then reads the base weights, nothing more
         self.engine = self._engine(loaded)
-        self._shared_prefix = loaded.processor.shared_prefix()
         # warm-up: one window's features and one token through the engine
         feats = loaded.model.audio_features(loaded.processor.mel(np.zeros(SAMPLE_RATE, np.float32))[None])
         audio = loaded.model.audio_embeddings(feats)[0]
@@ -358,9 +356,8 @@ class ModelWorker:
     ) -> Request:
         """An engine row about a window: its audio tokens and the template's start are a prefix shared (and
         cached) across every question about that window."""
-        shared = 0
-        while shared < min(len(ids), len(self._shared_prefix)) and ids[shared] == self._shared_prefix[shared]:
-            shared += 1
+        assert self.loaded is not None
+        shared = self.loaded.processor.shared_prefix_len(ids)
         return Request(ids, options, prefix_embeds=audio, prefix_key=window_id, shared=shared, priority=priority)
 
     def _submit(self, request: Request, live: _Live) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,14 +93,16 @@ class LtuAsProcessor:
             raise ValueError(f"the tokenizer gives no distinct first tokens for yes {yes} and no {no}")
         return yes, no
 
-    def shared_prefix(self) -> list[int]:
+    @functools.cached_property
+    def template_start(self) -> tuple[int, ...]:
         """The ids every prompt starts with (BOS and the template's header up to the question): the common start of
         two prompts that differ from their first character on."""
         a, b = self.encode("A"), self.encode("z")
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        return a[:n]
+        return tuple(a[: _common_prefix_len(a, b)])
+
+    def shared_prefix_len(self, ids: Sequence[int]) -> int:
+        """How many of a prompt's leading `ids` are the template's start (what prompts about one window share)."""
+        return _common_prefix_len(ids, self.template_start)
 
     @property
     def bos_token_id(self) -> int:
@@ -120,6 +123,13 @@ class LtuAsProcessor:
                 yield piece
         if piece := streamer.finish():
             yield piece
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class TextStreamer:

@@ -163,16 +163,17 @@ def test_pop_blocks_until_work_or_close() -> None:
     assert got[-1] is None
 
 
-def test_requeued_scene_does_not_replace_a_newer_one() -> None:
+def test_pop_takes_at_most_limit_jobs_and_leaves_the_rest_waiting() -> None:
+    """The worker passes the engine's room as `limit`; what does not fit stays in the scheduler (and counts
+    toward its bound), scenes still coalescing per stream."""
     s = Scheduler(max_queue=10, max_batch=8, retry_after_s=1)
-    old = job("scene", "k", 1)
-    s.submit(old)
-    assert s.pop(0) == [old]
-    s.submit(job("scene", "k", 2))
-    s.requeue_scene(old)  # it yielded to a question meanwhile; the newer window wins
-    assert [j.window.index for j in s.pop(0) or []] == [2]
-    s.requeue_scene(old)
-    assert s.pop(0) == [old]
+    for stream in "abc":
+        s.submit(job("scene", stream, 1))
+    first = s.pop(0, limit=2) or []
+    assert [j.window.stream for j in first] == ["a", "b"]
+    s.submit(job("scene", "c", 2))  # the waiting one of stream c is replaced, not queued behind
+    assert [(j.window.stream, j.window.index) for j in s.pop(0, limit=2) or []] == [("c", 2)]
+    assert s.skipped_scenes == 1
 
 
 def test_stream_windows_find_by_id_time_and_latest_and_forget_the_oldest() -> None:
