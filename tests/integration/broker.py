@@ -3,6 +3,8 @@ records everything it receives."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -30,7 +32,10 @@ class Mosquitto:
         self.exe, self.port = exe, port or free_port()
         self.conf = folder / f"mosquitto-{self.port}.conf"
         keep = f"persistence true\npersistence_location {folder}/\n" if persistent else "persistence false\n"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{keep}")
+        # Started as root, mosquitto drops to the user "mosquitto", which cannot write its persistence file in our
+        # (root-owned, 0700) tmp folder: sessions would then silently not survive a restart. Stay who we are.
+        user = f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{user}{keep}")
         self.log = folder / f"mosquitto-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
