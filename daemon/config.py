@@ -95,6 +95,16 @@ class VadConfig(_Section):
     hangover_ms: int = Field(450, ge=30)
     min_speech_ms: int = Field(250, ge=0)
     max_utterance_s: float = Field(20.0, ge=1)
+    cut_search_ms: int = Field(4000, ge=30)
+    cut_window_ms: int = Field(300, ge=10)
+
+    @model_validator(mode="after")
+    def _cut_inside(self) -> VadConfig:
+        if self.cut_search_ms >= self.max_utterance_s * 1000 / 2:
+            raise ValueError("vad.cut_search_ms must be under half of vad.max_utterance_s")
+        if self.cut_window_ms > self.cut_search_ms:
+            raise ValueError("vad.cut_window_ms must not exceed vad.cut_search_ms")
+        return self
 
 
 class AsrConfig(_Section):
@@ -110,6 +120,7 @@ class AsrConfig(_Section):
     no_speech_threshold: float = Field(0.6, ge=0, le=1)
     logprob_threshold: float = -1.0
     compression_ratio_threshold: float = Field(2.4, gt=0)
+    lead_silence_ms: int = Field(500, ge=0, le=5000)
     final_queue: int = Field(64, ge=1)
 
 

@@ -3,12 +3,16 @@
 An utterance opens after `start_ms` of consecutive voiced frames and begins `pre_roll_ms` before them, so the first
 word's onset is kept. It is *confirmed* (gets an id) once it holds `min_speech_ms` of voiced frames; a blip that
 ends earlier is discarded without a trace. It closes after `hangover_ms` of unvoiced frames, which are kept so the
-last word's tail is too, or at `max_utterance_ms`, where it is cut and a new one starts at once if speech goes on.
+last word's tail is too, or when it reaches `max_utterance_s` (music or a tone under the speech can keep the VAD
+voiced for minutes). Then it is cut at the quietest `cut_window_ms` of its last `cut_search_ms` rather than at the
+cap, so the cut falls between words (a cut through a word loses it on both sides), and the rest opens the next
+utterance at once.
 All positions are sample indices on the stream clock (16 kHz).
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -63,6 +67,10 @@ class Segmenter:
         self.min_speech = ms_to_samples(options.min_speech_ms)
         self.pre_roll = ms_to_samples(options.pre_roll_ms)
         self.max_len = s_to_samples(options.max_utterance_s)
+        self.cut_search = max(1, ms_to_samples(options.cut_search_ms) // self.frame)
+        self.cut_window = max(1, ms_to_samples(options.cut_window_ms) // self.frame)
+        # (voiced, mean square) of the open utterance's most recent frames, for choosing where a long one is cut
+        self._frames: collections.deque[tuple[bool, float]] = collections.deque(maxlen=self.cut_search)
         self.is_speech = is_speech or webrtc_classifier(options.aggressiveness)
         self._pending = np.zeros(0, dtype=np.float32)
         self.pos = 0  # stream index of the first sample in _pending
@@ -86,9 +94,12 @@ class Segmenter:
         events: list[VadEvent] = []
         n = len(buf) // self.frame
         pcm = (np.clip(buf[: n * self.frame], -1, 1) * 32767).astype("<i2")
+        power = np.mean(np.square(buf[: n * self.frame].reshape(n, self.frame)), axis=1) if n else []
         for i in range(n):
             f0 = self.pos + i * self.frame
-            self._step(bool(self.is_speech(pcm[i * self.frame : (i + 1) * self.frame].tobytes())), f0, events)
+            voiced = bool(self.is_speech(pcm[i * self.frame : (i + 1) * self.frame].tobytes()))
+            self._frames.append((voiced, float(power[i])))
+            self._step(voiced, f0, events)
         self._pending = buf[n * self.frame :]
         self.pos += n * self.frame
         return events
@@ -132,9 +143,37 @@ class Segmenter:
         if u["silence"] >= self.hangover_frames:
             self._close(f1, "silence", events)
         elif f1 - u["start"] >= self.max_len:
-            self._close(f1, "max_length", events)
-            if voiced:  # speech goes on: the next utterance starts right here
-                self._open = {"start": f1, "voiced": 0, "last": f1, "silence": 0, "confirmed": 0}
+            self._cut(f1, events)
+
+    def _cut(self, f1: int, events: list[VadEvent]) -> None:
+        """The open utterance reached the cap at `f1`: close it at the quietest point of its recent frames and
+        open the next one with the frames after that point (confirmed at once if they hold enough speech)."""
+        frames = list(self._frames)  # the newest ends at f1
+        power = np.array([p for _, p in frames])
+        w = min(self.cut_window, len(frames))
+        # quietest window of `w` frames, the latest among equals (the least audio carried over), cut in its middle
+        sums = np.convolve(power, np.ones(w), mode="valid")
+        best = len(sums) - 1 - int(np.argmin(sums[::-1]))
+        keep = len(frames) - (best + w // 2)  # frames after the cut, carried into the next utterance
+        cut = f1 - keep * self.frame
+        tail = frames[len(frames) - keep :] if keep else []
+        u = self._open
+        assert u is not None
+        voiced_after = [i for i, (v, _) in enumerate(tail) if v]
+        if voiced_after:  # the old utterance's last voiced frame is the last one before the cut
+            before = [i for i, (v, _) in enumerate(frames[: len(frames) - keep]) if v]
+            u["last"] = f1 - (len(frames) - before[-1] - 1) * self.frame if before else cut
+        self._close(cut, "max_length", events)
+        if not voiced_after:
+            return
+        self._open = {
+            "start": cut,
+            "voiced": len(voiced_after) * self.frame,
+            "last": cut + (voiced_after[-1] + 1) * self.frame,
+            "silence": keep - 1 - voiced_after[-1],
+            "confirmed": 0,
+        }
+        self._confirm(events)
 
     def _confirm(self, events: list[VadEvent]) -> None:
         u = self._open
@@ -148,5 +187,5 @@ class Segmenter:
         u, self._open = self._open, None
         assert u is not None
         if u["confirmed"]:
-            events.append(SpeechEnd(self.index, u["start"], end, u["last"], reason))
+            events.append(SpeechEnd(self.index, u["start"], end, min(u["last"], end), reason))
         self._floor = end

@@ -71,6 +71,7 @@ class AsrWorker:
             logprob_threshold=config.logprob_threshold,
             compression_ratio_threshold=config.compression_ratio_threshold,
             max_new_tokens=config.max_new_tokens,
+            lead_silence_s=config.lead_silence_ms / 1000,
         )
         self._finals: collections.deque[AsrJob] = collections.deque()
         self._partials: dict[str, AsrJob] = {}

@@ -110,7 +110,7 @@ def test_exact_boundaries() -> None:
 
 
 def test_max_length_cuts_and_continues() -> None:
-    events = feed_pattern([0] * 2 + [1] * 190 + [0] * 10, max_utterance_s=1.0)
+    events = feed_pattern([0] * 2 + [1] * 190 + [0] * 10, max_utterance_s=1.0, cut_search_ms=300, cut_window_ms=30)
     ends = [e for e in events if isinstance(e, SpeechEnd)]
     assert ends[0].reason == "max_length"
     assert ends[0].end - ends[0].start == pytest.approx(SR, abs=480)
@@ -122,3 +122,37 @@ def test_max_length_cuts_and_continues() -> None:
 def test_flush_closes_open_utterance() -> None:
     events = feed_pattern([0] * 2 + [1] * 20)
     assert events[-1] == SpeechEnd(1, 0, 22 * 480, 22 * 480, "flush")
+
+
+def test_max_length_cuts_at_the_quietest_point() -> None:
+    # voiced all along (music under speech keeps webrtcvad voiced), loud but for a 180 ms dip at frames 28-33
+    F, frames = 480, 60
+    x = np.full(frames * F, 0.3, dtype=np.float32)
+    x[28 * F : 34 * F] = 0.001
+    cfg = VadConfig(
+        frame_ms=30, start_ms=90, pre_roll_ms=0, hangover_ms=90, min_speech_ms=150,
+        max_utterance_s=1.2, cut_search_ms=480, cut_window_ms=150,
+    )  # fmt: skip
+    seg = Segmenter(cfg, is_speech=pattern_classifier([1] * frames))
+    events = seg.push(x) + seg.flush()
+    ends = [e for e in events if isinstance(e, SpeechEnd)]
+    # the cap is reached at frame 40; of the last 16 frames, the latest quietest 5-frame window is 29-33: cut at 31
+    assert ends[0] == SpeechEnd(1, 0, 31 * F, 31 * F, "max_length")
+    assert ends[1] == SpeechEnd(2, 31 * F, frames * F, frames * F, "flush")  # the rest opened the next at once
+    assert [e.index for e in events if isinstance(e, SpeechStart)] == [1, 2]
+
+
+def test_cut_search_must_fit_in_an_utterance() -> None:
+    with pytest.raises(ValueError, match="cut_search_ms must be under half"):
+        VadConfig(max_utterance_s=2.0, cut_search_ms=1500)
+
+
+@pytest.mark.parametrize(
+    ("text", "dropped"),
+    [(". .", True), ("...", True), (" ♪ ", True), ("Thanks for watching!", True), ("you", True),
+     ("The kettle is boiling.", False), ("20", False), ("Thank you, Anna.", False)],
+)  # fmt: skip
+def test_text_without_words_or_a_stock_phrase_is_not_a_transcript(text: str, dropped: bool) -> None:
+    from ltu_as.serving.transcribe import is_hallucination
+
+    assert is_hallucination(text) is dropped
