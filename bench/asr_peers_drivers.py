@@ -21,11 +21,15 @@ its server runs as a subprocess of that venv's python; the drivers here run in t
 websockets; `wyoming` for the wyoming client). Both servers load the CTranslate2 model folder `model_dir` with int8
 weights, beam 5 and 2 CPU threads (`SERVER_ENV`: measure the daemon under the same OpenMP settings). The server is
 started once per run and its model load (plus one warm-up request) is setup, not measured; `cpu_s` and `wall_s`
-cover the streams' playback and the wait for their last finals.
+cover the streams' playback and the wait for their last finals (up to `settle_s` after the last utterance's end,
+during which WhisperLive goes on re-transcribing: compare CPU per wall second).
 
 Every one of `streams` clients plays the same audio in real time (30 ms blocks, each sent when its last sample
 would have been captured, against a monotonic clock); stream k starts `k * stagger_s` after stream 0. Times in the
-results are seconds since that stream's t=0 (its first sample).
+results are seconds since that stream's t=0 (its first sample). A run `fell_behind` when some stream's last
+utterance was shown (as a final, or a WhisperLive partial reaching its end) more than `behind_s` after it ended.
+
+    .venv/bin/python bench/asr_peers_drivers.py [CACHE]     # install both peers ahead of a benchmark
 """
 
 from __future__ import annotations
@@ -62,14 +66,15 @@ HOST = "127.0.0.1"
 # Whisper's segment end times are coarse: a segment ending this close before an utterance's end covers it.
 TIMESTAMP_SLACK_S = 1.0
 # Environment of both servers. OpenMP threads that sleep instead of spinning while they wait: with the default
-# (spinning) policy, WhisperLive's CTranslate2 threads, sharing 2 cores with other work, took 10 s or never finished
-# a transcription that takes 1.3 s (its own run_server.py defaults to OMP_NUM_THREADS=1, where no thread waits for
-# another). Under the same load the passive policy is no slower for wyoming-faster-whisper's plain faster-whisper.
+# (spinning) policy, WhisperLive's CTranslate2 threads, sharing 2 cores with other work, took 10 s or more (or never
+# finished) for a transcription that takes 1.3 s; its own run_server.py defaults to OMP_NUM_THREADS=1, where no
+# thread waits for another. Under the same load the passive policy is no slower for plain faster-whisper.
 SERVER_ENV = {"OMP_NUM_THREADS": str(CPU_THREADS), "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
 
 WHISPERLIVE_VERSION = "0.10.0"
 WYOMING_FASTER_WHISPER_VERSION = "3.8.1"
-# The subset of whisper-live's declared requirements that its faster_whisper websocket server imports, pinned.
+# The subset of whisper-live's declared requirements that its faster_whisper websocket server imports, pinned here
+# or (torch, onnxruntime, numpy) by SHARED_PINS. whisper-live itself goes in with --no-deps.
 # Its full list would also bring nvidia-cublas-cu12 and nvidia-cudnn-cu12 (unconditional on Linux, GBs), openvino,
 # optimum-intel, openai-whisper (+ triton), numba, librosa and PyAudio (an sdist that needs portaudio headers):
 # none of them is used by this backend on CPU. whisper-live pins faster-whisper 1.2.0 and tokenizers 0.20.3.

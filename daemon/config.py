@@ -62,12 +62,7 @@ class ServerConfig(_Section):
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return _is_loopback(self.host)
 
     def resolved_token(self) -> str | None:
         """The token from `token` or `token_file` (first line), or None."""
@@ -268,6 +263,48 @@ class MetricsConfig(_Section):
     enabled: bool = True
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Endpoint(_Section):
+    """A speech endpoint: transcripts of what it receives go out as finals of its own `stream`."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    stream: str
+    max_audio_s: float = Field(gt=0)
+
+    @field_validator("stream")
+    @classmethod
+    def _stream(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use 1-32 of a-z 0-9 _ - (starting with a letter or digit)")
+        return v
+
+    @property
+    def is_loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+
+class WyomingConfig(_Endpoint):
+    port: int = Field(10300, ge=0, le=65535)
+    stream: str = "wyoming"
+    max_audio_s: float = Field(60.0, gt=0)
+
+
+class ApiConfig(_Endpoint):
+    port: int = Field(8766, ge=0, le=65535)
+    stream: str = "api"
+    max_audio_s: float = Field(3600.0, gt=0)
+    max_upload_mb: float = Field(25.0, gt=0)
+
+
 class DemoConfig(_Section):
     enabled: bool = False
     models_dir: PathField = Field(default_factory=lambda: user_cache() / "demo")
@@ -331,6 +368,8 @@ class DaemonConfig(_Section):
     alerts: AlertsConfig = AlertsConfig()
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
+    wyoming: WyomingConfig = WyomingConfig()
+    api: ApiConfig = ApiConfig()
     log: LogConfig = LogConfig()
     demo: DemoConfig = DemoConfig()
     streams: list[StreamConfig] = []
@@ -353,6 +392,18 @@ class DaemonConfig(_Section):
                 f"server.host {self.server.host!r} is not loopback: set server.token or server.token_file "
                 "(clients send it as 'Authorization: Bearer <token>'), or bind to 127.0.0.1"
             )
+        if self.api.enabled and not self.api.is_loopback and self.server.resolved_token() is None:
+            raise ValueError(
+                f"api.host {self.api.host!r} is not loopback: set server.token or server.token_file (the API "
+                "takes the same token), or bind to 127.0.0.1"
+            )
+        taken = {s.name for s in self.streams}
+        for section in ("wyoming", "api"):
+            endpoint = getattr(self, section)
+            if endpoint.enabled and endpoint.stream in taken:
+                raise ValueError(f"{section}.stream {endpoint.stream!r} is also a [[streams]] name: choose another")
+        if self.wyoming.enabled and self.api.enabled and self.wyoming.stream == self.api.stream:
+            raise ValueError("wyoming.stream and api.stream must differ")
         return self
 
     def stream(self, name: str) -> MicStream | FileStream | RemoteStream:

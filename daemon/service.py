@@ -122,6 +122,27 @@ class Service:
             health=self.health,
             extra_routes={"/metrics": self.metrics.render} if self.metrics else None,
         )
+        # speech endpoints: whole clips through the same ASR, published as finals of their own streams
+        self.endpoints: list[Any] = []
+        if config.wyoming.enabled or config.api.enabled:
+            from .speech.desk import SpeechDesk
+
+            store = self.store
+            speech = SpeechDesk(
+                self.asr, self.bus.publish, config.vad, lambda s: store.last_indices(s)[1] if store else 0
+            )
+            if config.wyoming.enabled:
+                from .delivery.wyoming_stt import WyomingServer, describe
+
+                info = describe(config.asr.model, config.asr.language, __version__)
+                self.endpoints.append(WyomingServer(config.wyoming, speech, info))
+            if config.api.enabled:
+                from .delivery.transcriptions import TranscriptionApi
+
+                token = config.server.resolved_token()
+                self.endpoints.append(
+                    TranscriptionApi(config.api, token, speech, config.asr.model, config.asr.language)
+                )
         self.started = time.time()
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -159,6 +180,8 @@ class Service:
             for name, pipeline in self.pipelines.items():
                 self._tasks.append(asyncio.create_task(pipeline.run(), name=f"stream-{name}"))
                 self.sources[name].start(loop, pipeline.queue)
+            for endpoint in self.endpoints:
+                await endpoint.start()
             self._background.append(asyncio.create_task(self._tick_alerts(), name="alerts"))
             digests = self._digests()
             if digests is not None:
@@ -184,6 +207,8 @@ class Service:
             _, late = await asyncio.wait(self._tasks, timeout=max(0.1, deadline - time.monotonic()))
             for t in late:
                 t.cancel()
+        for endpoint in self.endpoints:  # no new requests; those in flight are cut off (their clients retry)
+            await endpoint.close()
         await asyncio.to_thread(self.asr.stop, max(0.1, deadline - time.monotonic()))
         if self.understanding is not None:  # answers in flight end as cancelled; waiting work is dropped
             self.understanding.desk.cancel_all()
@@ -369,6 +394,7 @@ class Service:
                 "busy_s": round(self.asr.busy_s, 3),
             },
             "streams": {name: p.health() for name, p in self.pipelines.items()},
+            "endpoints": {e.name: {"port": e.port, "stream": e.config.stream} for e in self.endpoints},
             "model": self.understanding.health() if self.understanding else {"enabled": False},
             "store": self.store.stats() if self.store else {"enabled": False},
             "alerts": {

@@ -9,6 +9,7 @@ waveform first gives a different result for clips shorter than 10 s.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -97,13 +98,14 @@ def pad_or_trim_mel(mel: torch.Tensor, n_frames: int) -> torch.Tensor:
     return torch.nn.functional.pad(mel, (0, n_frames - frames))
 
 
-def load_audio(path: str, sampling_rate: int = 16000) -> np.ndarray:
-    """Decode any file PyAV reads to `[samples]` float32 mono at `sampling_rate`. Raises on unreadable files and
-    on files with no audio stream. (faster-whisper's `decode_audio` does the same but runs a full garbage
-    collection per call, which dominates on short files.)"""
+def load_audio(path: str | BinaryIO, sampling_rate: int = 16000) -> np.ndarray:
+    """Decode any file PyAV reads (a path, or a binary file object such as an upload in `io.BytesIO`) to
+    `[samples]` float32 mono at `sampling_rate`. Raises on unreadable files and on files with no audio stream.
+    (faster-whisper's `decode_audio` does the same but runs a full garbage collection per call, which dominates
+    on short files.)"""
     import av
 
-    with av.open(path) as container:
+    with av.open(path, mode="r") as container:
         if not container.streams.audio:
             raise ValueError(f"{path} has no audio stream")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)

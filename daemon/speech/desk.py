@@ -1,0 +1,130 @@
+"""Transcription on request, for the speech endpoints (Wyoming, the OpenAI-compatible HTTP API): whole clips go
+through the one ASR worker like any stream's utterances, and each transcript is published as a `transcript.final`
+of the endpoint's own stream, so the store, alerts, MQTT and websocket clients see it like any other.
+
+An endpoint's stream has no capture behind it: its clock is the audio received on it, clip after clip, and its
+utterance numbers continue after the last ones stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..capture.vad import Segmenter, SpeechEnd
+from ..clock import SAMPLE_RATE, samples_to_s
+from ..config import VadConfig
+from ..delivery.events import FinalEvent, StreamEvent
+from ..reply import Reply
+from .asr import AsrJob, AsrResult, AsrWorker
+
+WHOLE_CLIP_S = 30.0  # a clip up to this long is decoded in one piece (Whisper's window); longer ones by utterance
+FULL_QUEUE_WAIT_S = 30.0  # how long a request waits for room in the ASR's final queue before it is refused
+
+
+class AsrBusy(RuntimeError):
+    """The ASR queue stayed full: the request was not taken (the caller says "busy, retry")."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One decoded piece of a clip: [start_s, end_s) from the clip's start, and its text."""
+
+    start_s: float
+    end_s: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Heard:
+    text: str
+    pieces: list[Piece]
+    duration_s: float
+
+
+class SpeechDesk:
+    """Receives what it uses: the ASR worker, where to `publish` finals, the VAD settings for long clips, and
+    `first_index(stream)`, the last utterance number stored for a stream (0 without a store)."""
+
+    def __init__(
+        self,
+        asr: AsrWorker,
+        publish: Callable[[StreamEvent], object],
+        vad: VadConfig,
+        first_index: Callable[[str], int] = lambda _stream: 0,
+    ) -> None:
+        self.asr, self.publish, self.vad = asr, publish, vad
+        self._first_index = first_index
+        self._index: dict[str, int] = {}
+        self._clock: dict[str, int] = {}  # stream → samples received so far (its stream clock)
+
+    async def transcribe(self, stream: str, audio: np.ndarray, wall_end: float | None = None) -> Heard:
+        """Transcribe one clip ([n] float32 at 16 kHz) for `stream`; `wall_end`: when its last sample was heard
+        (default now). Clips up to 30 s are one piece; longer ones are cut into utterances by the VAD (silence
+        between them is not decoded). Raises `AsrBusy` when the ASR queue stays full."""
+        wall_end = time.time() if wall_end is None else wall_end
+        n = len(audio)
+        base = self._clock.get(stream, 0)
+        self._clock[stream] = base + n
+        if n <= WHOLE_CLIP_S * SAMPLE_RATE:
+            spans = [(0, n)] if n else []
+        else:
+            seg = Segmenter(self.vad)
+            ends = [e for e in seg.push(audio) + seg.flush() if isinstance(e, SpeechEnd)]
+            spans = [(e.start, e.end) for e in ends]
+        loop = asyncio.get_running_loop()
+        pieces: list[Piece] = []
+        for start, stop in spans:
+            index = self._next_index(stream)
+            done: asyncio.Future[AsrResult] = loop.create_future()
+            end = SpeechEnd(index, base + start, base + stop, base + stop, "flush")
+            job = AsrJob(stream, index, base + start, base + stop, audio[start:stop], end, time.monotonic(),
+                         Reply(loop, _resolver(done)))  # fmt: skip
+            await self._offer(job)
+            r = await done
+            wall_start = wall_end - (n - start) / SAMPLE_RATE
+            piece_wall_end = wall_end - (n - stop) / SAMPLE_RATE
+            self.publish(
+                FinalEvent(
+                    stream=stream,
+                    id=f"{stream}/{index}",
+                    start=samples_to_s(base + start),
+                    end=samples_to_s(base + stop),
+                    speech_end=samples_to_s(base + stop),
+                    text=r.text,
+                    reason="flush",
+                    wall_start=round(wall_start, 6),
+                    wall_end=round(piece_wall_end, 6),
+                    dropped_segments=r.dropped_segments,
+                    asr_ms=round(r.decode_s * 1000, 1),
+                    queue_ms=round(r.wait_s * 1000, 1),
+                )
+            )
+            if r.text:
+                pieces.append(Piece(round(start / SAMPLE_RATE, 3), round(stop / SAMPLE_RATE, 3), r.text))
+        return Heard(" ".join(p.text for p in pieces), pieces, round(n / SAMPLE_RATE, 3))
+
+    def _next_index(self, stream: str) -> int:
+        if stream not in self._index:
+            self._index[stream] = self._first_index(stream)
+        self._index[stream] += 1
+        return self._index[stream]
+
+    async def _offer(self, job: AsrJob) -> None:
+        deadline = time.monotonic() + FULL_QUEUE_WAIT_S
+        while not self.asr.offer_final(job):  # a full queue: wait for room like a stream does, but not forever
+            if time.monotonic() > deadline:
+                raise AsrBusy(f"the ASR queue stayed full for {FULL_QUEUE_WAIT_S:.0f} s")
+            await asyncio.sleep(0.02)
+
+
+def _resolver(future: asyncio.Future[AsrResult]) -> Callable[[AsrResult], None]:
+    def resolve(result: AsrResult) -> None:
+        if not future.done():  # the request may have been cancelled (its client went away)
+            future.set_result(result)
+
+    return resolve
