@@ -88,6 +88,7 @@ class VadConfig(_Section):
     start_ms: int = Field(90, ge=10)
     pre_roll_ms: int = Field(300, ge=0)
     hangover_ms: int = Field(450, ge=30)
+    speculate_ms: int = Field(90, ge=0)
     min_speech_ms: int = Field(250, ge=0)
     max_utterance_s: float = Field(20.0, ge=1)
     cut_search_ms: int = Field(4000, ge=30)

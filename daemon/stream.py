@@ -21,7 +21,7 @@ import numpy as np
 from .capture.audio import AudioChunk, End, Gap, SourceItem, Status
 from .capture.level import LevelMeter
 from .capture.ring import AudioRing
-from .capture.vad import Segmenter, SpeechEnd, SpeechStart
+from .capture.vad import Segmenter, SilenceBegins, SpeechEnd, SpeechStart
 from .clock import SAMPLE_RATE, ms_to_samples, s_to_samples, samples_to_s
 from .config import AsrConfig, AudioConfig, VadConfig, WindowsConfig
 from .delivery.events import (
@@ -80,6 +80,11 @@ class StreamPipeline:
         self._partial_text: dict[int, str] = {}
         self._revision: dict[int, int] = {}
         self._on_result: Reply[AsrResult] | None = None
+        # utterance index → its speculative decode (job, result once back); `_awaiting`: ends confirmed for
+        # speculative decodes still running (their final goes out when the result comes back)
+        self._speculative: dict[int, tuple[AsrJob, AsrResult | None]] = {}
+        self._awaiting: dict[int, SpeechEnd] = {}
+        self.speculation = {"started": 0, "used": 0, "wasted": 0}
         self.finals = 0
         self.utterances = 0
         self.last_latency_s: float | None = None
@@ -164,7 +169,10 @@ class StreamPipeline:
             if self.on_window is not None:
                 self.on_window(w, self.windows.audio(w))
 
-    async def _vad_event(self, ev: SpeechStart | SpeechEnd) -> None:
+    async def _vad_event(self, ev: SpeechStart | SpeechEnd | SilenceBegins) -> None:
+        if isinstance(ev, SilenceBegins):
+            self._speculate(ev)
+            return
         if isinstance(ev, SpeechStart):
             self._unresolved[ev.index] = ev.start
             self.utterances += 1
@@ -178,11 +186,35 @@ class StreamPipeline:
                 )
             )
             return
+        guess = self._speculative.pop(ev.index, None)
+        if guess is not None and _same_end(guess[0], ev):
+            self.speculation["used"] += 1
+            self.asr.promote(guess[0])
+            if guess[1] is not None:
+                self._final(ev, guess[1])
+            else:
+                self._awaiting[ev.index] = ev
+            return
+        if guess is not None:
+            self.speculation["wasted"] += 1
         job = AsrJob(
             self.name, ev.index, ev.start, ev.end, self.ring.read(ev.start, ev.end), ev, time.monotonic(), self._reply()
         )
         while not self.asr.offer_final(job):
             await asyncio.sleep(0.02)  # full: wait for room, never drop a final (module docstring of asr)
+
+    def _speculate(self, ev: SilenceBegins) -> None:
+        """Decode the utterance up to the silence ([start, at)) while the hangover decides whether it ended."""
+        old = self._speculative.pop(ev.index, None)
+        if old is not None:  # speech resumed after an earlier silence: that guess is stale
+            self.speculation["wasted"] += 1
+        end = ev.at
+        guess = SpeechEnd(ev.index, ev.start, end, ev.speech_end, "silence")
+        job = AsrJob(self.name, ev.index, ev.start, end, self.ring.read(ev.start, end), guess, time.monotonic(),
+                     self._reply(), speculative=True)  # fmt: skip
+        self._speculative[ev.index] = (job, None)
+        self.speculation["started"] += 1
+        self.asr.offer_speculative(job)
 
     def _reply(self) -> Reply[AsrResult]:
         if self._on_result is None:  # a pipeline driven without run() (tests)
@@ -192,6 +224,8 @@ class StreamPipeline:
     def _maybe_partial(self) -> None:
         index, start = self.vad.open_index, self.vad.open_start
         if not self.partials or index is None or start is None or self.ring.end < self._partial_at:
+            return
+        if self.vad.in_silence:  # the speculative final covers what a partial would say
             return
         self._partial_at = self.ring.end + self.partial_interval
         self.asr.offer_partial(
@@ -217,7 +251,6 @@ class StreamPipeline:
     def on_result(self, r: AsrResult) -> None:
         """An ASR result for this stream (on the event loop)."""
         job = r.job
-        uid = self.utterance_id(job.index)
         if job.end is None:
             if self._partial_text.get(job.index) == r.text:
                 return  # nothing new: never re-send unchanged text
@@ -226,7 +259,7 @@ class StreamPipeline:
             self.publish(
                 PartialEvent(
                     stream=self.name,
-                    id=uid,
+                    id=self.utterance_id(job.index),
                     start=samples_to_s(job.start),
                     end=samples_to_s(job.stop),
                     text=r.text,
@@ -234,10 +267,22 @@ class StreamPipeline:
                 )
             )
             return
-        self._partial_text.pop(job.index, None)
-        self._revision.pop(job.index, None)
-        ev = job.end
-        self._unresolved.pop(job.index, None)
+        if job.speculative:
+            current = self._speculative.get(job.index)
+            if current is not None and current[0] is job:
+                self._speculative[job.index] = (job, r)  # kept until the end is confirmed or speech resumes
+            awaiting = self._awaiting.pop(job.index, None)
+            if awaiting is not None and _same_end(job, awaiting):
+                self._final(awaiting, r)
+            return
+        self._final(job.end, r)
+
+    def _final(self, ev: SpeechEnd, r: AsrResult) -> None:
+        """Publish utterance `ev`'s final with `r`'s text (decoded after its end, or speculatively before)."""
+        self._partial_text.pop(ev.index, None)
+        self._revision.pop(ev.index, None)
+        self._unresolved.pop(ev.index, None)
+        uid = self.utterance_id(ev.index)
         self.windower.add_final(ev.start, ev.end, r.text)
         wall_end = self.wall_at(ev.speech_end)
         self.finals += 1
@@ -268,7 +313,14 @@ class StreamPipeline:
             "seconds": samples_to_s(self.ring.end),
             "utterances": self.utterances,
             "finals": self.finals,
+            "speculative": dict(self.speculation),
             "queue": self.queue.qsize(),
             "last_final_latency_s": self.last_latency_s,
             "windows": self.windower.index,
         }
+
+
+def _same_end(guess: AsrJob, end: SpeechEnd) -> bool:
+    """A speculative decode stands for the confirmed end when nothing was voiced after the silence it saw
+    began (same last voiced frame) and it decoded no audio past the utterance's end."""
+    return guess.end is not None and guess.end.speech_end == end.speech_end and guess.stop <= end.end

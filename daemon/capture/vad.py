@@ -7,6 +7,10 @@ last word's tail is too, or when it reaches `max_utterance_s` (music or a tone u
 voiced for minutes). Then it is cut at the quietest `cut_window_ms` of its last `cut_search_ms` rather than at the
 cap, so the cut falls between words (a cut through a word loses it on both sides), and the rest opens the next
 utterance at once.
+
+When a confirmed utterance has been unvoiced for `speculate_ms`, a `SilenceBegins` says so: the ASR can decode
+the utterance now, while the hangover decides whether it really ended (the final then costs no decode time), and
+the result is dropped if speech resumes.
 All positions are sample indices on the stream clock (16 kHz).
 """
 
@@ -43,7 +47,18 @@ class SpeechEnd:
     reason: Literal["silence", "max_length", "flush"]
 
 
-VadEvent = SpeechStart | SpeechEnd
+@dataclass(frozen=True)
+class SilenceBegins:
+    """Utterance `index` (begun at `start`) has been unvoiced from `speech_end` to `at` (`speculate_ms`): if the
+    hangover confirms the end, its `SpeechEnd` has this same `speech_end`."""
+
+    index: int
+    start: int
+    speech_end: int
+    at: int
+
+
+VadEvent = SpeechStart | SpeechEnd | SilenceBegins
 
 
 def webrtc_classifier(aggressiveness: int) -> Callable[[bytes], bool]:
@@ -64,6 +79,12 @@ class Segmenter:
         self.frame = ms_to_samples(options.frame_ms)
         self.start_frames = max(1, -(-ms_to_samples(options.start_ms) // self.frame))  # ceil
         self.hangover_frames = max(1, -(-ms_to_samples(options.hangover_ms) // self.frame))
+        # 0: never speculate; otherwise after this many unvoiced frames (ceil), always before the hangover ends
+        self.speculate_frames = (
+            min(self.hangover_frames - 1, max(1, -(-ms_to_samples(options.speculate_ms) // self.frame)))
+            if options.speculate_ms
+            else 0
+        )
         self.min_speech = ms_to_samples(options.min_speech_ms)
         self.pre_roll = ms_to_samples(options.pre_roll_ms)
         self.max_len = s_to_samples(options.max_utterance_s)
@@ -83,6 +104,11 @@ class Segmenter:
     def open_index(self) -> int | None:
         """Index of the confirmed utterance in progress, or None."""
         return self.index if self._open is not None and self._open["confirmed"] else None
+
+    @property
+    def in_silence(self) -> bool:
+        """The open utterance has had at least one unvoiced frame since its last voiced one."""
+        return self._open is not None and self._open["silence"] > 0
 
     @property
     def open_start(self) -> int | None:
@@ -140,6 +166,8 @@ class Segmenter:
             self._confirm(events)
         else:
             u["silence"] += 1
+            if u["silence"] == self.speculate_frames and u["confirmed"]:
+                events.append(SilenceBegins(self.index, u["start"], u["last"], f1))
         if u["silence"] >= self.hangover_frames:
             self._close(f1, "silence", events)
         elif f1 - u["start"] >= self.max_len:

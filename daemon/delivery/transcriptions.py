@@ -25,7 +25,7 @@ from ltu_as.model.audio import load_audio
 
 from ..clock import SAMPLE_RATE
 from ..config import ApiConfig
-from ..speech.desk import AsrBusy, SpeechDesk
+from .transcriber import AsrBusy, Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class TranscriptionApi:
     name = "api"
 
     def __init__(
-        self, config: ApiConfig, token: str | None, desk: SpeechDesk, asr_model: str, language: str | None
+        self, config: ApiConfig, token: str | None, desk: Transcriber, asr_model: str, language: str | None
     ) -> None:
         self.config, self.token, self.desk = config, token, desk
         self.asr_model, self.language = asr_model, language

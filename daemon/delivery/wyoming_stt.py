@@ -24,7 +24,7 @@ from wyoming.server import AsyncEventHandler, AsyncTcpServer
 
 from ..clock import SAMPLE_RATE
 from ..config import WyomingConfig
-from ..speech.desk import AsrBusy, SpeechDesk
+from .transcriber import AsrBusy, Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class _Handler(AsyncEventHandler):
         writer: asyncio.StreamWriter,
         *,
         config: WyomingConfig,
-        desk: SpeechDesk,
+        desk: Transcriber,
         info: Info,
     ) -> None:
         super().__init__(reader, writer)
@@ -117,7 +117,7 @@ class WyomingServer:
 
     name = "wyoming"
 
-    def __init__(self, config: WyomingConfig, desk: SpeechDesk, info: Info) -> None:
+    def __init__(self, config: WyomingConfig, desk: Transcriber, info: Info) -> None:
         self.config, self.desk, self.info = config, desk, info
         self._server = AsyncTcpServer(config.host, config.port)
 

@@ -1,13 +1,16 @@
 """The ASR worker: one thread owns the faster-whisper model and decodes utterances for every stream.
 
-Queues (both bounded, policies here because this is where they are enforced):
+Queues (all bounded, policies here because this is where they are enforced):
 
 - finals: FIFO of at most `asr.final_queue` jobs. `offer_final` refuses when full and the stream awaits room
   (backpressure up to its source queue), so a final is never dropped.
+- speculative finals (decoded when silence begins, before the hangover confirms the end): at most one pending per
+  stream, latest wins; `promote` moves a pending one into the finals queue when the end is confirmed.
 - partials: at most one pending job per stream; a newer partial replaces the pending one (latest wins).
 
-Finals always go first. A partial whose utterance already has its final queued or done is skipped, so a
-partial never arrives after its final. Each result goes back through its job's `reply` (to the event loop).
+Finals always go first, then speculative finals, then partials. A partial whose utterance already has its final
+queued or done is skipped, so a partial never arrives after its final. Each result goes back through its job's
+`reply` (to the event loop).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class AsrJob:
     end: SpeechEnd | None
     submitted: float  # time.monotonic()
     reply: Reply[AsrResult]
+    speculative: bool = False  # decoded when silence began; the stream keeps it only if the end is confirmed
 
     @property
     def final(self) -> bool:
@@ -75,6 +79,7 @@ class AsrWorker:
         )
         self._finals: collections.deque[AsrJob] = collections.deque()
         self._partials: dict[str, AsrJob] = {}
+        self._speculative: dict[str, AsrJob] = {}
         self._finalized: dict[str, int] = {}  # stream → highest utterance index with a final queued
         self._cv = threading.Condition()
         self._stop = False
@@ -87,7 +92,7 @@ class AsrWorker:
     @property
     def depth(self) -> dict[str, int]:
         with self._cv:
-            return {"finals": len(self._finals), "partials": len(self._partials)}
+            return {"finals": len(self._finals), "speculative": len(self._speculative), "partials": len(self._partials)}
 
     def start(self) -> None:
         self._thread.start()
@@ -102,6 +107,26 @@ class AsrWorker:
             self._partials.pop(job.stream, None)
             self._cv.notify()
             return True
+
+    def offer_speculative(self, job: AsrJob) -> None:
+        """Queue a speculative final, replacing the stream's pending one (latest wins)."""
+        with self._cv:
+            if job.index <= self._finalized.get(job.stream, 0):
+                return
+            self._speculative[job.stream] = job
+            self._partials.pop(job.stream, None)  # silence began: the utterance's text is what this decodes
+            self._cv.notify()
+
+    def promote(self, job: AsrJob) -> None:
+        """The end `job` guessed is confirmed: if it still waits, it joins the finals (never dropped from here
+        on); either way no partial of its utterance runs any more."""
+        with self._cv:
+            self._finalized[job.stream] = max(self._finalized.get(job.stream, 0), job.index)
+            self._partials.pop(job.stream, None)
+            if self._speculative.get(job.stream) is job:
+                del self._speculative[job.stream]
+                self._finals.append(job)
+                self._cv.notify()
 
     def offer_partial(self, job: AsrJob) -> None:
         """Queue a partial, replacing the stream's pending one (latest wins)."""
@@ -118,6 +143,7 @@ class AsrWorker:
         with self._cv:
             self._stop = True
             self._partials.clear()
+            self._speculative.clear()
             self._cv.notify()
         self._thread.join(timeout)
         dropped = 0
@@ -134,6 +160,9 @@ class AsrWorker:
             while True:
                 if self._finals:
                     job = self._finals.popleft()
+                elif self._speculative and not self._stop:
+                    stream = min(self._speculative, key=lambda s: self._speculative[s].submitted)
+                    job = self._speculative.pop(stream)
                 elif self._partials and not self._stop:
                     # the stream whose pending partial is oldest goes first
                     stream = min(self._partials, key=lambda s: self._partials[s].submitted)

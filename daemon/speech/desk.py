@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,31 +18,12 @@ from ..capture.vad import Segmenter, SpeechEnd
 from ..clock import SAMPLE_RATE, samples_to_s
 from ..config import VadConfig
 from ..delivery.events import FinalEvent, StreamEvent
+from ..delivery.transcriber import AsrBusy, Heard, Piece
 from ..reply import Reply
 from .asr import AsrJob, AsrResult, AsrWorker
 
 WHOLE_CLIP_S = 30.0  # a clip up to this long is decoded in one piece (Whisper's window); longer ones by utterance
 FULL_QUEUE_WAIT_S = 30.0  # how long a request waits for room in the ASR's final queue before it is refused
-
-
-class AsrBusy(RuntimeError):
-    """The ASR queue stayed full: the request was not taken (the caller says "busy, retry")."""
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One decoded piece of a clip: [start_s, end_s) from the clip's start, and its text."""
-
-    start_s: float
-    end_s: float
-    text: str
-
-
-@dataclass(frozen=True)
-class Heard:
-    text: str
-    pieces: list[Piece]
-    duration_s: float
 
 
 class SpeechDesk:

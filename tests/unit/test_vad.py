@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import ASSET_SPEECH
 
-from daemon.capture.vad import Segmenter, SpeechEnd, SpeechStart
+from daemon.capture.vad import Segmenter, SilenceBegins, SpeechEnd, SpeechStart
 from daemon.config import VadConfig
 
 SR = 16000
@@ -30,10 +30,10 @@ def energy_regions(x: np.ndarray, floor_db: float = -45.0) -> list[tuple[float, 
 
 def run(x: np.ndarray, block: int = 1600, **opts: object) -> list[SpeechStart | SpeechEnd]:
     seg = Segmenter(VadConfig(**opts))
-    events: list[SpeechStart | SpeechEnd] = []
+    events: list[SpeechStart | SpeechEnd | SilenceBegins] = []
     for i in range(0, len(x), block):
         events += seg.push(x[i : i + block])
-    return events + seg.flush()
+    return [e for e in events + seg.flush() if not isinstance(e, SilenceBegins)]
 
 
 def test_asset_layout_matches_energy(speech: np.ndarray) -> None:
@@ -89,12 +89,16 @@ def pattern_classifier(voiced: list[int]):
     return lambda _frame: bool(next(frames, 0))
 
 
-def feed_pattern(voiced: list[int], **opts: object) -> list[SpeechStart | SpeechEnd]:
+def feed_pattern(
+    voiced: list[int], strip: bool = True, **opts: object
+) -> list[SpeechStart | SpeechEnd | SilenceBegins]:
     cfg = VadConfig(
-        **{"frame_ms": 30, "start_ms": 90, "pre_roll_ms": 60, "hangover_ms": 90, "min_speech_ms": 150, **opts}
-    )
+        **{"frame_ms": 30, "start_ms": 90, "pre_roll_ms": 60, "hangover_ms": 90, "min_speech_ms": 150,
+           "speculate_ms": 30, **opts}
+    )  # fmt: skip
     seg = Segmenter(cfg, is_speech=pattern_classifier(voiced))
-    return seg.push(np.zeros(len(voiced) * 480, dtype=np.float32)) + seg.flush()
+    events = seg.push(np.zeros(len(voiced) * 480, dtype=np.float32)) + seg.flush()
+    return [e for e in events if not isinstance(e, SilenceBegins)] if strip else events
 
 
 def test_short_blip_is_discarded() -> None:
@@ -156,3 +160,20 @@ def test_text_without_words_or_a_stock_phrase_is_not_a_transcript(text: str, dro
     from ltu_as.serving.transcribe import is_hallucination
 
     assert is_hallucination(text) is dropped
+
+
+def test_silence_begins_before_the_end_and_again_after_speech_resumes() -> None:
+    F = 480
+    # speech 5-15, a 2-frame pause (under the 3-frame hangover), speech 17-20, then silence
+    events = feed_pattern([0] * 5 + [1] * 10 + [0] * 2 + [1] * 3 + [0] * 10, strip=False, speculate_ms=30)
+    assert events == [
+        SpeechStart(1, 3 * F),
+        SilenceBegins(1, 3 * F, 15 * F, 16 * F),  # after 1 unvoiced frame: the guess that speech ended at 15
+        SilenceBegins(1, 3 * F, 20 * F, 21 * F),  # speech resumed; the new guess
+        SpeechEnd(1, 3 * F, 23 * F, 20 * F, "silence"),  # the same speech_end as the last guess: it stands
+    ]
+    # off: no guesses at all
+    assert not [e for e in feed_pattern([0] * 5 + [1] * 10 + [0] * 10, strip=False, speculate_ms=0)
+                if isinstance(e, SilenceBegins)]  # fmt: skip
+    # never at or after the hangover (it would come after the end): clamped to the frame before
+    assert Segmenter(VadConfig(hangover_ms=90, speculate_ms=400)).speculate_frames == 2
