@@ -117,6 +117,7 @@ class AsrConfig(_Section):
     logprob_threshold: float = -1.0
     compression_ratio_threshold: float = Field(2.4, gt=0)
     lead_silence_ms: int = Field(500, ge=0, le=5000)
+    batch_size: int = Field(0, ge=0, le=64)
     final_queue: int = Field(64, ge=1)
 
 

@@ -391,6 +391,7 @@ class Service:
                 "error": str(self.asr.error) if self.asr.error else None,
                 "queue": self.asr.depth,
                 "decoded": self.asr.decoded,
+                "batches": self.asr.batches,
                 "busy_s": round(self.asr.busy_s, 3),
             },
             "streams": {name: p.health() for name, p in self.pipelines.items()},

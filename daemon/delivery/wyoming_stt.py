@@ -2,6 +2,7 @@
 
 Per connection: `describe` → `info` naming our ASR; `transcribe` (optional: language), then `audio-start`,
 `audio-chunk`s (any rate, width and channel count: converted to 16 kHz s16 mono), `audio-stop` → one `transcript`.
+A request over `wyoming.max_audio_s` gets one `error` (`audio-too-long`); the rest of its audio is read and dropped.
 The client does the endpointing (Home Assistant's VAD decides when the command ended), so the whole clip is one
 utterance. Its transcript is also published as a final of the `wyoming.stream` stream (store, alerts, clients).
 
@@ -77,29 +78,34 @@ class _Handler(AsyncEventHandler):
         self.converter = AudioChunkConverter(rate=SAMPLE_RATE, width=2, channels=1)
         self.pcm: list[bytes] | None = None
         self.size = 0
+        self.refused = False  # the current request went over max_audio_s
 
     async def handle_event(self, event: Event) -> bool:
         if Describe.is_type(event.type):
             await self.write_event(self.info.event())
-        elif Transcribe.is_type(event.type):
-            self.pcm, self.size = [], 0  # a new request; audio-start may or may not follow
-        elif AudioStart.is_type(event.type):
-            self.pcm, self.size = [], 0
+        elif Transcribe.is_type(event.type) or AudioStart.is_type(event.type):
+            self.pcm, self.size, self.refused = [], 0, False  # a new request (audio-start may or may not follow)
         elif AudioChunk.is_type(event.type):
+            if self.refused:
+                return True  # the rest of a refused request: read and dropped (the client may still be sending)
             data = self.converter.convert(AudioChunk.from_event(event)).audio
             if self.pcm is None:
                 self.pcm, self.size = [], 0
             self.size += len(data)
             if self.size > self.config.max_audio_s * SAMPLE_RATE * 2:
+                self.pcm, self.size, self.refused = None, 0, True
                 await self.write_event(
                     Error(
-                        text=f"audio longer than wyoming.max_audio_s = {self.config.max_audio_s:g} s",
+                        text=f"audio longer than wyoming.max_audio_s = {self.config.max_audio_s:g} s: request dropped",
                         code="audio-too-long",
                     ).event()
                 )
-                return False  # disconnect: the rest of this request's audio would be refused anyway
+                return True
             self.pcm.append(data)
         elif AudioStop.is_type(event.type):
+            if self.refused:  # its error went out already
+                self.refused = False
+                return True
             pcm, self.pcm, self.size = b"".join(self.pcm or []), None, 0
             audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
             try:

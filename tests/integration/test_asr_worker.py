@@ -1,5 +1,5 @@
 """The ASR worker with real faster-whisper on the converted tiny model: finals first and never dropped, partials
-latest-wins, never a partial after its final."""
+latest-wins, never a partial after its final; batches decode like single clips (real tiny.en, real speech)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from speech_audio import SCRIPT, VOICES, espeak_available, say, wer
 
 from daemon.capture.vad import SpeechEnd
 from daemon.config import AsrConfig
 from daemon.reply import Reply
 from daemon.speech.asr import AsrJob, AsrResult, AsrWorker
+from ltu_as.serving.transcribe import AsrOptions, bundled_tiny_en, load_asr, transcribe_batch, transcribe_detailed
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +95,48 @@ def test_missing_model_is_reported(tmp_path) -> None:
     worker.start()
     assert worker.ready.wait(60)
     assert worker.error is not None and "nope" in str(worker.error)
+
+
+@pytest.mark.skipif(bundled_tiny_en() is None or not espeak_available(), reason="needs tiny.en and espeak-ng")
+def test_a_batch_decodes_like_one_by_one(loop: asyncio.AbstractEventLoop) -> None:
+    """`transcribe_batch` (one encoder call and one beam search for several clips; what the worker uses on a
+    GPU) gives each clip the text `transcribe_detailed` gives it alone, up to int8 rounding; the worker with
+    `batch_size` 3 decodes finals, speculative finals and partials of several streams together and answers each
+    job."""
+    clips = [say(text, voice, rate) for text, (voice, rate) in zip(SCRIPT[:4], VOICES, strict=True)]
+    clips.append(np.zeros(16000, np.float32))  # silence: empty, whatever it is batched with
+    options = AsrOptions(beam_size=5)
+    model = load_asr("bundled:tiny.en", device="cpu", compute_type="int8")
+    alone = [transcribe_detailed(model, c, options) for c in clips]
+    batched = transcribe_batch(model, clips, options)
+    # int8 kernels round a batch a little differently: at most one word in a sentence changes (seen: "the" → "my")
+    assert all(wer(a.text, b.text) <= 0.15 for a, b in zip(alone[:4], batched[:4], strict=True)), batched
+    assert all(t.text for t in alone[:4]) and not alone[4].text and not batched[4].text
+
+    results: list[AsrResult] = []
+    done = threading.Event()
+
+    def on_result(r: AsrResult) -> None:
+        results.append(r)
+        if len(results) == len(clips):
+            done.set()
+
+    reply = Reply(loop, on_result)
+    worker = AsrWorker(AsrConfig(model="bundled:tiny.en", device="cpu", compute_type="int8", batch_size=3))
+    worker.start()
+    assert worker.ready.wait(60) and worker.error is None
+    for k, c in enumerate(clips):  # stream k: a final, a speculative final or a partial
+        end = None if k == 4 else SpeechEnd(1, 0, len(c), len(c), "silence")
+        j = AsrJob(f"s{k}", 1, 0, len(c), c, end, time.monotonic(), reply, speculative=k == 3)
+        if end is None:
+            worker.offer_partial(j)
+        elif j.speculative:
+            worker.offer_speculative(j)
+        else:
+            assert worker.offer_final(j)
+    assert done.wait(60)
+    worker.stop(10)
+    got = dict(sorted((r.job.stream, r.text) for r in results))
+    assert list(got) == [f"s{k}" for k in range(len(clips))]
+    assert all(wer(alone[k].text, got[f"s{k}"]) <= 0.15 for k in range(4)) and not got["s4"], got
+    assert worker.batches < len(clips)  # some were decoded together
