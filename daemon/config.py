@@ -43,6 +43,7 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8765, ge=0, le=65535)
+    web: bool = True
     token: SecretStr | None = None
     token_file: PathField | None = None
     allowed_origins: list[str] = []

@@ -18,6 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from importlib import resources
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -69,6 +70,29 @@ log = logging.getLogger(__name__)
 LOOPBACK_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$")
 NOT_READY_RETRY_S = 1.0
 REFUSAL_WINDOW_S = 10.0  # a client refused more than messages_burst times within this is closed (1008)
+
+
+# The web page (daemon/web): plain files, served as they are. The policy allows nothing but this origin's own
+# script, style and websocket, so even text that slipped into the page as HTML could not run.
+WEB_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+}
+WEB_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _web_page() -> dict[str, tuple[str, bytes]]:
+    """Path → (content type, body) of the page's files, read once from the package."""
+    folder = resources.files("daemon") / "web"
+    return {path: (kind, (folder / name).read_bytes()) for path, (name, kind) in WEB_FILES.items()}
 
 
 class Desk(Protocol):
@@ -146,6 +170,7 @@ class WebsocketServer:
         self.config = config
         self.bus, self.remotes, self.desk, self.memory = bus, remotes, desk, memory
         self.routes = extra_routes or {}
+        self.web = _web_page() if config.web else {}
         self.streams, self.identity, self.health = streams, identity, health
         self.token = config.resolved_token()
         self._server: Server | None = None
@@ -201,15 +226,15 @@ class WebsocketServer:
             status = http.HTTPStatus.OK if health["ready"] else http.HTTPStatus.SERVICE_UNAVAILABLE
             return _json_response(conn, status, health)
         if path in self.routes:
-            content_type, body = self.routes[path]()
-            response = conn.respond(http.HTTPStatus.OK, "")
-            response.body = body
-            del response.headers["Content-Type"], response.headers["Content-Length"]
-            response.headers["Content-Type"] = content_type
-            response.headers["Content-Length"] = str(len(body))
+            return _body(conn, *self.routes[path]())
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if path in self.web and not upgrade:  # a browser asking for the page (the websocket is also at /)
+            response = _body(conn, *self.web[path])
+            for name, value in WEB_HEADERS.items():
+                response.headers[name] = value
             return response
         if path != "/":
-            known = ", ".join(["/healthz", *self.routes])
+            known = ", ".join(["/healthz", *self.routes, *(p for p in self.web if p != "/")])
             return conn.respond(http.HTTPStatus.NOT_FOUND, f"websocket endpoint is /; also {known}\n")
         auth = request.headers.get("Authorization")
         if self.token is not None and auth is not None:
@@ -483,6 +508,15 @@ def _close_reason(conn: ServerConnection) -> str:
     if sent is not None:
         parts.append(f"server sent {sent.code}" + (f" {sent.reason!r}" if sent.reason else ""))
     return "; ".join(parts) or "connection lost without a close frame"
+
+
+def _body(conn: ServerConnection, content_type: str, body: bytes) -> Response:
+    response = conn.respond(http.HTTPStatus.OK, "")
+    response.body = body
+    del response.headers["Content-Type"], response.headers["Content-Length"]
+    response.headers["Content-Type"] = content_type
+    response.headers["Content-Length"] = str(len(body))
+    return response
 
 
 def _json_response(conn: ServerConnection, status: http.HTTPStatus, body: dict[str, Any]) -> Response:

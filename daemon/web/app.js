@@ -1,0 +1,292 @@
+// The daemon's web page: a client of the public websocket protocol (docs/protocol.md) and nothing else.
+// Every text from the server (transcripts, model output, stream names, file paths) is untrusted: it is only ever
+// set with textContent or as an attribute value, never parsed as HTML.
+
+const $ = (id) => document.getElementById(id);
+const PROTOCOL = 1;
+const BACKOFF_S = [0.5, 1, 2, 4, 8, 10];
+
+const state = {
+  ws: null,
+  token: sessionStorage.getItem("ltu-token") || null,
+  refused: false, // the daemon refused our token: wait for a new one instead of retrying
+  attempt: 0,
+  seq: new Map(), // "stream type" → last seq seen
+  missed: 0,
+  nextId: 0,
+  asking: null, // the id of the question being answered
+  streams: new Map(), // name → {item, meter, state}
+};
+
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+
+function clock(seconds) {
+  return `${Number(seconds).toFixed(1)} s`;
+}
+
+function wall(unix) {
+  return unix ? new Date(unix * 1000).toLocaleTimeString() : "";
+}
+
+function prepend(list, item, keep = 200) {
+  list.prepend(item);
+  while (list.children.length > keep) list.lastElementChild.remove();
+}
+
+function setConnection(text, cls) {
+  const c = $("connection");
+  c.textContent = text;
+  c.className = cls || "";
+}
+
+function send(message) {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return null;
+  state.nextId += 1;
+  const id = `w${state.nextId}`;
+  state.ws.send(JSON.stringify({ id, ...message }));
+  return id;
+}
+
+// --- connection -------------------------------------------------------------------------------------------
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/`);
+  state.ws = ws;
+  setConnection("connecting…");
+  ws.addEventListener("open", () => {
+    const hello = { type: "hello", protocol: PROTOCOL, client: "ltu-web", subscribe: { streams: ["*"], events: ["*"] } };
+    if (state.token) hello.token = state.token;
+    ws.send(JSON.stringify({ id: "hello", ...hello }));
+  });
+  ws.addEventListener("message", (m) => {
+    if (typeof m.data !== "string") return;
+    let msg;
+    try {
+      msg = JSON.parse(m.data);
+    } catch {
+      return;
+    }
+    handle(msg);
+  });
+  ws.addEventListener("close", () => {
+    state.ws = null;
+    if (state.refused) return;
+    const wait = BACKOFF_S[Math.min(state.attempt, BACKOFF_S.length - 1)];
+    state.attempt += 1;
+    setConnection(`disconnected; reconnecting in ${wait} s`, "bad");
+    setTimeout(connect, wait * 1000);
+  });
+}
+
+$("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  state.token = $("token").value || null;
+  if (state.token) sessionStorage.setItem("ltu-token", state.token);
+  else sessionStorage.removeItem("ltu-token");
+  state.refused = false;
+  state.attempt = 0;
+  $("token-form").hidden = true;
+  connect();
+});
+
+// --- events -----------------------------------------------------------------------------------------------
+
+function checkSeq(msg) {
+  if (!msg.stream || !msg.seq) return;
+  const key = `${msg.stream} ${msg.type}`;
+  const last = state.seq.get(key);
+  if (last !== undefined && msg.seq > last + 1) {
+    state.missed += msg.seq - last - 1;
+    const note = el("li", `missed ${msg.seq - last - 1} ${msg.type} event(s) of ${msg.stream}`, "missed");
+    prepend($("transcript"), note);
+  }
+  state.seq.set(key, msg.seq);
+}
+
+function handle(msg) {
+  checkSeq(msg);
+  switch (msg.type) {
+    case "welcome": return welcome(msg);
+    case "error": return error(msg);
+    case "level": return level(msg);
+    case "transcript.partial":
+    case "transcript.final": return transcript(msg);
+    case "stream.status": return streamStatus(msg.stream, msg.state, msg.detail);
+    case "stream.gap": return prepend($("transcript"), el("li", `${msg.stream}: ${msg.duration_s} s of audio lost (${msg.reason})`, "missed"));
+    case "scene": return scene(msg);
+    case "alert": return alert(msg);
+    case "alert.cleared": return alertCleared(msg);
+    case "digest": return prepend($("digests"), el("li", `${msg.stream} ${wall(msg.since)}–${wall(msg.until)}: ${msg.text}`));
+    case "answer.start":
+    case "answer.delta":
+    case "answer.done": return answer(msg);
+    case "history.results": return results(msg);
+    default: return undefined;
+  }
+}
+
+function welcome(msg) {
+  state.attempt = 0;
+  setConnection("connected", "good");
+  $("server").textContent = `${msg.server}${msg.model ? "" : " (transcripts only)"}`;
+  $("demo").hidden = !msg.demo;
+  $("privacy").textContent = "Audio is not stored by this page; the daemon keeps transcripts and descriptions in its history store if it has one.";
+  const select = $("ask-stream");
+  select.replaceChildren(el("option", "any"));
+  select.firstChild.value = "";
+  for (const s of msg.streams) {
+    streamStatus(s.name, s.state, s.kind);
+    const o = el("option", s.name);
+    o.value = s.name;
+    select.append(o);
+  }
+}
+
+function error(msg) {
+  if (msg.code === "unauthorized") {
+    state.refused = true;
+    setConnection(state.token ? "the daemon refused this token" : "this daemon needs a token", "bad");
+    $("token-form").hidden = false;
+    $("token").focus();
+    return;
+  }
+  const where = msg.re && msg.re === state.asking ? $("answer") : null;
+  if (where) where.textContent = `error: ${msg.code}: ${msg.message}`;
+  else prepend($("transcript"), el("li", `error ${msg.code}: ${msg.message}`, "missed"));
+}
+
+function streamStatus(name, st, detail) {
+  let s = state.streams.get(name);
+  if (!s) {
+    const item = el("li");
+    const label = el("span", name, "name");
+    const meter = document.createElement("meter");
+    meter.min = -90; meter.max = 0; meter.low = -60; meter.high = -6; meter.value = -90;
+    meter.setAttribute("aria-label", `${name} level (dBFS)`);
+    const db = el("span", "", "db");
+    const info = el("span", "", "state");
+    item.append(label, meter, db, info);
+    $("streams").append(item);
+    s = { item, meter, db, info };
+    state.streams.set(name, s);
+  }
+  s.info.textContent = detail ? `${st} (${detail})` : st;
+}
+
+function level(msg) {
+  const s = state.streams.get(msg.stream);
+  if (!s) return;
+  s.meter.value = Math.max(-90, msg.rms_dbfs);
+  s.db.textContent = `${msg.rms_dbfs.toFixed(0)} dBFS`;
+}
+
+function transcript(msg) {
+  let line = document.querySelector(`[data-utterance="${CSS.escape(msg.id)}"]`);
+  if (!line) {
+    line = el("li");
+    line.dataset.utterance = msg.id;
+    line.append(el("span", "", "when"), el("span", msg.stream, "name"), el("span", "", "text"));
+    prepend($("transcript"), line);
+  }
+  const final = msg.type === "transcript.final";
+  if (final && !msg.text) {
+    line.remove(); // the defences dropped it: nothing was said
+    return;
+  }
+  line.className = final ? "final" : "partial";
+  line.querySelector(".when").textContent = final ? `${clock(msg.start)} ${wall(msg.wall_start)}` : clock(msg.start);
+  line.querySelector(".text").textContent = msg.text;
+}
+
+function scene(msg) {
+  const card = el("li", null, "card");
+  card.id = `win-${msg.window.id}`;
+  card.append(el("span", `${msg.stream} ${msg.window.id} ${clock(msg.window.start)}`, "when"));
+  card.append(el("p", msg.text));
+  if (msg.window.transcript) card.append(el("p", `heard: ${msg.window.transcript}`, "heard"));
+  prepend($("scenes"), card, 50);
+}
+
+function alert(msg) {
+  const item = el("li", null, "alert");
+  item.dataset.alert = msg.id;
+  item.append(el("strong", msg.rule), el("span", ` ${msg.stream} ${wall(msg.wall)} `), el("q", msg.evidence));
+  if (msg.score !== null && msg.score !== undefined) item.append(el("span", ` score ${Number(msg.score).toFixed(2)}`));
+  const ack = el("button", "Acknowledge");
+  ack.type = "button";
+  ack.addEventListener("click", () => item.classList.add("acknowledged"));
+  item.append(ack);
+  prepend($("alerts"), item, 100);
+}
+
+function alertCleared(msg) {
+  const item = document.querySelector(`[data-alert="${CSS.escape(msg.id)}"]`);
+  if (item) {
+    item.classList.add("cleared");
+    item.append(el("span", ` cleared after ${msg.active_s.toFixed(0)} s`));
+  }
+}
+
+function answer(msg) {
+  if (msg.re !== state.asking) return;
+  const box = $("answer");
+  if (msg.type === "answer.start") {
+    box.textContent = "";
+    $("citations").replaceChildren();
+  } else if (msg.type === "answer.delta") {
+    box.textContent += msg.text;
+  } else {
+    box.textContent = msg.text;
+    const cites = msg.window ? [msg.window] : msg.evidence;
+    for (const w of cites || []) {
+      const li = el("li");
+      const a = el("a", `${w.id} ${clock(w.start)}`);
+      a.href = `#win-${w.id}`;
+      a.title = w.transcript || "";
+      li.append(a);
+      $("citations").append(li);
+    }
+    state.asking = null;
+  }
+}
+
+function results(msg) {
+  const list = $("results");
+  list.replaceChildren();
+  for (const h of msg.hits) {
+    const li = el("li");
+    li.append(el("span", `${h.stream} ${wall(h.wall_start)} `, "when"), el("span", h.transcript || h.scene || ""));
+    list.append(li);
+  }
+  if (!msg.hits.length) list.append(el("li", "nothing found"));
+}
+
+// --- controls ---------------------------------------------------------------------------------------------
+
+$("ask-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const scope = $("scope").value;
+  const message = { type: "ask", question: $("question").value };
+  const stream = $("ask-stream").value;
+  if (scope === "history") message.scope = "history";
+  if (stream) message.stream = stream;
+  if (scope === "window" && $("ask-window").value) message.window = $("ask-window").value;
+  const id = send(message);
+  if (id) {
+    state.asking = id;
+    $("answer").textContent = "…";
+  }
+});
+
+$("search-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  send({ type: "history.search", query: $("query").value });
+});
+
+connect();
