@@ -6,3 +6,5 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # Every pip call takes the constraints: a bare `torch` would pull a CUDA build and GBs of nvidia wheels.
 .venv/bin/pip install -q -c constraints.txt -e ".[dev,train,demo]"
+# Browser-test tools (axe-core for the accessibility check), pinned in package-lock.json; skipped without npm.
+if command -v npm >/dev/null; then npm ci --no-audit --no-fund --silent; fi

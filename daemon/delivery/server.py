@@ -18,8 +18,8 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from importlib import resources
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Protocol
 
 from websockets.asyncio.server import Server, ServerConnection, serve

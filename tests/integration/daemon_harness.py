@@ -45,9 +45,15 @@ max_new_tokens = 24
 
 class Daemon:
     def __init__(
-        self, tmp: Path, config: str, *args: str, env: dict[str, str] | None = None, wait_ready: bool = True
+        self,
+        tmp: Path,
+        config: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.config_path = tmp / f"daemon-{self.port}.toml"
         self.config_path.write_text(config)
         self.log_path = tmp / f"daemon-{self.port}.log"

@@ -472,3 +472,27 @@ def test_config_typo_and_check(tiny, tmp_path: Path) -> None:
     assert checked.returncode == 1
     assert f"mqtt: cannot reach the broker at 127.0.0.1:{port}" in checked.stdout
     assert "store: cannot open the history store /proc/no-such-dir/history.db" in checked.stdout
+
+
+def test_the_web_page_is_served_beside_the_websocket(daemon: Daemon) -> None:
+    """GET / without an upgrade is the page (the websocket stays at / for clients that upgrade); everything it
+    loads comes from the daemon, under a policy that allows no inline or foreign code."""
+    import re
+    import urllib.request
+
+    def get(path: str) -> tuple[str, dict[str, str]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}{path}", timeout=10) as r:
+            return r.read().decode(), dict(r.headers)
+
+    html, headers = get("/")
+    assert headers["Content-Type"].startswith("text/html")
+    csp = headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe" not in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    loads = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert loads and all(u.startswith("/") and not u.startswith("//") for u in loads), loads  # no CDN
+    for url in loads:
+        body, h = get(url)
+        assert body and h["Content-Type"].split(";")[0] in ("text/javascript", "text/css")
+    js, _ = get("/app.js")
+    assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "eval(" not in js  # text only
