@@ -677,6 +677,8 @@ class Store:
             "dropped": self.dropped,
             "written": self.written,
             "embeddings": self._embed is not None,
+            "clips": self.config.clips,
+            "retention_days": self.config.retention_days,
             "last_commit": round(self.last_commit, 3) or None,
         }
 

@@ -102,9 +102,10 @@ function checkSeq(msg) {
   const key = `${msg.stream} ${msg.type}`;
   const last = state.seq.get(key);
   if (last !== undefined && msg.seq > last + 1) {
+    // the daemon drops level and partial events first for a client that falls behind; this says how many
     state.missed += msg.seq - last - 1;
-    const note = el("li", `missed ${msg.seq - last - 1} ${msg.type} event(s) of ${msg.stream}`, "missed");
-    prepend($("transcript"), note);
+    $("missed").textContent = `missed ${state.missed} events`;
+    $("missed").hidden = false;
   }
   state.seq.set(key, msg.seq);
 }
@@ -136,7 +137,7 @@ function welcome(msg) {
   setConnection("connected", "good");
   $("server").textContent = `${msg.server}${msg.model ? "" : " (transcripts only)"}`;
   $("demo").hidden = !msg.demo;
-  $("privacy").textContent = "Audio is not stored by this page; the daemon keeps transcripts and descriptions in its history store if it has one.";
+  privacy();
   const select = $("ask-stream");
   select.replaceChildren(el("option", "any"));
   select.firstChild.value = "";
@@ -145,6 +146,20 @@ function welcome(msg) {
     const o = el("option", s.name);
     o.value = s.name;
     select.append(o);
+  }
+}
+
+async function privacy() {
+  // what the daemon keeps, from its health report (same origin, no token needed)
+  try {
+    const health = await (await fetch("/healthz")).json();
+    const store = health.store || {};
+    $("privacy").textContent = store.enabled === false
+      ? "Audio is not stored, and nothing is kept: there is no history store."
+      : `Audio is not stored${store.clips ? ", except short clips around alerts" : ""}; transcripts and scene ` +
+        `descriptions are kept for ${store.retention_days} days in the history store.`;
+  } catch {
+    $("privacy").textContent = "";
   }
 }
 
