@@ -75,6 +75,7 @@ function connect() {
     handle(msg);
   });
   ws.addEventListener("close", () => {
+    if (state.ws !== ws) return; // an older connection, already replaced
     state.ws = null;
     if (state.refused) return;
     const wait = BACKOFF_S[Math.min(state.attempt, BACKOFF_S.length - 1)];
@@ -92,6 +93,9 @@ $("token-form").addEventListener("submit", (e) => {
   state.refused = false;
   state.attempt = 0;
   $("token-form").hidden = true;
+  const old = state.ws;
+  state.ws = null;
+  if (old) old.close();
   connect();
 });
 
@@ -134,6 +138,7 @@ function handle(msg) {
 
 function welcome(msg) {
   state.attempt = 0;
+  $("token-form").hidden = true;
   setConnection("connected", "good");
   $("server").textContent = `${msg.server}${msg.model ? "" : " (transcripts only)"}`;
   $("demo").hidden = !msg.demo;

@@ -113,6 +113,9 @@ def text(browser: Any, element_id: str) -> str:
 
 
 def log_in(browser: Any, daemon: Daemon, token: str) -> None:
+    """Open the page with no token remembered: the daemon refuses the hello, the page asks; type `token`."""
+    browser.get(f"http://127.0.0.1:{daemon.port}/")
+    browser.execute_script("sessionStorage.clear()")
     browser.get(f"http://127.0.0.1:{daemon.port}/")
     form = wait_for(lambda: browser.find_element("id", "token-form").is_displayed(), 30, "the token form")
     assert form
@@ -123,9 +126,6 @@ def log_in(browser: Any, daemon: Daemon, token: str) -> None:
 
 
 def test_wrong_token_is_refused_and_said(browser: Any, daemon: Daemon) -> None:
-    browser.delete_all_cookies()
-    browser.get(f"http://127.0.0.1:{daemon.port}/")
-    browser.execute_script("sessionStorage.clear()")
     log_in(browser, daemon, "not-the-token")
     assert wait_for(lambda: "refused this token" in text(browser, "connection"), 30, "the refusal")
     assert browser.find_element("id", "token-form").is_displayed()  # asks again
@@ -135,6 +135,7 @@ def test_live_views_ask_alert_and_hostile_text(browser: Any, daemon: Daemon) -> 
     log_in(browser, daemon, TOKEN)
     assert wait_for(lambda: text(browser, "connection") == "connected", 30, "connected")
     assert browser.find_element("id", "demo").is_displayed()  # the demo badge
+    assert not browser.find_element("id", "token-form").is_displayed()  # asked for once, then out of the way
     # level: the stream's meter moves off its floor
     assert wait_for(
         lambda: float(browser.find_element("css selector", "#streams meter").get_attribute("value")) > -80,
