@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 from asr_peers_drivers import (  # noqa: E402
     DEFAULT_CACHE,
@@ -54,6 +53,7 @@ from asr_peers_drivers import (  # noqa: E402
     run_whisperlive,
     run_wyoming,
 )
+from daemon_harness import Daemon  # noqa: E402
 from speech_audio import SCRIPT, conversation, normalise, wer  # noqa: E402
 
 from clients.client import DaemonClient  # noqa: E402
@@ -65,18 +65,15 @@ SUSTAIN_P90_S = 5.0
 # ------------------------------------------------------------------------------------------------------ ours
 
 
-def _daemon_config(streams: int, folder: Path, extra: str) -> Path:
+def _daemon_config(streams: int, extra: str) -> str:
     lines = [
         "[model]\nenabled = false\n",
-        "[store]\nenabled = false\n",
         '[asr]\nmodel = "bundled:tiny.en"\ndevice = "cpu"\ncompute_type = "int8"\nbeam_size = 5\ncpu_threads = 2\n'
         + extra,
         "[server]\nmax_clients = 256\n",
     ]
     lines += [f'[[streams]]\nname = "s{k}"\nsource = "remote"\n' for k in range(streams)]
-    path = folder / f"daemon-{streams}.toml"
-    path.write_text("\n".join(lines))
-    return path
+    return "\n".join(lines)
 
 
 async def _ours_run(proc: psutil.Process, url: str, play: _Playback, streams: int) -> PeerRun:
@@ -134,38 +131,16 @@ async def _ours_run(proc: psutil.Process, url: str, play: _Playback, streams: in
 def run_ours(
     audio: np.ndarray, utterances: list[tuple[float, float]], streams: int, folder: Path, extra: str = ""
 ) -> PeerRun:
-    """Our daemon as a subprocess (the same OpenMP settings as the peers' servers), `streams` satellites;
-    `extra`: more keys for its [asr] table (TOML lines)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    """Our daemon as a subprocess (the tests' harness; no history store; the same OpenMP settings as the peers'
+    servers), `streams` satellites; `extra`: more keys for its [asr] table (TOML lines)."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = _daemon_config(streams, folder, extra)
-    log = (folder / f"daemon-{streams}.log").open("w")
-    env = {**os.environ, **SERVER_ENV}
-    argv = [sys.executable, "-m", "daemon.cli", "start", "--config", str(config), "--set", f"server.port={port}"]
-    popen = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    d = Daemon(folder, _daemon_config(streams, extra), env=SERVER_ENV, wait_ready=False)
     try:
-        import urllib.request
-
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    if json.loads(r.read())["ready"]:
-                        break
-            except OSError:
-                pass
-            if popen.poll() is not None:
-                raise RuntimeError(f"the daemon exited; see {log.name}")
-            time.sleep(0.2)
+        d.wait_ready(120)
         play = _Playback(audio, utterances, 0.25, 30.0, 10.0)
-        return asyncio.run(_ours_run(psutil.Process(popen.pid), f"ws://127.0.0.1:{port}", play, streams))
+        return asyncio.run(_ours_run(psutil.Process(d.proc.pid), d.url, play, streams))
     finally:
-        popen.terminate()
-        popen.wait(30)
-        log.close()
+        d.stop()
 
 
 # ------------------------------------------------------------------------------------------------ scoring

@@ -21,7 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .delivery.wire import AlertRule
 
@@ -30,6 +39,16 @@ PROFILES = Path(__file__).resolve().parent / "profiles"  # default.toml and demo
 
 # TOML strings become paths; strict mode would otherwise insist on a Path object.
 PathField = Annotated[Path, Field(strict=False)]
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+def _stream_name(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError("use 1-32 of a-z 0-9 _ - (starting with a letter or digit)")
+    return v
+
+
+StreamName = Annotated[str, AfterValidator(_stream_name)]  # a [[streams]] name, or an endpoint's stream
 
 
 class ConfigError(Exception):
@@ -280,15 +299,8 @@ class _Endpoint(_Section):
 
     enabled: bool = False
     host: str = "127.0.0.1"
-    stream: str
+    stream: StreamName
     max_audio_s: float = Field(gt=0)
-
-    @field_validator("stream")
-    @classmethod
-    def _stream(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("use 1-32 of a-z 0-9 _ - (starting with a letter or digit)")
-        return v
 
     @property
     def is_loopback(self) -> bool:
@@ -297,13 +309,13 @@ class _Endpoint(_Section):
 
 class WyomingConfig(_Endpoint):
     port: int = Field(10300, ge=0, le=65535)
-    stream: str = "wyoming"
+    stream: StreamName = "wyoming"
     max_audio_s: float = Field(60.0, gt=0)
 
 
 class ApiConfig(_Endpoint):
     port: int = Field(8766, ge=0, le=65535)
-    stream: str = "api"
+    stream: StreamName = "api"
     max_audio_s: float = Field(3600.0, gt=0)
     max_upload_mb: float = Field(25.0, gt=0)
 
@@ -313,18 +325,8 @@ class DemoConfig(_Section):
     models_dir: PathField = Field(default_factory=lambda: user_cache() / "demo")
 
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-
-
 class _Stream(_Section):
-    name: str
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("use 1-32 of a-z 0-9 _ - (starting with a letter or digit)")
-        return v
+    name: StreamName
 
 
 class MicStream(_Stream):

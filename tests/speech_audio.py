@@ -8,9 +8,11 @@ trimmed, so each placed sentence's (start, end) is where its voice really starts
 from __future__ import annotations
 
 import functools
+import io
 import re
 import shutil
 import subprocess
+import wave
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,13 +95,11 @@ def conversation(
     return np.concatenate(parts), placed
 
 
-def with_noise(audio: np.ndarray, snr_db: float, seed: int = 0, speech_rms: float | None = None) -> np.ndarray:
-    """`audio` plus white noise `snr_db` below the speech's RMS (over its voiced samples unless given)."""
-    if speech_rms is None:
-        voiced = audio[np.abs(audio) > 1e-4]
-        speech_rms = float(np.sqrt(np.mean(voiced**2)))
+def with_noise(audio: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
+    """`audio` plus white noise `snr_db` below the RMS of its voiced samples."""
+    voiced = audio[np.abs(audio) > 1e-4]
     noise = np.random.default_rng(seed).standard_normal(len(audio)).astype(np.float32)
-    noise *= speech_rms / 10 ** (snr_db / 20)
+    noise *= float(np.sqrt(np.mean(voiced**2))) / 10 ** (snr_db / 20)
     return (audio + noise).astype(np.float32)
 
 
@@ -127,6 +127,18 @@ def tones(seconds: float, freqs: tuple[float, ...] = (440.0, 880.0, 1000.0), lev
         m = min(on, n - at)
         out[at : at + m] = level * np.sin(2 * np.pi * freqs[k % len(freqs)] * np.arange(m) / RATE)
     return out
+
+
+def wav_bytes(audio: np.ndarray, rate: int = RATE, channels: int = 1) -> bytes:
+    """`audio` ([n] float32) as a 16-bit PCM WAV file, the same samples on every channel."""
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.repeat(pcm, channels).tobytes())
+    return buf.getvalue()
 
 
 # Spellings Whisper may choose for the script's words, folded before scoring.

@@ -137,15 +137,27 @@ def transcribe(asr: WhisperModel, audio: np.ndarray, options: AsrOptions | None 
     return transcribe_detailed(asr, audio, options).text
 
 
+def _with_lead(audio: np.ndarray, o: AsrOptions) -> np.ndarray:
+    """`audio` as float32 with `o.lead_silence_s` of digital silence in front."""
+    return np.concatenate([np.zeros(round(o.lead_silence_s * 16000), np.float32), np.asarray(audio, np.float32)])
+
+
+def _defended(text: str, compression_ratio: float, no_speech_prob: float, avg_logprob: float, o: AsrOptions) -> bool:
+    """Whether the hallucination defences drop a decoded segment: a stock phrase or no words, a repetitive loop,
+    or Whisper's own no-speech rule (faster-whisper keeps its best attempt even when every temperature failed)."""
+    return (
+        is_hallucination(text)
+        or compression_ratio > o.compression_ratio_threshold
+        or (no_speech_prob > o.no_speech_threshold and avg_logprob < o.logprob_threshold)
+    )
+
+
 def transcribe_detailed(asr: WhisperModel, audio: np.ndarray, options: AsrOptions | None = None) -> Transcript:
     """`transcribe`, also saying how many segments the hallucination defences dropped."""
     o = options or AsrOptions()
     language = o.language if asr.model.is_multilingual else None
-    audio = np.asarray(audio, dtype=np.float32)
-    if o.lead_silence_s > 0:
-        audio = np.concatenate([np.zeros(round(o.lead_silence_s * 16000), np.float32), audio])
     segments, _info = asr.transcribe(
-        audio,
+        _with_lead(audio, o),
         language=language,
         beam_size=o.beam_size,
         temperature=o.temperature,
@@ -162,12 +174,7 @@ def transcribe_detailed(asr: WhisperModel, audio: np.ndarray, options: AsrOption
         text = seg.text.strip()
         if not text:
             continue
-        # faster-whisper keeps its best attempt even when every temperature failed the compression test.
-        if (
-            is_hallucination(text)
-            or seg.compression_ratio > o.compression_ratio_threshold
-            or (seg.no_speech_prob > o.no_speech_threshold and seg.avg_logprob < o.logprob_threshold)
-        ):
+        if _defended(text, seg.compression_ratio, seg.no_speech_prob, seg.avg_logprob, o):
             dropped += 1
             continue
         kept.append(text)
@@ -191,19 +198,10 @@ def transcribe_batch(
     one, but tiny.en's word error rate on the real-speech test clips then rose from 0.03-0.39 to 0.18-0.81 (it
     was trained on 30 s windows only), so the window is not shortened."""
     o = options or AsrOptions()
-    out: list[Transcript | None] = [None] * len(audios)
-    lead = np.zeros(round(o.lead_silence_s * 16000), np.float32)
-    short: list[tuple[int, np.ndarray]] = []
-    for i, audio in enumerate(audios):
-        a = np.concatenate([lead, np.asarray(audio, dtype=np.float32)])
-        if len(a) > WINDOW_SAMPLES:
-            out[i] = transcribe_detailed(asr, audio, o)
-        else:
-            short.append((i, a))
-    if short:
-        for (i, _), t in zip(short, _decode_window(asr, [a for _, a in short], o), strict=True):
-            out[i] = t
-    return [t if t is not None else Transcript("", 0, 0) for t in out]
+    padded = [_with_lead(a, o) for a in audios]
+    fits = [i for i, a in enumerate(padded) if len(a) <= WINDOW_SAMPLES]
+    together = dict(zip(fits, _decode_window(asr, [padded[i] for i in fits], o) if fits else [], strict=True))
+    return [together[i] if i in together else transcribe_detailed(asr, a, o) for i, a in enumerate(audios)]
 
 
 def _decode_window(asr: WhisperModel, audios: list[np.ndarray], o: AsrOptions) -> list[Transcript]:
@@ -239,11 +237,7 @@ def _decode_window(asr: WhisperModel, audios: list[np.ndarray], o: AsrOptions) -
         avg_logprob = r.scores[0] * len(tokens) / (len(tokens) + 1)  # faster-whisper's, length penalty 1
         if not text:
             out.append(Transcript("", 0, 0))
-        elif (
-            is_hallucination(text)
-            or get_compression_ratio(text) > o.compression_ratio_threshold
-            or (r.no_speech_prob > o.no_speech_threshold and avg_logprob < o.logprob_threshold)
-        ):
+        elif _defended(text, get_compression_ratio(text), r.no_speech_prob, avg_logprob, o):
             out.append(Transcript("", 0, 1))
         else:
             out.append(Transcript(text, 1, 0))

@@ -18,7 +18,7 @@ import aiohttp
 import numpy as np
 import pytest
 from daemon_harness import Daemon, free_port
-from speech_audio import RATE, SCRIPT, conversation, espeak_available, say, wer
+from speech_audio import RATE, SCRIPT, conversation, espeak_available, say, wav_bytes, wer
 from websockets.asyncio.client import connect
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -36,19 +36,6 @@ pytestmark = [
 
 TOKEN = "s3cret-token"
 SENTENCE = "please turn off the lights in the hallway"
-
-
-def wav_bytes(audio: np.ndarray, rate: int = RATE, channels: int = 1) -> bytes:
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
-    if channels == 2:
-        pcm = np.repeat(pcm, 2)
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
 
 
 class Endpoints:
