@@ -150,6 +150,23 @@ class ModelConfig(_Section):
     llm: str | None = None  # None: the checkpoint's config (authors:vicuna_ltuas)
     device: str = "auto"
     dtype: str = "auto"
+    # LLM weights for inference: "int8"/"int4" merge LoRA then quantize (ltu_as.loading.quantize); the ASR's
+    # compute_type "default" then becomes int8 too
+    quantization: Literal["none", "int8", "int4"] = "none"
+
+
+class LlmConfig(_Section):
+    """Where the LLM step runs: "local" (the decode engine in this process) or "vllm" (a vLLM OpenAI server that
+    receives each prompt as embeddings; the Whisper encoder, TLTR and projector stay here). docs/scale.md."""
+
+    backend: Literal["local", "vllm"] = "local"
+    url: str = "http://127.0.0.1:8000/v1"  # the vLLM server's OpenAI base URL
+    api_key: SecretStr | None = None  # sent as "Authorization: Bearer <key>" (vLLM's --api-key)
+    served_model: str | None = None  # the model name vLLM serves (None: the first of GET /models)
+    max_concurrency: int = Field(16, ge=1, le=1024)  # requests open at once (the engine's "slots")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    token_timeout_s: float = Field(60.0, gt=0)  # the most to wait for the server's next token
+    max_positions: int = Field(1024, ge=64)  # vLLM's --max-model-len: prompt + answer
 
 
 class WindowsConfig(_Section):
@@ -361,6 +378,7 @@ class DaemonConfig(_Section):
     vad: VadConfig = VadConfig()
     asr: AsrConfig = AsrConfig()
     model: ModelConfig = ModelConfig()
+    llm: LlmConfig = LlmConfig()
     windows: WindowsConfig = WindowsConfig()
     features: FeaturesConfig = FeaturesConfig()
     scene: SceneConfig = SceneConfig()
@@ -409,7 +427,18 @@ class DaemonConfig(_Section):
                 raise ValueError(f"{section}.stream {endpoint.stream!r} is also a [[streams]] name: choose another")
         if self.wyoming.enabled and self.api.enabled and self.wyoming.stream == self.api.stream:
             raise ValueError("wyoming.stream and api.stream must differ")
+        if self.llm.backend == "vllm" and self.model.quantization != "none":
+            raise ValueError(
+                "model.quantization applies to the local LLM; with llm.backend = 'vllm' quantize on the vLLM "
+                "server (its --quantization) and set model.quantization = 'none'"
+            )
         return self
+
+    def asr_effective(self) -> AsrConfig:
+        """The ASR settings as used: compute_type "default" follows model.quantization (int8 when quantized)."""
+        if self.asr.compute_type == "default" and self.model.enabled and self.model.quantization != "none":
+            return self.asr.model_copy(update={"compute_type": "int8"})
+        return self.asr
 
     def stream(self, name: str) -> MicStream | FileStream | RemoteStream:
         for s in self.streams:

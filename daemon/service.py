@@ -49,7 +49,7 @@ class Service:
         """Raises `StoreError` when the history store cannot be opened."""
         self.config = config
         self.bus = EventBus()
-        self.asr = AsrWorker(config.asr)
+        self.asr = AsrWorker(config.asr_effective())
         self.pipelines: dict[str, StreamPipeline] = {}
         self.sources: dict[str, FileSource | MicSource | RemoteSource] = {}
         remotes: dict[str, RemoteSource] = {}

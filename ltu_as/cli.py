@@ -3,6 +3,7 @@
     ltu-as ask --audio clip.wav --question "What can be inferred from the audio?"
     ltu-as make-tiny DIR          # tiny random models in the real layouts (tests, demo)
     ltu-as params                 # trainable parameter counts of the real-size model
+    ltu-as export-llm CKPT OUT    # the LLM (LoRA merged, adapter, base) as folders a vLLM server serves
 
 Exit status: 0 done, 2 bad input (arguments, audio), 3 a model or checkpoint is missing or broken.
 """
@@ -67,8 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     sub.add_parser("params", help="trainable parameter counts of the real-size model, from its dims")
+    _export_parser(sub)
     _training_parsers(sub)
     return parser
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-llm",
+        help="write the LLM as vLLM-servable folders: merged/ (LoRA folded in), adapter/ + base/, export.json",
+    )
+    p.add_argument("checkpoint", help="ltu_as folder, authors' .bin, URL or authors:NAME")
+    p.add_argument("out", type=Path, help="export folder (missing or empty, unless --overwrite)")
+    p.add_argument("--whisper", help="Whisper encoder: HF folder or hub id (default: as recorded/openai)")
+    p.add_argument("--llm", help="LLM: HF folder, hub id or authors:vicuna_ltuas (default: as recorded)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="weights on disk (fp32)")
+    p.add_argument("--parts", default="merged,adapter,base", help="comma-separated subset of merged,adapter,base")
+    p.add_argument("--overwrite", action="store_true", help="replace the parts of an earlier export in OUT")
 
 
 def _training_parsers(sub: argparse._SubParsersAction) -> None:
@@ -293,6 +309,40 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_local(source: str) -> bool:
+    """A checkpoint argument that can only be a local path (as `resolve` decides), and that does not exist."""
+    if source.startswith(("authors:", "http://", "https://")) or Path(source).expanduser().exists():
+        return False
+    return source.startswith((".", "/", "~")) or source.count("/") != 1
+
+
+def _cmd_export_llm(args: argparse.Namespace) -> int:
+    from .loading.export import ExportError, export_llm
+
+    if _missing_local(args.checkpoint):
+        print(f"ltu-as export-llm: no such checkpoint: {args.checkpoint}", file=sys.stderr)
+        return 2
+    try:
+        manifest = export_llm(
+            args.checkpoint,
+            args.out,
+            whisper=args.whisper,
+            llm=args.llm,
+            dtype=args.dtype,
+            parts=args.parts,
+            overwrite=args.overwrite,
+        )
+    except ExportError as e:
+        print(f"ltu-as export-llm: {e}", file=sys.stderr)
+        return 2
+    for part, folder in manifest["parts"].items():
+        print(f"{part + ':':<10}{folder}")
+    print(f"{'manifest:':<10}{Path(args.out).expanduser().resolve() / 'export.json'}")
+    if manifest["vllm_command"]:
+        print(f"serve with:\n  {manifest['vllm_command']}")
+    return 0
+
+
 def _cmd_params(_args: argparse.Namespace) -> int:
     from .model.config import LtuAsConfig, trainable_parameter_counts
 
@@ -312,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "ask": _cmd_ask,
         "make-tiny": _cmd_make_tiny,
         "params": _cmd_params,
+        "export-llm": _cmd_export_llm,
         "extract-features": _cmd_extract,
         "train": _cmd_train,
         "eval": _cmd_eval,

@@ -53,6 +53,7 @@ class ErrorCode(StrEnum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNKNOWN_QUESTION = "unknown_question"
     OUT_OF_MEMORY = "out_of_memory"
+    LLM_UNAVAILABLE = "llm_unavailable"
     HISTORY_DISABLED = "history_disabled"
     UNKNOWN_RULE = "unknown_rule"
     RULE_EXISTS = "rule_exists"

@@ -149,7 +149,15 @@ class ModelWorker:
         m = self.model_config
         t0 = time.monotonic()
         log.info("loading LTU-AS (checkpoint %s) on %s", m.checkpoint, m.device)
-        loaded = load_model(m.checkpoint, whisper=m.whisper, llm=m.llm, device=m.device, dtype=m.dtype, progress=True)
+        loaded = load_model(
+            m.checkpoint,
+            whisper=m.whisper,
+            llm=m.llm,
+            device=m.device,
+            dtype=m.dtype,
+            quantization=m.quantization,
+            progress=True,
+        )
         arch = loaded.model.config
         if (arch.sampling_rate, arch.clip_samples) != (SAMPLE_RATE, WINDOW_SAMPLES):
             raise ValueError(

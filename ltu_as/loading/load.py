@@ -18,6 +18,7 @@ from ..model.modeling import CONFIG_NAME, WEIGHTS_NAME, LtuAsForConditionalGener
 from ..model.processor import LtuAsProcessor
 from .checkpoint import load_official_checkpoint, report_mismatch
 from .precision import resolve_device, resolve_dtype
+from .quantize import compute_dtype, quantize_linears
 from .sources import resolve
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,17 @@ class LoadedModel:
     processor: LtuAsProcessor
 
 
+def quantize_for_inference(model: LtuAsForConditionalGeneration, quantization: str) -> int:
+    """Merge LoRA into the LLM, then quantize its linear layers (`ltu_as.loading.quantize`); returns how many.
+    The model is then for inference only (`unmerge_lora` refuses)."""
+    model.merge_lora()
+    n = quantize_linears(model.llm, quantization, model.device)
+    model.quantization = quantization
+    if n:
+        log.info("LLM quantized to %s: %d linear layers", quantization, n)
+    return n
+
+
 def load_model(
     checkpoint: str | Path | None = None,
     *,
@@ -142,13 +154,19 @@ def load_model(
     llm: str | Path | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
+    quantization: str = "none",
     progress: bool = True,
 ) -> LoadedModel:
     """Load a complete model and its processor.
 
     `checkpoint` is a folder written by `save_pretrained`, or an authors'-layout `.bin` (a path, URL or
     `authors:` name); default: the authors' `ltuas_long_noqa_a6.bin`.
+
+    `quantization` ("none", "int8", "int4"): merge LoRA and quantize the LLM's linear layers for inference
+    (`ltu_as.loading.quantize`); on CPU a quantized model computes in bf16.
     """
+    dev = resolve_device(device)
+    dtype = compute_dtype(quantization, resolve_dtype(dtype, dev), dev)
     ckpt = str(checkpoint or DEFAULT_CHECKPOINT_SOURCE)
     local = Path(ckpt).expanduser()
     if local.is_dir():
@@ -162,4 +180,6 @@ def load_model(
         log.info("loaded %d tensors (%d parameters) from %s", counts["tensors"], counts["parameters"], path)
     # The LLM folder was resolved while loading; transformers records it as the model's name_or_path.
     processor = LtuAsProcessor.from_pretrained(model.llm.name_or_path, model.config)
+    if quantization != "none":
+        quantize_for_inference(model, quantization)
     return LoadedModel(model, processor)

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -74,6 +75,7 @@ class LtuAsForConditionalGeneration(nn.Module):
             raise ValueError(f"LLM hidden size {language_model.config.hidden_size} != config d_llm {config.d_llm}")
         language_model.requires_grad_(False)
         self.language_model: PeftModel = get_peft_model(language_model, lora_config(config))
+        self.quantization = "none"  # set by `ltu_as.loading.load.quantize_for_inference`
         self.eval()  # inference by default, as Hugging Face models; training code calls .train()
 
     # --- parts -------------------------------------------------------------------------------------------------
@@ -322,10 +324,13 @@ class LtuAsForConditionalGeneration(nn.Module):
 
     # --- LoRA ----------------------------------------------------------------------------------------------------
     def merge_lora(self) -> None:
-        """Fold the LoRA deltas into the frozen weights (faster decoding; `unmerge_lora` undoes it)."""
-        self.language_model.merge_adapter()
+        """Fold the LoRA deltas into the frozen weights (faster decoding; `unmerge_lora` undoes it). Idempotent."""
+        if not any(m.merged for m in self.language_model.modules() if isinstance(m, BaseTunerLayer)):
+            self.language_model.merge_adapter()
 
     def unmerge_lora(self) -> None:
+        if self.quantization != "none":
+            raise RuntimeError("the LoRA deltas are inside the quantized weights; load the model unquantized to train")
         self.language_model.unmerge_adapter()
 
     # --- our own format ------------------------------------------------------------------------------------------
