@@ -2,7 +2,7 @@
 
     ltu-daemon start [--config F] [--demo] [--set key=value ...]
     ltu-daemon devices             # audio input devices (for `device = ...` in a mic stream)
-    ltu-daemon check [--config F]  # config and model availability, with what to do about each problem
+    ltu-daemon check [--config F] [--memory]  # config, model availability (and the memory plan), what to do
     ltu-daemon schema              # the protocol's JSON schema
 
 Exit status: 0 done (including a SIGTERM/SIGINT shutdown), 1 `check` found problems, 2 bad configuration,
@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _config_args(sub.add_parser("start", help="run the daemon until SIGTERM/SIGINT"))
     sub.add_parser("devices", help="list audio input devices")
-    _config_args(sub.add_parser("check", help="check the configuration and model availability"))
+    check = sub.add_parser("check", help="check the configuration and model availability")
+    _config_args(check)
+    check.add_argument(
+        "--memory", action="store_true", help="print the memory plan (weights, ASR, KV slots against free memory)"
+    )
     sub.add_parser("schema", help="print the websocket protocol's JSON schema")
     return parser
 
@@ -286,6 +290,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         f"mqtt: {config.mqtt.url if config.mqtt.enabled else 'off'}; metrics: "
         f"{'GET /metrics' if config.metrics.enabled else 'off'}; alert rules: {len(config.alerts.rules)}"
     )
+    if args.memory and config.model.enabled:
+        from .demo import prepare_demo
+        from .understanding.memory import memory_plan
+
+        plan = memory_plan(prepare_demo(config))
+        print(f"memory plan (model.quantization = {config.model.quantization}, llm.backend = {config.llm.backend}):")
+        print("  " + plan.table().replace("\n", "\n  "))
+        if not plan.fits:
+            problems.append(f"LTU-AS does not fit in memory: {plan.problem}")
     for p in problems:
         print(f"PROBLEM: {p}")
     print("all checks passed" if not problems else f"{len(problems)} problem(s)")
@@ -294,6 +307,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ltu_as.logs import quiet_imports
+
+    quiet_imports()
     try:
         if args.command == "start":
             return cmd_start(args)

@@ -201,6 +201,7 @@ class EngineConfig(_Section):
     slots: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # rows holding KV; auto: what memory_fraction fits
     max_slots: int = Field(64, ge=1)  # the cap on "auto"
     memory_fraction: float = Field(0.5, gt=0, le=0.95)  # of the device's free memory (RAM on CPU), after loading
+    memory_budget_gb: float = Field(0.0, ge=0)  # plan against this much instead of the device's free memory (0)
     max_positions: int = Field(1024, ge=64)  # per row: audio tokens + prompt + answer
     prefill_chunk: int = Field(256, ge=1)  # most prompt positions prefilled per step (running rows wait ≤ 1 chunk)
     prefix_cache: int = Field(32, ge=0)  # recent windows whose audio-token KV is kept for questions

@@ -419,14 +419,29 @@ class _Understanding:
     ) -> None:
         from .understanding.cache import FeatureCache
         from .understanding.desk import QuestionDesk
+        from .understanding.memory import memory_plan
         from .understanding.scheduler import Scheduler
         from .understanding.worker import ModelWorker
 
+        plan = memory_plan(config)
+        if not plan.fits:
+            raise ModelLoadError(
+                f"LTU-AS does not fit in memory: {plan.problem}\n  `ltu-daemon check --memory` prints the whole plan"
+            )
+        log.info(
+            "memory plan on %s: %.2f GB of weights, %d KV slots, %.2f GB free",
+            plan.device,
+            plan.weights / 2**30,
+            plan.slots,
+            plan.available / 2**30,
+        )
         sc = config.scheduler
         self.checkpoint = config.model.checkpoint
         self.scheduler = Scheduler(sc.max_queue, sc.max_batch, sc.retry_after_s)
         self.cache = FeatureCache(config.features.cache_windows, int(config.features.cache_mb * 2**20))
-        self.worker = ModelWorker(config.model, config.scene, self.scheduler, self.cache, config.engine)
+        self.worker = ModelWorker(
+            config.model, config.scene, self.scheduler, self.cache, config.engine, config.llm, slots=plan.slots or None
+        )
         search = None
         if store is not None:
 

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("make-tiny", help="write tiny random models in the real file layouts")
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--llm-heads", type=int, default=None, help="attention heads of the tiny LLaMA (2: head size 32, as vLLM needs)"
+    )
     sub.add_parser("params", help="trainable parameter counts of the real-size model, from its dims")
     _export_parser(sub)
     _training_parsers(sub)
@@ -301,7 +304,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from .testing import build_tiny_models
 
-    tiny = build_tiny_models(args.directory, seed=args.seed)
+    tiny = build_tiny_models(args.directory, seed=args.seed, llm_heads=args.llm_heads)
     print(
         f"whisper:     {tiny.whisper}\nwhisper-ct2: {tiny.whisper_ct2}\nllm:         {tiny.llm}\n"
         f"checkpoint:  {tiny.checkpoint}"
@@ -353,6 +356,9 @@ def _cmd_params(_args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .logs import quiet_imports
+
+    quiet_imports()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         stream=sys.stderr,

@@ -253,17 +253,21 @@ def randomize_trainable_(model: LtuAsForConditionalGeneration, seed: int = 0, st
             tensor.copy_(torch.randn(tensor.shape, generator=g) * std + (1.0 if name.endswith("ln.weight") else 0.0))
 
 
-def build_tiny_models(root: str | Path, *, seed: int = 0, ct2: bool = True) -> TinyModels:
-    """Write the whole tiny suite under `root` (about 3 s with the CTranslate2 conversion) and return its paths."""
+def build_tiny_models(root: str | Path, *, seed: int = 0, ct2: bool = True, llm_heads: int | None = None) -> TinyModels:
+    """Write the whole tiny suite under `root` (about 3 s with the CTranslate2 conversion) and return its paths.
+
+    `llm_heads`: attention heads of the tiny LLaMA (default 4, head size 16). vLLM's CPU attention needs a head
+    size of at least 32, so the vLLM tests use 2 heads."""
     from .loading.checkpoint import save_official_checkpoint
     from .loading.load import load_components
 
     root = Path(root)
     whisper = save_tiny_whisper(root / "whisper", seed=seed)
     whisper_ct2 = convert_to_ctranslate2(whisper, root / "whisper-ct2") if ct2 else None
-    llm = save_tiny_llama(root / "llm", seed=seed + 1)
+    heads = {} if llm_heads is None else {"num_attention_heads": llm_heads, "num_key_value_heads": llm_heads}
+    llm = save_tiny_llama(root / "llm", seed=seed + 1, **heads)
     config = tiny_config(
-        str(whisper), str(llm), vocab_size=int(json.loads((llm / "config.json").read_text())["vocab_size"])
+        str(whisper), str(llm), vocab_size=int(json.loads((llm / "config.json").read_text())["vocab_size"]), **heads
     )
     model = load_components(config, device="cpu", dtype="fp32", progress=False)
     randomize_trainable_(model, seed=seed + 2)

@@ -28,6 +28,7 @@ from ltu_as import GenerationOptions, LoadedModel, load_model
 from ltu_as.model.generation import yes_probability
 from ltu_as.model.processor import TextStreamer
 from ltu_as.serving.engine import (
+    CHECK,
     QUESTION,
     SCENE,
     TEXT,
@@ -40,7 +41,7 @@ from ltu_as.serving.engine import (
 )
 
 from ..clock import SAMPLE_RATE, WINDOW_SAMPLES
-from ..config import EngineConfig, ModelConfig, SceneConfig
+from ..config import EngineConfig, LlmConfig, ModelConfig, SceneConfig
 from ..delivery.events import (
     AnswerDelta,
     AnswerDone,
@@ -57,10 +58,14 @@ from ..delivery.wire import ErrorCode
 from ..memory.retrieval import evidence, fit, history_input
 from .cache import FeatureCache
 from .scheduler import Asked, Batch, CheckJob, CheckResult, DigestJob, HistoryJob, Job, QuestionJob, SceneJob, Scheduler
+from .vllm_engine import LlmUnavailable, VllmEngine
 
 log = logging.getLogger(__name__)
 
 OOM_RETRY_S = 5.0  # what an out-of-memory error suggests: let other work finish and memory come back
+LLM_RETRY_S = 5.0  # what llm_unavailable suggests: a restarting vLLM server is back in seconds
+
+Engine = DecodeEngine | VllmEngine
 
 
 class WindowGone(Exception):
@@ -91,15 +96,20 @@ class ModelWorker:
         scheduler: Scheduler,
         cache: FeatureCache,
         engine: EngineConfig | None = None,
+        llm: LlmConfig | None = None,
+        slots: int | None = None,
     ) -> None:
+        """`slots`: the memory plan's KV slots (`daemon.understanding.memory`), used when `engine.slots` is auto."""
         self.model_config, self.scene = model, scene
         self.engine_config = engine or EngineConfig()
+        self.llm_config = llm or LlmConfig()
+        self.planned_slots = slots
         self.scheduler = scheduler
         self.cache = cache
         self.ready = threading.Event()
         self.error: Exception | None = None
         self.loaded: LoadedModel | None = None
-        self.engine: DecodeEngine | None = None
+        self.engine: Engine | None = None
         self._live: dict[Row, _Live] = {}
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
         # Test hook: called with each batch before it runs; an exception it raises is handled like one from the
@@ -118,6 +128,7 @@ class ModelWorker:
             "checks": 0,
             "history_answers": 0,
             "digests": 0,
+            "llm_unavailable": 0,
         }
         self._yes_no: dict[str, tuple[list[int], list[int]]] = {}  # question → first-token ids of yes / no
 
@@ -127,6 +138,8 @@ class ModelWorker:
     def stop(self, timeout: float | None = None) -> None:
         self.scheduler.close()
         self._thread.join(timeout)
+        if isinstance(self.engine, VllmEngine):
+            self.engine.close()
 
     def engine_stats(self) -> dict[str, object]:
         """The engine's slots and counters (for /healthz)."""
@@ -134,6 +147,7 @@ class ModelWorker:
         if e is None:
             return {}
         return {
+            "backend": "vllm" if isinstance(e, VllmEngine) else "local",
             "slots": e.slots,
             "used": e.used,
             "running": len(e.running),
@@ -148,6 +162,7 @@ class ModelWorker:
     def _load(self) -> LoadedModel:
         m = self.model_config
         t0 = time.monotonic()
+        remote = self.llm_config.backend == "vllm"
         log.info("loading LTU-AS (checkpoint %s) on %s", m.checkpoint, m.device)
         loaded = load_model(
             m.checkpoint,
@@ -156,6 +171,7 @@ class ModelWorker:
             device=m.device,
             dtype=m.dtype,
             quantization=m.quantization,
+            llm_weights="embeddings" if remote else "all",
             progress=True,
         )
         arch = loaded.model.config
@@ -164,26 +180,54 @@ class ModelWorker:
                 f"the checkpoint reads {arch.clip_samples} samples at {arch.sampling_rate} Hz; the "
                 f"daemon's windows are {WINDOW_SAMPLES} samples at {SAMPLE_RATE} Hz"
             )
+        if remote:
+            self.engine = self._remote_engine(loaded)
+            return loaded
         loaded.model.merge_lora()  # inference only: a decode step then reads the base weights, nothing more
-        self.engine = self._engine(loaded)
+        self.engine = engine = self._engine(loaded)
         # warm-up: one window's features and one token through the engine
         feats = loaded.model.audio_features(loaded.processor.mel(np.zeros(SAMPLE_RATE, np.float32))[None])
         audio = loaded.model.audio_embeddings(feats)[0]
         warm = GenerationOptions(max_new_tokens=1).greedy()
-        self.engine.run([Request(loaded.processor.encode("warm up"), warm, prefix_embeds=audio)])
+        engine.run([Request(loaded.processor.encode("warm up"), warm, prefix_embeds=audio)])
         log.info(
             "LTU-AS ready in %.1f s (engine: %d slots of %d positions)",
             time.monotonic() - t0,
-            self.engine.slots,
-            self.engine.max_positions,
+            engine.slots,
+            engine.max_positions,
         )
         return loaded
+
+    def _remote_engine(self, loaded: LoadedModel) -> VllmEngine:
+        """The vLLM backend: prompts go out as embeddings; a server that is down now only fails questions."""
+        c, model = self.llm_config, loaded.model
+        table = model.llm.get_input_embeddings()
+        engine = VllmEngine(
+            url=c.url,
+            embed=lambda ids: table(torch.tensor(list(ids), dtype=torch.long, device=model.device)),
+            eos_token_id=loaded.processor.eos_token_id,
+            hidden_size=model.config.d_llm,
+            vocab_size=int(model.config.llm["vocab_size"]),
+            max_positions=c.max_positions,
+            max_concurrency=c.max_concurrency,
+            api_key=c.api_key.get_secret_value() if c.api_key else None,
+            served_model=c.served_model,
+            connect_timeout_s=c.connect_timeout_s,
+            token_timeout_s=c.token_timeout_s,
+        )
+        try:
+            log.info("LLM on the vLLM server at %s (model %s)", c.url, engine.model_name())
+        except LlmUnavailable as e:
+            log.warning("%s; questions get llm_unavailable until it answers", e)
+        return engine
 
     def _engine(self, loaded: LoadedModel) -> DecodeEngine:
         c, llm = self.engine_config, loaded.model.llm
         p = next(llm.parameters())
         positions = min(c.max_positions, int(loaded.model.config.llm["max_position_embeddings"]))
-        if c.slots == "auto":
+        if c.slots == "auto" and self.planned_slots:
+            slots = self.planned_slots
+        elif c.slots == "auto":
             slots = min(c.max_slots, auto_slots(llm.config, positions, p.dtype, p.device, c.memory_fraction))
         else:
             slots = c.slots
@@ -224,7 +268,7 @@ class ModelWorker:
         for row in engine.abort():  # closing: end what is left
             self._live.pop(row, None)
 
-    def _room(self, engine: DecodeEngine) -> int:
+    def _room(self, engine: Engine) -> int:
         """How many jobs to take from the scheduler now (0: none). Questions are taken while fewer than `slots`
         wait in the engine for a slot (they may preempt scenes); anything else only into a slot free right now.
         So the engine's waiting list stays bounded, the scheduler's own bound (`max_queue`, then `busy`) applies
@@ -272,6 +316,8 @@ class ModelWorker:
                 "the model ran out of memory on this question; retry, or ask for fewer tokens",
                 OOM_RETRY_S,
             )
+        elif isinstance(e, LlmUnavailable):
+            self._unavailable(list(batch), e)
         elif isinstance(e, PromptTooLong):
             self._fail(batch, ErrorCode.TOO_LARGE, str(e), None)  # type: ignore[arg-type]
         else:  # one failed job must not take the worker down
@@ -279,7 +325,7 @@ class ModelWorker:
             log.error("model job failed (%d %s job(s): %s)", len(batch), _kind(first), first.describe(), exc_info=e)
             self._fail(batch, ErrorCode.INTERNAL, f"model job failed: {type(e).__name__}: {e}", None)  # type: ignore[arg-type]
 
-    def _step(self, engine: DecodeEngine) -> None:
+    def _step(self, engine: Engine) -> None:
         """Cancel what was cancelled or waited past its deadline, run one engine step, deliver its outputs."""
         now = time.monotonic()
         for row, live in self._live.items():
@@ -309,6 +355,10 @@ class ModelWorker:
     def _deliver(self, out: Output, now: float) -> None:
         live = self._live.get(out.row)
         if live is None:
+            return
+        if out.error is not None:  # a remote row that failed: the server is down, slow or refused it
+            del self._live[out.row]
+            self._unavailable([live.job], out.error)
             return
         a = live.answer
         if a is not None:
@@ -473,6 +523,11 @@ class ModelWorker:
         self._start_answer(job, Request(ids, job.options, priority=QUESTION), t0, "history")
         self.counts["history_answers"] += 1
 
+    def _unavailable(self, jobs: list[Job], e: Exception) -> None:
+        self.counts["llm_unavailable"] += 1
+        log.warning("LLM unavailable for %d %s job(s): %s", len(jobs), _kind(jobs[0]), e)
+        self._fail(jobs, ErrorCode.LLM_UNAVAILABLE, str(e), LLM_RETRY_S)  # type: ignore[arg-type]
+
     def _fail(self, batch: Batch, code: ErrorCode, message: str, retry_after_s: float | None) -> None:
         for job in batch:
             if isinstance(job, QuestionJob | HistoryJob) and not job.ended:
@@ -543,14 +598,28 @@ class ModelWorker:
             return
         names = list(job.questions)
         rows = [processor.encode(job.questions[n], job.window.transcript) for n in names]
-        logits = model.next_token_logits(feats.expand(len(rows), -1, -1, -1), rows)  # [Q, vocab]
-        scores = {}
-        for i, name in enumerate(names):
-            q = job.questions[name]
+        for q in job.questions.values():
             if q not in self._yes_no:
                 self._yes_no[q] = processor.yes_no_ids(q, job.window.transcript)
-            yes, no = self._yes_no[q]
-            scores[name] = float(yes_probability(logits[i : i + 1], yes, no)[0])
+        pairs = [self._yes_no[job.questions[n]] for n in names]
+        if isinstance(self.engine, VllmEngine):
+            audio = model.audio_embeddings(feats)[0]
+            requests = [
+                Request(ids, GenerationOptions(max_new_tokens=1), prefix_embeds=audio, priority=CHECK) for ids in rows
+            ]
+            try:
+                probs = self.engine.yes_no(requests, [y for y, _ in pairs], [n for _, n in pairs])
+            except LlmUnavailable as e:
+                log.warning("alert check skipped: %s", e)
+                self.counts["llm_unavailable"] += 1
+                return
+            scores = dict(zip(names, probs, strict=True))
+        else:
+            logits = model.next_token_logits(feats.expand(len(rows), -1, -1, -1), rows)  # [Q, vocab]
+            scores = {
+                name: float(yes_probability(logits[i : i + 1], yes, no)[0])
+                for i, (name, (yes, no)) in enumerate(zip(names, pairs, strict=True))
+            }
         self.counts["checks"] += 1
         job.reply(CheckResult(job.window.stream, job.window.evidence(), job.window.wall_end or time.time(), scores))
 

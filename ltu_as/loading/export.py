@@ -246,7 +246,9 @@ def export_llm(
         "lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
         "parts": written,
         "recommended": "merged",
-        "vllm_command": vllm_command(out / "merged", out_dtype) if "merged" in written else None,
+        "vllm_command": vllm_command(out / "merged", out_dtype, min(1024, int(cfg.max_position_embeddings)))
+        if "merged" in written
+        else None,
         "notes": [
             "merged/ is the one to serve: the audio tokens go in as prompt embeddings (--enable-prompt-embeds).",
             f"Serving base/ with adapter/ through --enable-lora crashes vLLM on concurrent requests ({LORA_ISSUE}).",

@@ -49,6 +49,28 @@ def read_llm_config(folder: Path) -> dict:
     return {k: cfg[k] for k in _LLM_KEYS if k in cfg}
 
 
+def _embeddings_only_llm(folder: Path, dtype: torch.dtype) -> LlamaForCausalLM:
+    """The LLaMA with only its token embedding table loaded; every other weight stays on the meta device (no
+    memory). For `llm.backend = "vllm"`, where the LLM runs on the server and only the prompt's embeddings are
+    computed here."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig
+
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(LlamaConfig.from_pretrained(str(folder)))
+    name = "model.embed_tokens.weight"
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if name in st.keys():  # noqa: SIM118 (safe_open has keys(), not __contains__)
+                table = st.get_tensor(name).to(dtype)
+                break
+    else:
+        raise ModelNotFoundError(f"{folder} has no {name} in its *.safetensors files")
+    llm.model.embed_tokens = torch.nn.Embedding.from_pretrained(table, freeze=True)
+    llm.name_or_path = str(folder)
+    return llm
+
+
 def load_components(
     config: LtuAsConfig | None = None,
     *,
@@ -57,11 +79,13 @@ def load_components(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     progress: bool = True,
+    llm_weights: str = "all",
 ) -> LtuAsForConditionalGeneration:
     """Build the model from the frozen parts' sources; trainable parts are freshly initialised.
 
     `whisper` and `llm` override `config.whisper_source` / `config.llm_source`. The architecture dims are read
-    from the folders' `config.json`, and must agree with `config` when one is given.
+    from the folders' `config.json`, and must agree with `config` when one is given. `llm_weights="embeddings"`
+    loads only the LLM's token embeddings (the rest, LoRA included, stays on the meta device).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -85,12 +109,19 @@ def load_components(
                 )
     log.info("loading Whisper encoder from %s", whisper_dir)
     encoder = load_whisper_encoder(whisper_dir, found.n_positions)
-    log.info("loading LLM from %s (%s on %s)", llm_dir, dt, dev)
+    log.info("loading LLM from %s (%s on %s%s)", llm_dir, dt, dev, ", embeddings only" * (llm_weights != "all"))
     try:
-        language_model = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=dt)
+        if llm_weights == "embeddings":
+            language_model = _embeddings_only_llm(llm_dir, dt)
+        else:
+            language_model = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=dt)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelNotFoundError(f"cannot load the LLM from {llm_dir}: {e}") from e
     model = LtuAsForConditionalGeneration(found, whisper_encoder=encoder, language_model=language_model)
+    if llm_weights == "embeddings":  # move what is real; meta tensors cannot move
+        for part in (model.whisper_encoder, model.audio_encoder, model.audio_proj, model.llm.model.embed_tokens):
+            part.to(device=dev, dtype=dt)
+        return model.eval()
     return model.to(device=dev, dtype=dt).eval()
 
 
@@ -116,6 +147,7 @@ def load_pretrained(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     progress: bool = True,
+    llm_weights: str = "all",
 ) -> LtuAsForConditionalGeneration:
     """Load a model saved by `save_pretrained`; the frozen parts come from the recorded sources unless given."""
     directory = Path(directory)
@@ -123,7 +155,9 @@ def load_pretrained(
     if not cfg_path.is_file():
         raise ModelNotFoundError(f"{directory} is not an ltu_as checkpoint: no {CONFIG_NAME}")
     config = LtuAsConfig.load(cfg_path)
-    model = load_components(config, whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress)
+    model = load_components(
+        config, whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress, llm_weights=llm_weights
+    )
     load_trainable(model, directory / WEIGHTS_NAME)
     return model
 
@@ -155,6 +189,7 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     quantization: str = "none",
+    llm_weights: str = "all",
     progress: bool = True,
 ) -> LoadedModel:
     """Load a complete model and its processor.
@@ -163,7 +198,8 @@ def load_model(
     `authors:` name); default: the authors' `ltuas_long_noqa_a6.bin`.
 
     `quantization` ("none", "int8", "int4"): merge LoRA and quantize the LLM's linear layers for inference
-    (`ltu_as.loading.quantize`); on CPU a quantized model computes in bf16.
+    (`ltu_as.loading.quantize`); on CPU a quantized model computes in bf16. `llm_weights="embeddings"`: only the
+    LLM's token embeddings are loaded (for a remote LLM); its LoRA is not loaded either.
     """
     dev = resolve_device(device)
     dtype = compute_dtype(quantization, resolve_dtype(dtype, dev), dev)
@@ -172,9 +208,13 @@ def load_model(
     if local.is_dir():
         if not (local / CONFIG_NAME).is_file():
             raise ModelNotFoundError(f"{local} is not an ltu_as checkpoint folder (no {CONFIG_NAME})")
-        model = load_pretrained(local, whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress)
+        model = load_pretrained(
+            local, whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress, llm_weights=llm_weights
+        )
     else:
-        model = load_components(whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress)
+        model = load_components(
+            whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress, llm_weights=llm_weights
+        )
         path = resolve(ckpt, "LTU-AS checkpoint", progress=progress)
         counts = load_official_checkpoint(model, path)
         log.info("loaded %d tensors (%d parameters) from %s", counts["tensors"], counts["parameters"], path)

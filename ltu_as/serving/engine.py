@@ -107,6 +107,7 @@ class Output:
     row: Row
     token: int | None
     finished: Finish | None = None
+    error: Exception | None = None  # a remote engine's failed row (finished is then "cancelled")
 
     @property
     def tag(self) -> Any:

@@ -80,7 +80,7 @@ def test_manifest(export) -> None:
     assert manifest["llm"]["head_dim"] == 16 and manifest["llm"]["hidden_size"] == 64
     assert manifest["vllm_command"] == (
         f"python -m vllm.entrypoints.openai.api_server --model {out / 'merged'} --dtype float32 "
-        "--enable-prompt-embeds --max-model-len 1024"
+        "--enable-prompt-embeds --max-model-len 512"  # the tiny LLaMA's max_position_embeddings (< 1024)
     )
     assert any("head_dim 16 < 32" in w for w in manifest["warnings"])
     assert any("51122" in n for n in manifest["notes"])
