@@ -23,7 +23,9 @@ class VllmServer:
     """`python -m vllm.entrypoints.openai.api_server` serving `model` (a merged export) as `name`, fp32, with
     prompt embeddings enabled. Its log goes to `log_path`."""
 
-    def __init__(self, model: Path, port: int, log_path: Path, *, name: str = "ltu-as", max_model_len: int = 512):
+    def __init__(
+        self, model: Path, port: int, log_path: Path, *, name: str = "ltu-as", max_model_len: int = 512
+    ) -> None:
         py = vllm_python()
         if py is None:
             raise FileNotFoundError(f"no vLLM environment at {VENV}: run scripts/setup_vllm.sh")
