@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -116,6 +117,13 @@ def _training_parsers(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--whisper", help="Whisper folder/hub id (default: recorded in --init, else openai/whisper-large)")
     tr.add_argument("--llm", help="LLM folder/hub id (default: recorded in --init, else authors:vicuna_ltuas)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    tr.add_argument(
+        "--overwrite", action="store_true", help="delete another run's checkpoints in --out and start afresh"
+    )
+    tr.add_argument("--strict", action="store_true", help="refuse data with bad rows, cut answers or missing features")
+    tr.add_argument(
+        "--from-scratch", action="store_true", help="stage 2/3 without --init: a fresh TLTR and projector, on purpose"
+    )
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     tr.add_argument("--device", default="auto")
     tr.add_argument("--dtype", default="auto")
@@ -138,22 +146,29 @@ def _training_parsers(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _read_data(path: Path) -> list[Record]:
+class UserError(Exception):
+    """A mistake in what the user gave (a file that cannot be read as data): one line on stderr, exit status 2."""
+
+
+def _read_data(path: Path) -> tuple[list[Record], int]:
     from .training.data import read_records
 
-    records, bad = read_records(path)
+    try:
+        records, bad = read_records(path)
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from e
     for b in bad[:20]:
         log.warning("%s %s: %s", path, b.where, b.reason)
     if bad:
         log.warning("%d bad record(s) in %s skipped (listed above, first 20)", len(bad), path)
     log.info("%d records from %s", len(records), path)
-    return records
+    return records, len(bad)
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from .training.featurestore import FeatureEncoder, extract_features
 
-    records = _read_data(args.data)
+    records, _ = _read_data(args.data)
     store = extract_features(
         FeatureEncoder(args.whisper, args.device, args.dtype),
         [r.audio_id for r in records],
@@ -186,7 +201,7 @@ def _model_for(args: argparse.Namespace, init: str | None, seed: int) -> LoadedM
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training.featurestore import FeatureStore
-    from .training.trainer import STAGES, TrainConfig, Trainer, make_examples
+    from .training.trainer import STAGES, RunError, TrainConfig, Trainer, check_out, make_examples, seed_everything
 
     path = args.config or STAGES / f"stage{args.stage}.toml"
     if not path.is_file():
@@ -213,14 +228,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if missing_args:
         print(f"ltu-as train: {', '.join(missing_args)} required to train", file=sys.stderr)
         return 2
-    records = _read_data(args.data)
-    store = FeatureStore(args.features)
-    loaded = _model_for(args, args.init, cfg.seed)
-    examples, missing = make_examples(loaded.processor, records, store, cfg.cutoff_len, cfg.loss)
-    if missing:
-        log.warning(
-            "%d record(s) without features left out (failed or not extracted), e.g. %s", len(missing), missing[:3]
+    try:
+        check_out(args.out, resume=args.resume, overwrite=args.overwrite)
+    except RunError as e:
+        print(f"ltu-as train: {e}", file=sys.stderr)
+        return 2
+    if args.stage > 1 and not args.init and not args.from_scratch:
+        print(
+            f"ltu-as train: stage {args.stage} starts from stage {args.stage - 1}'s output: pass --init FOLDER "
+            "(or an authors' .bin), or --from-scratch to train a fresh TLTR and projector on purpose",
+            file=sys.stderr,
         )
+        return 2
+    records, bad_rows = _read_data(args.data)
+    store = FeatureStore(args.features)
+    seed_everything(cfg.seed)  # everything from here on (a fresh TLTR, LoRA's init) follows from the config
+    loaded = _model_for(args, args.init, cfg.seed)
+    examples, report = make_examples(loaded.processor, records, store, cfg.cutoff_len, cfg.loss)
+    for problem in report.problems(cfg.cutoff_len):
+        log.warning("%s", problem)
+    if args.strict and (bad_rows or report.problems(cfg.cutoff_len)):
+        print("ltu-as train: --strict: the data has the problems above; fix them or drop --strict", file=sys.stderr)
+        return 2
+    if not examples:
+        print(f"ltu-as train: no example to train on in {args.data} (see the warnings above)", file=sys.stderr)
+        return 2
     trainer = Trainer(loaded.model, loaded.processor, examples, store, cfg, args.out)
     log.info(
         "stage %d: training %s (%s parameters); %d examples, %d steps of %d",
@@ -231,9 +263,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
         trainer.total_steps,
         trainer.rows_per_step,
     )
-    if args.resume and not trainer.resume():
-        log.info("no checkpoint in %s: starting from the beginning", args.out)
-    losses = trainer.train()
+    try:
+        if args.resume and not trainer.resume():
+            log.info("no checkpoint in %s: starting from the beginning", args.out)
+    except RunError as e:
+        print(f"ltu-as train: {e}", file=sys.stderr)
+        return 2
+    stops = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+    previous = {
+        sig: signal.signal(sig, lambda n, _f: trainer.stop(f"{stops[signal.Signals(n)]} received")) for sig in stops
+    }
+    try:
+        losses = trainer.train()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if trainer.stopped:
+        print(
+            f"stage {cfg.stage} stopped at step {trainer.step} of {trainer.total_steps}; checkpoint saved: "
+            f"continue with the same command and --resume",
+            file=sys.stderr,
+        )
+        return 130 if "SIGINT" in (trainer.stop_reason or "") else 143
     folder, official = trainer.finish()
     if losses:
         log.info("final loss %.4f", losses[-1])
@@ -245,7 +296,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .training.evaluation import generate_answers, score, write_report
     from .training.featurestore import FeatureStore
 
-    records = _read_data(args.data)
+    records, _ = _read_data(args.data)
     store = FeatureStore(args.features)
     kept = [r for r in records if r.audio_id in store]
     if len(kept) < len(records):
@@ -398,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
+    except UserError as e:
+        print(f"ltu-as {args.command}: {e}", file=sys.stderr)
+        return 2
     except (ModelNotFoundError, CheckpointError) as e:
         print(f"ltu-as {args.command}: {e}", file=sys.stderr)
         return 3

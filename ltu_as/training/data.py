@@ -34,13 +34,15 @@ def _validate(raw: object) -> Record:
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
+    nulls = [k for k in REQUIRED if raw[k] is None]
+    if nulls:
+        raise ValueError(f"{', '.join(nulls)} is null")
     for k in (*REQUIRED, *OPTIONAL):
         if k in raw and raw[k] is not None and not isinstance(raw[k], str):
             raise ValueError(f"{k} must be a string, got {type(raw[k]).__name__}")
-    if not raw["audio_id"].strip():
-        raise ValueError("audio_id is empty")
-    if not raw["instruction"].strip():
-        raise ValueError("instruction is empty")
+    for k in REQUIRED:
+        if not raw[k].strip():
+            raise ValueError(f"{k} is empty" + (" (nothing to train on)" if k == "output" else ""))
     return Record(**{k: (raw.get(k) or "") for k in (*REQUIRED, *OPTIONAL)})
 
 
@@ -63,7 +65,10 @@ def read_records(path: str | Path) -> tuple[list[Record], list[BadRow]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not JSON ({e}); use a list of records or .jsonl") from e
+            raise ValueError(
+                f"{path}: not JSON at line {e.lineno} column {e.colno} ({e.msg}); fix that row, or write one record "
+                "per line as .jsonl, where a broken line is reported and skipped"
+            ) from e
         if not isinstance(data, list):
             raise ValueError(f"{path}: expected a JSON list of records")
         items = [(f"item {i}", r) for i, r in enumerate(data)]

@@ -4,16 +4,26 @@ Stages differ only in their `TrainConfig` (shipped as `ltu_as/training/stages/st
 groups train, learning rate, epochs, cutoff length, batch sizes. Each stage starts from the previous stage's output.
 Features are precomputed (`featurestore`); the frozen Whisper encoder is not run while training.
 
-Exact resume: the data order is a function of (seed, epoch), and a checkpoint holds the trainable weights, the
-optimizer, the LR schedule, the step and every RNG state, so stopping and resuming gives the same weights as an
-uninterrupted run. Multi-GPU: launch with `accelerate launch` or `torchrun`; each process takes its share of
-every micro-batch index and gradients are averaged by accelerate.
+Exact resume: every RNG (torch, numpy, random; CUDA) is seeded from `cfg.seed` when the trainer is made (LoRA
+dropout draws from the global torch generator), the data order is a function of (seed, epoch), and a checkpoint
+holds the trainable weights, the optimizer, the LR schedule, the step and every RNG state, so two runs with one
+config give the same weights, and stopping and resuming gives the same weights as an uninterrupted run.
+
+Safe runs: a checkpoint is written to `checkpoint-N.tmp` and renamed when complete; `resume` takes the newest
+complete checkpoint and falls back past broken ones; `check_out` refuses an output folder holding another run's
+checkpoints; `resume` refuses a checkpoint whose config differs from this run's except in `RESUMABLE` keys;
+`stop()` (a signal handler) makes `train` save a checkpoint after the current step and return. Each step appends
+a line to `metrics.jsonl` (step, loss, lr, examples/s, grad norm) beside the checkpoints.
+
+Multi-GPU: launch with `accelerate launch` or `torchrun`; each process takes its share of every micro-batch index
+and gradients are averaged by accelerate; only the main process writes checkpoints, metrics and the output.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -28,6 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import CheckpointError, LtuAsError
 from ..loading.load import load_trainable
 from .data import Record
 from .featurestore import FeatureStore
@@ -38,6 +49,41 @@ log = logging.getLogger(__name__)
 STAGES = Path(__file__).resolve().parent / "stages"
 GROUPS = {"audio_proj": ("audio_proj.",), "audio_encoder": ("audio_encoder.",), "lora": ("lora_",)}
 STATE = "training_state.pt"
+METRICS = "metrics.jsonl"
+# config keys a resumed run may change: they extend or reshape the run's bookkeeping, not its optimisation
+RESUMABLE = ("max_steps", "save_steps", "keep_checkpoints")
+
+
+class RunError(LtuAsError):
+    """A training run that would lose or mix work: stale checkpoints in --out, or a changed config on resume."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and random: a run's every random draw follows from its config."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first (`checkpoint-N.tmp` folders are half-written)."""
+    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an `out` holding checkpoints unless this run resumes from them or may delete them (then they go)."""
+    old = checkpoints(out) + sorted(out.glob("checkpoint-*.tmp"))
+    if not old or resume:
+        return
+    if not overwrite:
+        raise RunError(
+            f"{out} holds checkpoints of a run ({', '.join(p.name for p in old[-3:])}): continue it with --resume, "
+            "or start afresh with --overwrite (deletes them), or choose another --out"
+        )
+    for p in old:
+        shutil.rmtree(p)
+    (out / METRICS).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -101,21 +147,60 @@ class Example:
     labels: list[int]
 
 
+@dataclass
+class ExampleReport:
+    """What `make_examples` left out or cut, reported before training starts."""
+
+    missing: list[str] = dataclasses.field(default_factory=list)  # audio ids without features
+    answer_cut: list[str] = dataclasses.field(default_factory=list)  # whole answer beyond cutoff_len
+    dropped: int = 0  # of those, left out: with loss "response" they would train nothing (a nan loss)
+    truncated: int = 0  # answers cut short by cutoff_len (kept)
+    longest: int = 0  # tokens of the longest prompt + answer
+
+    def problems(self, cutoff: int) -> list[str]:
+        out = []
+        if self.missing:
+            out.append(
+                f"{len(self.missing)} record(s) without features (failed or not extracted), e.g. {self.missing[:3]}"
+            )
+        if self.answer_cut:
+            fate = "left out: with loss 'response' they would train nothing" if self.dropped else "their prompt trains"
+            out.append(
+                f"{len(self.answer_cut)} record(s) whose whole answer lies beyond cutoff_len = {cutoff} ({fate}), "
+                f"e.g. {self.answer_cut[:3]}: raise it with --set cutoff_len={self.longest}"
+            )
+        if self.truncated:
+            out.append(
+                f"{self.truncated} answer(s) cut short by cutoff_len = {cutoff} (the longest example is "
+                f"{self.longest} tokens: --set cutoff_len={self.longest} keeps them whole)"
+            )
+        return out
+
+
 def make_examples(
     processor: Any, records: list[Record], store: FeatureStore, cutoff: int, loss: str
-) -> tuple[list[Example], list[str]]:
-    """Tokenized examples, and the audio ids left out because their features are missing or failed."""
-    out, missing = [], []
+) -> tuple[list[Example], ExampleReport]:
+    """Tokenized examples, and a report of what was left out (features missing, the whole answer beyond
+    `cutoff`) or cut short."""
+    out, report = [], ExampleReport()
     for r in records:
         if r.audio_id not in store:
-            missing.append(r.audio_id)
+            report.missing.append(r.audio_id)
             continue
         ids, prompt_len = processor.encode_example(r.instruction, r.input, r.output)
+        report.longest = max(report.longest, len(ids))
+        if prompt_len >= cutoff:
+            report.answer_cut.append(r.audio_id)
+            if loss == "response":
+                report.dropped += 1
+                continue
+        else:
+            report.truncated += len(ids) > cutoff
         labels = list(ids) if loss == "whole" else [-100] * prompt_len + ids[prompt_len:]
         # BOS is always the same token and would be "predicted" from the last audio position: never a target
         labels[0] = -100
         out.append(Example(r.audio_id, ids[:cutoff], labels[:cutoff]))
-    return out, missing
+    return out, report
 
 
 def _rng_state() -> dict[str, Any]:
@@ -148,16 +233,28 @@ class Trainer:
 
         if not examples:
             raise ValueError("no training examples (are the features extracted?)")
+        seed_everything(cfg.seed)
+        self.counts = set_trainable(model, cfg.trainable)
+        # Master weights: what trains is fp32 whatever the model was loaded in (a bf16 weight would drop most
+        # updates at these learning rates: an update under 2^-8 of the weight rounds away). The frozen parts stay
+        # in their dtype and the forward runs under autocast when they are bf16/fp16.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        low = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+        low -= {torch.float32}
         mixed = "no"
         if cfg.precision == "bf16" or (
             cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         ):
             mixed = "bf16"
+        if low and mixed == "no":
+            mixed = "fp16" if torch.float16 in low else "bf16"
+            log.info("the frozen model is in %s: training under %s autocast", sorted(map(str, low)), mixed)
         self.acc = Accelerator(mixed_precision=mixed, cpu=model.device.type == "cpu")
         self.cfg, self.processor, self.examples, self.store = cfg, processor, examples, store
         self.out = Path(out)
         self.progress = progress
-        self.counts = set_trainable(model, cfg.trainable)
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -171,6 +268,11 @@ class Trainer:
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.step = 0
+        self.stop_reason: str | None = None
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Ask `train` to save a checkpoint after the current step and return (safe from a signal handler)."""
+        self.stop_reason = reason
 
     # --- data order: a pure function of (seed, epoch), so a resumed run sees the same batches ---
 
@@ -197,10 +299,15 @@ class Trainer:
     # --- checkpoints ---
 
     def save_checkpoint(self) -> Path:
+        """Write `checkpoint-<step>` (to a `.tmp` folder, renamed when complete), then drop the oldest beyond
+        `keep_checkpoints`."""
         if not self.acc.is_main_process:
             return self.out
         folder = self.out / f"checkpoint-{self.step}"
-        self.acc.unwrap_model(self.model).save_pretrained(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.acc.unwrap_model(self.model).save_pretrained(tmp)
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
@@ -209,27 +316,46 @@ class Trainer:
                 "rng": _rng_state(),
                 "config": dataclasses.asdict(self.cfg),
             },
-            folder / STATE,
+            tmp / STATE,
         )
-        olds = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in olds[: -self.cfg.keep_checkpoints]:
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)  # atomic: a checkpoint folder is complete or absent
+        for old in checkpoints(self.out)[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old)
         return folder
 
     def resume(self) -> bool:
-        """Continue from the newest checkpoint in `out`; False if there is none."""
-        olds = sorted(self.out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not olds:
-            return False
-        folder = olds[-1]
-        load_trainable(self.acc.unwrap_model(self.model), folder / "trainable.safetensors")
-        state = torch.load(folder / STATE, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        _set_rng_state(state["rng"])
-        log.info("resumed from %s (step %d of %d)", folder, self.step, self.total_steps)
-        return True
+        """Continue from the newest complete checkpoint in `out` (falling back past any that cannot be read);
+        False if there is none. Raises RunError when the checkpoint's config differs from this run's in a key
+        outside `RESUMABLE`."""
+        for folder in reversed(checkpoints(self.out)):
+            try:
+                state = torch.load(folder / STATE, weights_only=False)
+                recorded = state["config"]
+            except Exception as e:  # missing, truncated or foreign: try the one before
+                log.warning("%s cannot be read (%s): falling back to the previous checkpoint", folder.name, e)
+                continue
+            ours = dataclasses.asdict(self.cfg)
+            changed = sorted(k for k in ours if k not in RESUMABLE and _plain(recorded.get(k)) != _plain(ours[k]))
+            if changed:
+                diff = ", ".join(f"{k}: {recorded.get(k)!r} → {ours[k]!r}" for k in changed)
+                raise RunError(
+                    f"--resume with a different config ({diff}); only {', '.join(RESUMABLE)} may change on resume. "
+                    "Resume with the run's own settings, or start a new run in another --out"
+                )
+            try:
+                load_trainable(self.acc.unwrap_model(self.model), folder / "trainable.safetensors")
+            except CheckpointError as e:
+                log.warning("%s cannot be read (%s): falling back to the previous checkpoint", folder.name, e)
+                continue
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            _set_rng_state(state["rng"])
+            log.info("resumed from %s (step %d of %d)", folder, self.step, self.total_steps)
+            return True
+        return False
 
     # --- the loop ---
 
@@ -258,24 +384,60 @@ class Trainer:
                     loss = self._loss(rows) / self.accum
                     self.acc.backward(loss)
                 total += float(loss.detach())
+            grad_norm = _grad_norm(self.optimizer)
+            lr = self.scheduler.get_last_lr()[0]
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
             done += 1
             losses.append(total)
             rate = done * self.rows_per_step / max(time.monotonic() - t0, 1e-9)
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", ex_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", ex_s=f"{rate:.0f}")
             bar.update(1)
+            self._log_metrics(
+                {"step": self.step, "loss": total, "lr": lr, "examples_per_s": rate, "grad_norm": grad_norm}
+            )
+            if self.stop_reason is not None:
+                log.warning("%s: saving a checkpoint at step %d", self.stop_reason, self.step)
+                self.save_checkpoint()
+                break
             if self.cfg.save_steps and self.step % self.cfg.save_steps == 0:
                 self.save_checkpoint()
         bar.close()
         self.model.eval()
         return losses
 
+    @property
+    def stopped(self) -> bool:
+        """`train` returned early because of `stop()` (a checkpoint was saved)."""
+        return self.stop_reason is not None and self.step < self.total_steps
+
+    def _log_metrics(self, row: dict[str, float]) -> None:
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / METRICS, "a") as f:
+                f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}) + "\n")
+
     def finish(self) -> tuple[Path, Path]:
-        """The stage's output: `save_pretrained` in `out` and the authors' `.bin` layout next to it."""
+        """The stage's output: `save_pretrained` in `out` and the authors' `.bin` layout next to it (written by the
+        main process only; the others wait for it)."""
         from ..loading.checkpoint import save_official_checkpoint
 
-        model = self.acc.unwrap_model(self.model)
-        model.save_pretrained(self.out)
-        return self.out, save_official_checkpoint(model, self.out / "ltuas.bin")
+        official = self.out / "ltuas.bin"
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.model)
+            model.save_pretrained(self.out)
+            save_official_checkpoint(model, official)
+        self.acc.wait_for_everyone()
+        return self.out, official
+
+
+def _grad_norm(optimizer: torch.optim.Optimizer) -> float:
+    """The L2 norm of every trainable gradient (one device sync per step)."""
+    grads = [p.grad.detach().float().norm() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _plain(value: Any) -> Any:
+    """Config values compared across a checkpoint (lists there, tuples here)."""
+    return list(value) if isinstance(value, tuple | list) else value

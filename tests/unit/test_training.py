@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ltu_as import load_official_checkpoint, trainable_parameter_counts
-from ltu_as.loading.load import load_components
+from ltu_as.loading.load import load_components, load_model
 from ltu_as.training.data import Record, read_records
 from ltu_as.training.evaluation import score, wer
 from ltu_as.training.featurestore import FeatureEncoder, FeatureStore, extract_features
@@ -210,3 +211,39 @@ def test_wer_and_scoring() -> None:
     res = score(recs, ["a dog is barking", "the sound of a dog", "hello word"])
     assert res["esc50"] == {"metric": "accuracy", "value": 0.5, "n": 2, "labels": 2}
     assert res["librispeech"]["metric"] == "wer" and res["librispeech"]["value"] == 0.5
+
+
+def test_bf16_autocast_training_moves_every_trainable_tensor_like_fp32(tiny, loaded, tmp_path: Path) -> None:
+    """A model loaded in bf16 trains fp32 master weights under bf16 autocast: at stage 2's learning rate every
+    element of every trainable tensor moves, as in fp32 (bf16 weights would round most of those updates away)."""
+    store, records = make_store(tmp_path, tiny)
+    cfg = TrainConfig(
+        stage=2,
+        trainable=("audio_encoder", "audio_proj", "lora"),
+        learning_rate=1e-4,
+        max_steps=3,
+        batch_size=4,
+        micro_batch_size=2,
+        warmup_steps=0,
+        save_steps=0,
+    )
+    examples, _ = make_examples(loaded.processor, records, store, 108, cfg.loss)
+
+    def moved(dtype: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        from accelerate.state import AcceleratorState
+
+        # accelerate keeps one mixed-precision setting per process; two runs here need two
+        AcceleratorState._reset_state(reset_partial_state=True)
+        model = load_model(tiny.checkpoint, whisper=tiny.whisper, llm=tiny.llm, device="cpu", dtype=dtype).model
+        before = {k: v.float().clone() for k, v in model.trainable_state_dict().items()}
+        run = dataclasses.replace(cfg, precision="bf16" if dtype == "bf16" else "fp32")
+        t = Trainer(model, loaded.processor, examples, store, run, tmp_path / dtype, progress=False)
+        t.train()
+        after = t.acc.unwrap_model(t.model).trainable_state_dict()
+        return {k: float((after[k].float() != before[k]).float().mean()) for k in before}, after
+
+    fp32, _ = moved("fp32")
+    bf16, after = moved("bf16")
+    assert all(v.dtype == torch.float32 for v in after.values())  # master weights
+    assert all(share > 0.99 for share in fp32.values()), fp32
+    assert all(bf16[k] > 0.99 for k in fp32), {k: v for k, v in bf16.items() if v <= 0.99}
