@@ -4,6 +4,7 @@
     ltu-as make-tiny DIR          # tiny random models in the real layouts (tests, demo)
     ltu-as params                 # trainable parameter counts of the real-size model
     ltu-as export-llm CKPT OUT    # the LLM (LoRA merged, adapter, base) as folders a vLLM server serves
+    ltu-as dataset from-folders DIR --out train.json --held-out-out test.json   # your own labelled clips
 
 Exit status: 0 done, 2 bad input (arguments, audio), 3 a model or checkpoint is missing or broken.
 """
@@ -77,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument(
         "--llm-heads", type=int, default=None, help="attention heads of the tiny LLaMA (2: head size 32, as vLLM needs)"
     )
+    tiny.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="a text file (one answer per line, or an Open-ASQA .json/.jsonl whose outputs are used): the tiny "
+        "tokenizer learns these words, so answers are a few tokens as with a real vocabulary",
+    )
+    ds = sub.add_parser("dataset", help="build Open-ASQA data files")
+    dsub = ds.add_subparsers(dest="dataset_command", required=True)
+    ff = dsub.add_parser("from-folders", help="a folder of class folders of clips → train and held-out .json")
+    ff.add_argument("root", type=Path, help="ROOT/<class>/*.wav ...; answer = folder name, or its answer.txt")
+    ff.add_argument("--out", type=Path, required=True, help="the training records (.json)")
+    ff.add_argument("--held-out-out", type=Path, default=None, help="the held-out records (.json)")
+    ff.add_argument("--held-out", type=float, default=0.2, help="share of each class held out (default 0.2)")
+    ff.add_argument("--question", default="What sound is this?")
+    ff.add_argument("--dataset-name", default="my_sounds")
+    ff.add_argument("--seed", type=int, default=0)
     sub.add_parser("params", help="trainable parameter counts of the real-size model, from its dims")
     _export_parser(sub)
     _training_parsers(sub)
@@ -109,6 +127,11 @@ def _training_parsers(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="one stage of the LTU-AS curriculum")
     tr.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
     tr.add_argument("--config", type=Path, help="stage config (default: the shipped stage<N>.toml, see --print-config)")
+    tr.add_argument(
+        "--preset",
+        choices=("fine-tune",),
+        help="fine-tune: the shipped config for small datasets of your own (stage 2's parts, EOS, warm-up 10 %%)",
+    )
     tr.add_argument("--print-config", action="store_true", help="print the resolved config and its file; exit")
     tr.add_argument("--data", type=Path, help="Open-ASQA-format .json or .jsonl (required to train)")
     tr.add_argument("--features", type=Path, help="feature store from extract-features (required to train)")
@@ -203,7 +226,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .training.featurestore import FeatureStore
     from .training.trainer import STAGES, RunError, TrainConfig, Trainer, check_out, make_examples, seed_everything
 
-    path = args.config or STAGES / f"stage{args.stage}.toml"
+    if args.preset and args.config:
+        print("ltu-as train: give --preset or --config, not both", file=sys.stderr)
+        return 2
+    path = args.config or STAGES / ("finetune.toml" if args.preset == "fine-tune" else f"stage{args.stage}.toml")
     if not path.is_file():
         why = "" if args.config else " (the shipped stage configs are missing: reinstall ltu-daemon)"
         print(f"ltu-as train: stage config {path} does not exist{why}", file=sys.stderr)
@@ -244,7 +270,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     store = FeatureStore(args.features)
     seed_everything(cfg.seed)  # everything from here on (a fresh TLTR, LoRA's init) follows from the config
     loaded = _model_for(args, args.init, cfg.seed)
-    examples, report = make_examples(loaded.processor, records, store, cfg.cutoff_len, cfg.loss)
+    examples, report = make_examples(loaded.processor, records, store, cfg.cutoff_len, cfg.loss, cfg.eos)
     for problem in report.problems(cfg.cutoff_len):
         log.warning("%s", problem)
     if args.strict and (bad_rows or report.problems(cfg.cutoff_len)):
@@ -375,10 +401,47 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dataset(args: argparse.Namespace) -> int:
+    from .training.folders import from_folders
+
+    try:
+        found = from_folders(
+            args.root, question=args.question, held_out=args.held_out, seed=args.seed, dataset=args.dataset_name
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if found.held_out and args.held_out_out is None:
+        raise UserError("--held-out-out FILE is needed for the held-out records (or --held-out 0)")
+    for path, records in ((args.out, found.train), (args.held_out_out, found.held_out)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps([dataclasses.asdict(r) for r in records], indent=1))
+    for p in found.skipped[:10]:
+        log.warning("not an audio file, skipped: %s", p)
+    for folder, answer in found.answers.items():
+        n = sum(r.output == answer for r in found.train)
+        print(f"{folder:<24} {answer!r}: {n} train, {sum(r.output == answer for r in found.held_out)} held out")
+    print(
+        f"{args.out}: {len(found.train)} records"
+        + (f"; {args.held_out_out}: {len(found.held_out)}" if found.held_out else "")
+    )
+    print(f"audio ids are relative to {args.root}: pass --audio-root {args.root} to extract-features")
+    return 0
+
+
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from .testing import build_tiny_models
 
-    tiny = build_tiny_models(args.directory, seed=args.seed, llm_heads=args.llm_heads)
+    labels = None
+    if args.labels is not None:
+        if args.labels.suffix in (".json", ".jsonl"):
+            labels = sorted({r.output for r in _read_data(args.labels)[0]})
+        else:
+            try:
+                labels = [line.strip() for line in args.labels.read_text().splitlines() if line.strip()]
+            except OSError as e:
+                raise UserError(f"cannot read --labels {args.labels}: {e}") from e
+    tiny = build_tiny_models(args.directory, seed=args.seed, llm_heads=args.llm_heads, labels=labels)
     print(
         f"whisper:     {tiny.whisper}\nwhisper-ct2: {tiny.whisper_ct2}\nllm:         {tiny.llm}\n"
         f"checkpoint:  {tiny.checkpoint}"
@@ -441,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "ask": _cmd_ask,
         "make-tiny": _cmd_make_tiny,
+        "dataset": _cmd_dataset,
         "params": _cmd_params,
         "export-llm": _cmd_export_llm,
         "extract-features": _cmd_extract,

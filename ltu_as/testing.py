@@ -106,14 +106,14 @@ def tiny_config(whisper_source: str = "", llm_source: str = "", vocab_size: int 
 
 
 # --- LLaMA side ------------------------------------------------------------------------------------------------
-def save_llama_tokenizer(folder: Path, vocab_size: int = 400) -> None:
+def save_llama_tokenizer(folder: Path, vocab_size: int = 400, labels: list[str] | None = None) -> None:
     """Train a small SentencePiece BPE model (byte fallback, unk 0, bos 1, eos 2, no pad) in the Vicuna layout."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 4),
+        sentence_iterator=iter(CORPUS * 4 + ["\n".join(labels)] * 8 if labels else CORPUS * 4),
         model_writer=buf,
         vocab_size=vocab_size,
         model_type="bpe",
@@ -150,12 +150,18 @@ def save_llama_tokenizer(folder: Path, vocab_size: int = 400) -> None:
 
 
 def save_tiny_llama(
-    folder: Path, *, seed: int = 0, vocab_size: int = 400, initializer_range: float = 0.1, **dims: Any
+    folder: Path,
+    *,
+    seed: int = 0,
+    vocab_size: int = 400,
+    initializer_range: float = 0.1,
+    labels: list[str] | None = None,
+    **dims: Any,
 ) -> Path:
     """A random `LlamaForCausalLM` with a SentencePiece tokenizer, saved as a Hugging Face folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    save_llama_tokenizer(folder, vocab_size)
+    save_llama_tokenizer(folder, vocab_size, labels)
     vocab = len(AutoTokenizer.from_pretrained(str(folder)))
     torch.manual_seed(seed)
     cfg = LlamaConfig(**{**TINY_LLAMA, **dims, "vocab_size": vocab, "initializer_range": initializer_range})
@@ -253,11 +259,20 @@ def randomize_trainable_(model: LtuAsForConditionalGeneration, seed: int = 0, st
             tensor.copy_(torch.randn(tensor.shape, generator=g) * std + (1.0 if name.endswith("ln.weight") else 0.0))
 
 
-def build_tiny_models(root: str | Path, *, seed: int = 0, ct2: bool = True, llm_heads: int | None = None) -> TinyModels:
+def build_tiny_models(
+    root: str | Path,
+    *,
+    seed: int = 0,
+    ct2: bool = True,
+    llm_heads: int | None = None,
+    labels: list[str] | None = None,
+    **llm_dims: Any,
+) -> TinyModels:
     """Write the whole tiny suite under `root` (about 3 s with the CTranslate2 conversion) and return its paths.
 
     `llm_heads`: attention heads of the tiny LLaMA (default 4, head size 16). vLLM's CPU attention needs a head
-    size of at least 32, so the vLLM tests use 2 heads."""
+    size of at least 32, so the vLLM tests use 2 heads. `labels`: answers the tokenizer should know as words (a
+    real vocabulary spells most labels in a token or two). `llm_dims`: other tiny LLaMA dims (hidden_size, ...)."""
     from .loading.checkpoint import save_official_checkpoint
     from .loading.load import load_components
 
@@ -265,7 +280,8 @@ def build_tiny_models(root: str | Path, *, seed: int = 0, ct2: bool = True, llm_
     whisper = save_tiny_whisper(root / "whisper", seed=seed)
     whisper_ct2 = convert_to_ctranslate2(whisper, root / "whisper-ct2") if ct2 else None
     heads = {} if llm_heads is None else {"num_attention_heads": llm_heads, "num_key_value_heads": llm_heads}
-    llm = save_tiny_llama(root / "llm", seed=seed + 1, **heads)
+    heads |= llm_dims
+    llm = save_tiny_llama(root / "llm", seed=seed + 1, labels=labels, **heads)
     config = tiny_config(
         str(whisper), str(llm), vocab_size=int(json.loads((llm / "config.json").read_text())["vocab_size"]), **heads
     )

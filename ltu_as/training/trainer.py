@@ -97,6 +97,8 @@ class TrainConfig:
     batch_size: int = 256  # effective, across accumulation and processes
     micro_batch_size: int = 8
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0  # > 0: warm-up is this fraction of the run's steps instead of warmup_steps
+    eos: bool = False  # append EOS to every answer, so the model learns to stop (the authors' runs did not)
     weight_decay: float = 0.0
     loss: str = "whole"  # "whole": every text token (the reference's train_on_inputs=True); "response": answer only
     save_steps: int = 200
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"loss must be 'whole' or 'response', got {self.loss!r}")
         if self.batch_size % self.micro_batch_size:
             raise ValueError("batch_size must be a multiple of micro_batch_size")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -178,16 +182,18 @@ class ExampleReport:
 
 
 def make_examples(
-    processor: Any, records: list[Record], store: FeatureStore, cutoff: int, loss: str
+    processor: Any, records: list[Record], store: FeatureStore, cutoff: int, loss: str, eos: bool = False
 ) -> tuple[list[Example], ExampleReport]:
     """Tokenized examples, and a report of what was left out (features missing, the whole answer beyond
-    `cutoff`) or cut short."""
+    `cutoff`) or cut short. `eos`: EOS ends every answer (and is a target)."""
     out, report = [], ExampleReport()
     for r in records:
         if r.audio_id not in store:
             report.missing.append(r.audio_id)
             continue
         ids, prompt_len = processor.encode_example(r.instruction, r.input, r.output)
+        if eos:
+            ids = [*ids, processor.eos_token_id]
         report.longest = max(report.longest, len(ids))
         if prompt_len >= cutoff:
             report.answer_cut.append(r.audio_id)
@@ -265,7 +271,20 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, round(cfg.epochs * self.steps_per_epoch))
         from transformers import get_linear_schedule_with_warmup
 
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, cfg.warmup_steps, self.total_steps)
+        self.warmup = round(cfg.warmup_ratio * self.total_steps) if cfg.warmup_ratio else cfg.warmup_steps
+        if self.warmup >= self.total_steps:
+            log.warning(
+                "this run has %d steps (%d examples, %d per step) and never leaves its %d warm-up steps: the "
+                "learning rate never reaches %g. Set warmup_ratio (e.g. --set warmup_ratio=0.1), lower batch_size, "
+                "or use the fine-tune preset (--config %s)",
+                self.total_steps,
+                len(examples),
+                self.rows_per_step,
+                self.warmup,
+                cfg.learning_rate,
+                STAGES / "finetune.toml",
+            )
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, self.warmup, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.step = 0
         self.stop_reason: str | None = None
