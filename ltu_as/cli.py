@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import tomllib
@@ -209,6 +210,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _model_for(args: argparse.Namespace, init: str | None, seed: int) -> LoadedModel:
     import torch
 
+    local_rank = os.environ.get("LOCAL_RANK")  # set by torchrun and accelerate launch: one GPU per process
+    if local_rank is not None and args.device in ("auto", "cuda") and torch.cuda.is_available():
+        args.device = f"cuda:{int(local_rank)}"
+
     from .loading.load import LoadedModel, load_components, load_model, load_pretrained
     from .model.processor import LtuAsProcessor
 
@@ -255,7 +260,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"ltu-as train: {', '.join(missing_args)} required to train", file=sys.stderr)
         return 2
     try:
-        check_out(args.out, resume=args.resume, overwrite=args.overwrite)
+        # with several processes only the first deletes; all of them refuse alike
+        check_out(args.out, resume=args.resume, overwrite=args.overwrite, delete=os.environ.get("RANK", "0") == "0")
     except RunError as e:
         print(f"ltu-as train: {e}", file=sys.stderr)
         return 2
@@ -314,7 +320,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     folder, official = trainer.finish()
     if losses:
         log.info("final loss %.4f", losses[-1])
-    print(f"stage {cfg.stage} done: {folder} (ltu_as) and {official} (authors' layout)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"stage {cfg.stage} done: {folder} (ltu_as) and {official} (authors' layout)")
     return 0
 
 

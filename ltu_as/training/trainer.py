@@ -71,8 +71,9 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse an `out` holding checkpoints unless this run resumes from them or may delete them (then they go)."""
+def check_out(out: Path, *, resume: bool, overwrite: bool, delete: bool = True) -> None:
+    """Refuse an `out` holding checkpoints unless this run resumes from them or may delete them (then they go;
+    `delete` False: another process deletes them, e.g. rank 0 of a multi-process run)."""
     old = checkpoints(out) + sorted(out.glob("checkpoint-*.tmp"))
     if not old or resume:
         return
@@ -81,9 +82,10 @@ def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
             f"{out} holds checkpoints of a run ({', '.join(p.name for p in old[-3:])}): continue it with --resume, "
             "or start afresh with --overwrite (deletes them), or choose another --out"
         )
-    for p in old:
-        shutil.rmtree(p)
-    (out / METRICS).unlink(missing_ok=True)
+    if delete:
+        for p in old:
+            shutil.rmtree(p)
+        (out / METRICS).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 from test_training import make_store
 
+from ltu_as.loading.load import load_model
+
 STEPS = 40
 
 
@@ -161,3 +163,32 @@ def test_bad_data_gets_its_message_and_exit_code(tiny, data, tmp_path: Path) -> 
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
     )  # fmt: skip
     assert no_init.returncode == 2 and "--init" in no_init.stderr and "--from-scratch" in no_init.stderr
+
+
+def test_two_processes_with_torchrun_on_cpu_write_one_output(tiny, data, tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2` on CPU (gloo): both ranks train their share of each batch, only rank 0 writes
+    checkpoints, metrics and the output, and it trained (LoRA dropout draws differ per rank, so its weights are not
+    a one-process run's)."""
+    path, features = data
+    out = tmp_path / "ddp"
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "ltu_as", "train", "--stage", "2", "--init", str(tiny.checkpoint),
+        "--whisper", str(tiny.whisper), "--llm", str(tiny.llm), "--device", "cpu", "--dtype", "fp32",
+        "--data", str(path), "--features", str(features), "--out", str(out),
+        "--set", "max_steps=6", "--set", "batch_size=4", "--set", "micro_batch_size=2",
+        "--set", "warmup_steps=2", "--set", "learning_rate=1e-3", "--set", "save_steps=3",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("stage 2 done") == 1
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert (out / "metrics.jsonl").read_text().count("\n") == 6  # one writer
+    assert "Traceback" not in ddp.stderr
+    trained = weights(out)
+    init = load_model(tiny.checkpoint, whisper=tiny.whisper, llm=tiny.llm, device="cpu", progress=False)
+    before = init.model.trainable_state_dict()
+    assert trained.keys() == before.keys()
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    assert sum(not torch.equal(trained[k], before[k].float()) for k in trained) == len(trained)
