@@ -125,6 +125,9 @@ def _training_parsers(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--device", default="auto")
     ex.add_argument("--dtype", default="auto")
     ex.add_argument("--batch-size", type=int, default=8)
+    ex.add_argument(
+        "--retry-failed", action="store_true", help="try again the files whose extraction failed before (fixed since)"
+    )
     tr = sub.add_parser("train", help="one stage of the LTU-AS curriculum")
     tr.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
     tr.add_argument("--config", type=Path, help="stage config (default: the shipped stage<N>.toml, see --print-config)")
@@ -199,10 +202,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         args.audio_root,
         args.out,
         batch_size=args.batch_size,
+        retry_failed=args.retry_failed,
     )
     print(
         f"{len(store.manifest['files'])} feature files in {args.out}; {len(store.failed)} failed"
-        + (f" (see {args.out}/manifest.json)" if store.failed else "")
+        + (f" (see {args.out}/manifest.json; fix them, then run again with --retry-failed)" if store.failed else "")
     )
     return 1 if store.failed else 0
 
@@ -228,7 +232,7 @@ def _model_for(args: argparse.Namespace, init: str | None, seed: int) -> LoadedM
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training.featurestore import FeatureStore
+    from .training.featurestore import FeatureStore, same_encoder
     from .training.trainer import STAGES, RunError, TrainConfig, Trainer, check_out, make_examples, seed_everything
 
     if args.preset and args.config:
@@ -276,6 +280,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     store = FeatureStore(args.features)
     seed_everything(cfg.seed)  # everything from here on (a fresh TLTR, LoRA's init) follows from the config
     loaded = _model_for(args, args.init, cfg.seed)
+    made_with = store.manifest.get("meta", {})
+    model_cfg = loaded.model.config
+    if made_with.get("feature_shape") and list(made_with["feature_shape"]) != list(model_cfg.feature_shape):
+        print(
+            f"ltu-as train: the features in {args.features} are {made_with['feature_shape']}, the model reads "
+            f"{list(model_cfg.feature_shape)}: extract them again with the model's Whisper",
+            file=sys.stderr,
+        )
+        return 2
+    if made_with.get("encoder") and not same_encoder(made_with["encoder"], model_cfg.whisper_source):
+        print(
+            f"ltu-as train: the features in {args.features} were made with the Whisper encoder "
+            f"{made_with['encoder']!r}, the model uses {model_cfg.whisper_source!r}: extract them again with "
+            f"--whisper {model_cfg.whisper_source}, or train with --whisper {made_with['encoder']}",
+            file=sys.stderr,
+        )
+        return 2
     examples, report = make_examples(loaded.processor, records, store, cfg.cutoff_len, cfg.loss, cfg.eos)
     for problem in report.problems(cfg.cutoff_len):
         log.warning("%s", problem)

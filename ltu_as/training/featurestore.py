@@ -105,8 +105,10 @@ def extract_features(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    retry_failed: bool = False,
 ) -> FeatureStore:
-    """Compute features for every audio id not yet in `out`, batched."""
+    """Compute features for every audio id not yet in `out`, batched. Ids whose extraction failed before are
+    skipped, or tried again with `retry_failed` (after the files were fixed)."""
     store = FeatureStore(out)
     (store.folder / "features").mkdir(parents=True, exist_ok=True)
     meta = {
@@ -124,6 +126,9 @@ def extract_features(
             "Use another --out (features differ by encoder, dtype and device type)"
         )
     store.manifest["meta"] = meta
+    if retry_failed:
+        for audio_id in list(store.failed):
+            del store.failed[audio_id]
     todo = sorted({a for a in audio_ids if a not in store and a not in store.failed})
     bar = tqdm(total=len(todo), desc="features", unit="file", disable=not progress)
     for i in range(0, len(todo), batch_size):
@@ -145,3 +150,11 @@ def extract_features(
         bar.update(len(todo[i : i + batch_size]))
     bar.close()
     return store
+
+
+def same_encoder(a: str, b: str) -> bool:
+    """Whether two Whisper sources name the same encoder (local paths compared resolved)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a == b

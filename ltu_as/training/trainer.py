@@ -109,6 +109,12 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where the GPU supports it, else fp32), fp32, bf16
 
     def __post_init__(self) -> None:
+        kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), kinds.get(str(f.type))
+            bad_bool = isinstance(value, bool) and str(f.type) in ("int", "float")
+            if kind is not None and (not isinstance(value, kind) or bad_bool):
+                raise ValueError(f"{f.name} must be {f.type}, got {value!r} (a TOML value: --set {f.name}=...)")
         unknown = [g for g in self.trainable if g not in GROUPS]
         if unknown:
             raise ValueError(f"trainable: unknown groups {unknown}; choose from {sorted(GROUPS)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,20 @@ def test_bad_data_gets_its_message_and_exit_code(tiny, data, tmp_path: Path) -> 
     )
     assert cut.returncode == 2 and "whole answer lies beyond cutoff_len = 12" in cut.stderr
     assert "--set cutoff_len=" in cut.stderr and "no example to train on" in cut.stderr
+    bad_value = train(tiny, data, tmp_path / "o6", "--set", "learning_rate=fast")
+    assert bad_value.returncode == 2 and "learning_rate must be float, got 'fast'" in bad_value.stderr
+    assert "loading" not in bad_value.stderr  # refused before any model loads
+    # features made with another Whisper encoder than the model's
+    other = tmp_path / "other-feats"
+    shutil.copytree(features, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["meta"] = {
+        "encoder": "openai/whisper-large",
+        "feature_shape": manifest.get("meta", {}).get("feature_shape"),
+    }
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    wrong = train(tiny, (data[0], other), tmp_path / "o7")
+    assert wrong.returncode == 2 and "were made with the Whisper encoder 'openai/whisper-large'" in wrong.stderr
     path, _ = data
     no_init = subprocess.run(
         [sys.executable, "-m", "ltu_as", "train", "--stage", "2", "--data", str(path), "--features", str(features),

@@ -198,6 +198,14 @@ def test_undecodable_audio_is_recorded_not_zeroed(tiny, tmp_path: Path) -> None:
     # resumable: a second run does nothing new
     again = extract_features(enc, ["ok.wav"], tmp_path / "a", tmp_path / "f", progress=False)
     assert again.manifest["files"] == store.manifest["files"]
+    # failed files are not tried again, until asked to after they were fixed
+    (tmp_path / "a" / "junk.wav").write_bytes((tmp_path / "a" / "ok.wav").read_bytes())
+    ids = ["ok.wav", "junk.wav", "missing.wav"]
+    same = extract_features(enc, ids, tmp_path / "a", tmp_path / "f", progress=False)
+    assert set(same.failed) == {"junk.wav", "missing.wav"} and "junk.wav" not in same
+    fixed = extract_features(enc, ids, tmp_path / "a", tmp_path / "f", progress=False, retry_failed=True)
+    assert "junk.wav" in fixed and set(fixed.failed) == {"missing.wav"}
+    assert torch.equal(fixed.load("junk.wav"), feats)
 
 
 def test_wer_and_scoring() -> None:
