@@ -97,7 +97,7 @@ def test_installed_package_has_its_data_and_no_checkout(installed: tuple[Path, d
     init, profiles, stages, names = probe.stdout.splitlines()
     venv_dir = str(root / "venv")
     assert init.startswith(venv_dir) and profiles.startswith(venv_dir) and stages.startswith(venv_dir)
-    assert names == "['stage1.toml', 'stage2.toml', 'stage3.toml']"
+    assert names == "['finetune.toml', 'stage1.toml', 'stage2.toml', 'stage3.toml']"
     helped = run(root / "venv" / "bin" / "ltu-as", "train", "--help", cwd=root, env=env)
     assert helped.returncode == 0 and "--stage" in helped.stdout
     shown = run(root / "venv" / "bin" / "ltu-as", "train", "--stage", "3", "--print-config", cwd=root, env=env)

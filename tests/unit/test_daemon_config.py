@@ -24,6 +24,7 @@ def test_profiles_ship_in_the_package_and_config_links_to_them() -> None:
         assert (REPO / "config" / name).resolve() == (PROFILES / name).resolve()
     stages = REPO / "ltu_as" / "training" / "stages"
     assert sorted(p.name for p in (REPO / "config" / "train").iterdir()) == [
+        "finetune.toml",
         "stage1.toml",
         "stage2.toml",
         "stage3.toml",
