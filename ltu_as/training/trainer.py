@@ -101,6 +101,7 @@ class TrainConfig:
     warmup_steps: int = 100
     warmup_ratio: float = 0.0  # > 0: warm-up is this fraction of the run's steps instead of warmup_steps
     eos: bool = False  # append EOS to every answer, so the model learns to stop (the authors' runs did not)
+    tensorboard: bool = False  # also write the metrics for TensorBoard, under <out>/tensorboard
     weight_decay: float = 0.0
     loss: str = "whole"  # "whole": every text token (the reference's train_on_inputs=True); "response": answer only
     save_steps: int = 200
@@ -109,7 +110,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where the GPU supports it, else fp32), fp32, bf16
 
     def __post_init__(self) -> None:
-        kinds = {"int": int, "float": (int, float), "str": str, "bool": bool}
+        kinds: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool}
         for f in dataclasses.fields(self):
             value, kind = getattr(self, f.name), kinds.get(str(f.type))
             bad_bool = isinstance(value, bool) and str(f.type) in ("int", "float")
@@ -270,6 +271,13 @@ class Trainer:
         self.out = Path(out)
         self.progress = progress
         self.model = model
+        self.board: Any = None
+        if cfg.tensorboard and self.acc.is_main_process:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError("tensorboard = true needs the tensorboard package: pip install tensorboard") from e
+            self.board = SummaryWriter(str(self.out / "tensorboard"))
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         world = self.acc.num_processes
@@ -444,6 +452,11 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}) + "\n")
+            if self.board is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        self.board.add_scalar(f"train/{k}", v, int(row["step"]))
+                self.board.flush()
 
     def finish(self) -> tuple[Path, Path]:
         """The stage's output: `save_pretrained` in `out` and the authors' `.bin` layout next to it (written by the

@@ -255,3 +255,31 @@ def test_bf16_autocast_training_moves_every_trainable_tensor_like_fp32(tiny, loa
     assert all(v.dtype == torch.float32 for v in after.values())  # master weights
     assert all(share > 0.99 for share in fp32.values()), fp32
     assert all(bf16[k] > 0.99 for k in fp32), {k: v for k, v in bf16.items() if v <= 0.99}
+
+
+def test_tensorboard_writer_gets_every_step(tiny, loaded, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store, records = make_store(tmp_path, tiny)
+    cfg = TrainConfig(
+        stage=2,
+        trainable=("audio_proj",),
+        learning_rate=1e-3,
+        max_steps=3,
+        batch_size=4,
+        micro_batch_size=2,
+        warmup_steps=0,
+        save_steps=0,
+        tensorboard=True,
+    )
+    examples, _ = make_examples(loaded.processor, records, store, 108, cfg.loss)
+    t = Trainer(fresh(tiny), loaded.processor, examples, store, cfg, tmp_path / "out", progress=False)
+    losses = t.train()
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/examples_per_s"} <= set(events.Tags()["scalars"])
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [1, 2, 3]
+    assert [e.value for e in logged] == pytest.approx(losses, rel=1e-5)
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["loss"] for m in metrics] == pytest.approx(losses, rel=1e-5)
