@@ -251,7 +251,12 @@ def test_bf16_autocast_training_moves_every_trainable_tensor_like_fp32(tiny, loa
         return {k: float((after[k].float() != before[k]).float().mean()) for k in before}, after
 
     fp32, _ = moved("fp32")
-    bf16, after = moved("bf16")
+    try:
+        bf16, after = moved("bf16")
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # the tests after this one train in fp32
     assert all(v.dtype == torch.float32 for v in after.values())  # master weights
     assert all(share > 0.99 for share in fp32.values()), fp32
     assert all(bf16[k] > 0.99 for k in fp32), {k: v for k, v in bf16.items() if v <= 0.99}
