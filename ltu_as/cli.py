@@ -298,9 +298,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         return 2
     examples, report = make_examples(loaded.processor, records, store, cfg.cutoff_len, cfg.loss, cfg.eos)
-    for problem in report.problems(cfg.cutoff_len):
+    problems = report.problems(cfg.cutoff_len)
+    for problem in problems:
         log.warning("%s", problem)
-    if args.strict and (bad_rows or report.problems(cfg.cutoff_len)):
+    if args.strict and (bad_rows or problems):
         print("ltu-as train: --strict: the data has the problems above; fix them or drop --strict", file=sys.stderr)
         return 2
     if not examples:

@@ -28,7 +28,6 @@ import itertools
 import json
 import logging
 import queue
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -36,7 +35,7 @@ from typing import Any
 import httpx
 import torch
 
-from ltu_as.serving.engine import Output, PromptTooLong, Request, Row
+from ltu_as.serving.engine import Output, Request, Row, checked_row
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +94,18 @@ class VllmEngine:
         self.open: set[Row] = set()  # handed to a pool thread, not finished
         self.prefixes: dict[Any, Any] = {}  # vLLM keeps its own prefix cache; here for the worker's /healthz
         self._seq = itertools.count()
-        self._lock = threading.Lock()
         self.counts = {"steps": 0, "requests": 0, "failed": 0, "preempted": 0, "prefix_hits": 0}
 
     # --- what the worker calls, as on DecodeEngine ---------------------------------------------------------------
     def submit(self, request: Request) -> Row:
-        row = Row(request, next(self._seq))
-        if not all(0 <= i < self.vocab for i in request.ids):
-            raise ValueError(f"token ids must be in [0, {self.vocab}): the model's vocabulary")
-        if row.prompt_len >= self.max_positions:
-            raise PromptTooLong(
-                f"the prompt ({row.prompt_len} positions) leaves no room to answer in the server's "
-                f"{self.max_positions} positions (llm.max_positions); shorten it"
-            )
-        pe = request.prefix_embeds
-        if pe is not None and tuple(pe.shape[1:]) != (self.hidden,):
-            raise ValueError(f"prefix_embeds must be [P, {self.hidden}]")
-        row.max_new = min(request.options.max_new_tokens, self.max_positions - row.prompt_len)
+        row = checked_row(
+            request,
+            next(self._seq),
+            vocab=self.vocab,
+            hidden=self.hidden,
+            max_positions=self.max_positions,
+            limit="the server's llm.max_positions",
+        )
         self.waiting.append(row)
         return row
 

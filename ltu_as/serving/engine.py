@@ -114,6 +114,25 @@ class Output:
         return self.row.request.tag
 
 
+def checked_row(request: Request, seq: int, *, vocab: int, hidden: int, max_positions: int, limit: str) -> Row:
+    """A `Row` for `request`, checked against the model: ids in its vocabulary, `prefix_embeds` `[P, hidden]`, and
+    a prompt shorter than `max_positions` (else PromptTooLong, naming `limit`). `max_new` is capped at the last
+    position: an answer stops there as at its token cap (reason "length")."""
+    row = Row(request, seq)
+    if not all(0 <= i < vocab for i in request.ids):
+        raise ValueError(f"token ids must be in [0, {vocab}): the model's vocabulary")
+    if row.prompt_len >= max_positions:
+        raise PromptTooLong(
+            f"the prompt ({row.prompt_len} positions) leaves no room to answer in {limit} ({max_positions}); "
+            "shorten it or raise that limit"
+        )
+    pe = request.prefix_embeds
+    if pe is not None and tuple(pe.shape[1:]) != (hidden,):
+        raise ValueError(f"prefix_embeds must be [P, {hidden}]")
+    row.max_new = min(request.options.max_new_tokens, max_positions - row.prompt_len)
+    return row
+
+
 def kv_bytes_per_slot(config: Any, max_positions: int, dtype: torch.dtype) -> int:
     """Bytes of K and V for one slot of `max_positions` positions over every layer."""
     heads = config.num_key_value_heads or config.num_attention_heads
@@ -123,14 +142,10 @@ def kv_bytes_per_slot(config: Any, max_positions: int, dtype: torch.dtype) -> in
 
 
 def auto_slots(config: Any, max_positions: int, dtype: torch.dtype, device: torch.device, fraction: float) -> int:
-    """How many slots fit in `fraction` of the device's free memory (CUDA), or of the available RAM (CPU)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        import os
+    """How many slots fit in `fraction` of the device's free memory now (`memory_plan.free_bytes`)."""
+    from .memory_plan import free_bytes
 
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return max(1, int(free * fraction) // kv_bytes_per_slot(config, max_positions, dtype))
+    return max(1, int(free_bytes(device) * fraction) // kv_bytes_per_slot(config, max_positions, dtype))
 
 
 class DecodeEngine:
@@ -221,20 +236,14 @@ class DecodeEngine:
     def submit(self, request: Request) -> Row:
         """Queue a request; it joins the running batch at a later `step()`. Raises ValueError when its prompt
         fills a slot; a prompt + `max_new_tokens` longer than a slot ends at the slot's end (reason "length")."""
-        row = Row(request, next(self._seq))
-        if not all(0 <= i < self.vocab for i in request.ids):
-            raise ValueError(f"token ids must be in [0, {self.vocab}): the model's vocabulary")
-        if row.prompt_len >= self.max_positions:
-            raise PromptTooLong(
-                f"the prompt ({row.prompt_len} positions) leaves no room to answer in the engine's "
-                f"{self.max_positions} positions per slot; shorten it or raise max_positions"
-            )
-        # an answer stops at the slot's end like at its token cap (reason "length")
-        row.max_new = min(request.options.max_new_tokens, self.max_positions - row.prompt_len)
-        if request.prefix_embeds is not None and tuple(request.prefix_embeds.shape[1:]) != (
-            self.llm.config.hidden_size,
-        ):
-            raise ValueError(f"prefix_embeds must be [P, {self.llm.config.hidden_size}]")
+        row = checked_row(
+            request,
+            next(self._seq),
+            vocab=self.vocab,
+            hidden=self.llm.config.hidden_size,
+            max_positions=self.max_positions,
+            limit="the engine's max_positions per slot",
+        )
         if request.options.do_sample and request.options.seed is not None:
             row.generator = torch.Generator(device=self.device).manual_seed(request.options.seed)
         row.target = row.prompt_len
