@@ -5,10 +5,15 @@ random weights (N(0, 0.02), built on the device), against bf16 on the same input
    (the decode case), with the dense bf16 and fp32 layers and torchao's own eager int8 path as baselines;
 2. the whole model: relative error of the logits, greedy agreement and mean KL of the next-token distributions over
    fixed prompts (teacher-forced), int8 and int4 against bf16;
-3. decode speed of the engine at batch 1, ms/token, for bf16, int8 and int4 (and HF `generate` eager bf16).
+3. decode speed of the engine at batch 1, ms/token, for bf16, int8 and int4 (and HF `generate` eager bf16);
+4. the Whisper large encoder (32 layers, d 1280, 500 positions = one 10 s window, random weights) in the audio
+   path's dtype (fp32 on CPU, bf16 on CUDA), against int8 (`model.encoder_quantization`): the relative error of
+   each of the 32 pooled layer outputs the TLTR reads, the weights and the time of one window's features; on CPU
+   also the encoder in bf16, the precision the whole model had when quantized before the audio path kept fp32.
 
     .venv/bin/python bench/quantization.py                   # here: all 32 layers, ~10 min, ~14 GB RAM at peak
     .venv/bin/python bench/quantization.py --layers 4        # quicker; error and ms/token of 4 real-dims layers
+    .venv/bin/python bench/quantization.py --encoder-only    # only part 4 (~2 min here)
     python bench/quantization.py --device cuda               # GPU: int4 through torchao's CUDA kernels
 
 Random weights are a stand-in: real LLM weights have outlier channels (which per-row int8 scales absorb) and are
@@ -94,6 +99,55 @@ def layers_alone(device: torch.device) -> dict[str, Any]:
     return out
 
 
+def encoder(device: torch.device) -> dict[str, Any]:
+    """Part 4: the Whisper encoder's features, int8 against the audio path's dtype."""
+    import copy
+
+    from ltu_as.model.config import LtuAsConfig
+    from ltu_as.model.encoder import build_whisper_encoder, pooled_layer_states
+
+    cfg = LtuAsConfig()
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    enc = build_whisper_encoder(cfg.whisper, cfg.n_positions).to(device, dtype)
+    mel = torch.randn(1, cfg.n_mels, cfg.n_frames, generator=torch.Generator().manual_seed(2)).to(device)
+
+    def features(e: nn.Module, dt: torch.dtype) -> tuple[torch.Tensor, float]:
+        pooled_layer_states(e, mel[:, :, :200].to(dt).repeat(1, 1, 5), cfg.pool)  # warm-up
+        sync(device)
+        t = time.perf_counter()
+        f = pooled_layer_states(e, mel.to(dt), cfg.pool)
+        sync(device)
+        return f.float(), time.perf_counter() - t
+
+    ref, ref_s = features(enc, dtype)
+    out: dict[str, Any] = {
+        str(dtype).removeprefix("torch."): {"weights_GB": round(weight_bytes(enc) / 1e9, 2), "s_per_window": ref_s}
+    }
+    variants: list[tuple[str, nn.Module, torch.dtype]] = []
+    if device.type == "cpu":
+        variants.append(("bfloat16", copy.deepcopy(enc).to(torch.bfloat16), torch.bfloat16))
+    q = copy.deepcopy(enc)
+    quantize_linears(q, "int8", device)
+    variants.append(("int8", q, dtype))
+    del enc
+    for name, e, dt in variants:
+        got, s = features(e, dt)
+        errors = [compare_logits(ref[:, i], got[:, i])["rel_error"] for i in range(ref.shape[1])]
+        out[name] = {
+            "weights_GB": round(weight_bytes(e) / 1e9, 2),
+            "s_per_window": round(s, 2),
+            "rel_error_first_layer": round(errors[0], 4),
+            "rel_error_last_layer": round(errors[-1], 4),
+            "rel_error_max": round(max(errors), 4),
+        }
+        print(f"encoder {name}: {out[name]}", flush=True)
+        del e
+        gc.collect()
+    out[str(dtype).removeprefix("torch.")]["s_per_window"] = round(ref_s, 2)
+    return out
+
+
 def prompts(n: int, length: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(100, 31000, (n, length), generator=g)
@@ -107,6 +161,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=5, help="decode steps timed")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--encoder-only", action="store_true", help="only the Whisper encoder (part 4)")
     a = ap.parse_args()
     quiet_imports()
     torch.set_grad_enabled(False)
@@ -114,6 +169,12 @@ def main() -> None:
     t0 = time.perf_counter()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     out["threads"] = torch.get_num_threads()
+    out["encoder"] = encoder(device)
+    if a.encoder_only:
+        print(json.dumps(out, indent=2))
+        if a.json:
+            a.json.write_text(json.dumps(out, indent=2))
+        return
     out["layers_alone"] = layers_alone(device)
     ids = prompts(a.prompts, a.length).to(device)
     out["layers"] = a.layers

@@ -295,7 +295,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         from .understanding.memory import memory_plan
 
         plan = memory_plan(prepare_demo(config))
-        print(f"memory plan (model.quantization = {config.model.quantization}, llm.backend = {config.llm.backend}):")
+        m = config.model
+        print(
+            f"memory plan (model.quantization = {m.quantization}, model.encoder_quantization = "
+            f"{m.encoder_quantization}, llm.backend = {config.llm.backend}):"
+        )
         print("  " + plan.table().replace("\n", "\n  "))
         if not plan.fits:
             problems.append(f"LTU-AS does not fit in memory: {plan.problem}")

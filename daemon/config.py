@@ -153,6 +153,9 @@ class ModelConfig(_Section):
     # LLM weights for inference: "int8"/"int4" merge LoRA then quantize (ltu_as.loading.quantize); the ASR's
     # compute_type "default" then becomes int8 too
     quantization: Literal["none", "int8", "int4"] = "none"
+    # the Whisper encoder's linear layers: "int8" halves its 1.2 GiB on a GPU (for 8 GB cards); its features then
+    # differ from fp32/bf16 by about 1 % per layer (docs/performance.md)
+    encoder_quantization: Literal["none", "int8"] = "none"
 
 
 class LlmConfig(_Section):

@@ -58,6 +58,12 @@ def _ask_parser(sub: argparse._SubParsersAction) -> None:
         choices=("none", "int8", "int4"),
         help="LLM weights for this run: LoRA merged, then int8 or int4 (on CPU the LLM then computes in bf16)",
     )
+    m.add_argument(
+        "--encoder-quantization",
+        default="none",
+        choices=("none", "int8"),
+        help="the Whisper encoder's linear layers in int8, as the daemon's model.encoder_quantization",
+    )
     g = p.add_argument_group("generation (defaults: the reference demo)")
     g.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     g.add_argument("--temperature", type=float, default=0.1)
@@ -422,6 +428,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         quantization=args.quantization,
+        encoder_quantization=args.encoder_quantization,
     )
     for piece in ask_stream(loaded, audio, args.question, transcript, options):
         sys.stdout.write(piece)

@@ -57,6 +57,7 @@ def memory_plan(config: DaemonConfig, available: int | None = None) -> MemoryPla
         device=device,
         dtype=dtype,
         quantization=m.quantization,
+        encoder_quantization=m.encoder_quantization,
         slots=e.slots,
         max_slots=e.max_slots,
         max_positions=e.max_positions,

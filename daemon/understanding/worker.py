@@ -171,6 +171,7 @@ class ModelWorker:
             device=m.device,
             dtype=m.dtype,
             quantization=m.quantization,
+            encoder_quantization=m.encoder_quantization,
             llm_weights="embeddings" if remote else "all",
             progress=True,
         )

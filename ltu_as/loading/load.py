@@ -18,7 +18,7 @@ from ..model.modeling import CONFIG_NAME, WEIGHTS_NAME, LtuAsForConditionalGener
 from ..model.processor import LtuAsProcessor
 from .checkpoint import load_official_checkpoint, report_mismatch
 from .precision import resolve_device, resolve_dtype
-from .quantize import compute_dtype, quantize_linears
+from .quantize import ENCODER_MODES, compute_dtype, quantize_linears
 from .sources import resolve
 
 log = logging.getLogger(__name__)
@@ -80,15 +80,18 @@ def load_components(
     dtype: str | torch.dtype = "auto",
     progress: bool = True,
     llm_weights: str = "all",
+    llm_dtype: str | torch.dtype | None = None,
 ) -> LtuAsForConditionalGeneration:
     """Build the model from the frozen parts' sources; trainable parts are freshly initialised.
 
     `whisper` and `llm` override `config.whisper_source` / `config.llm_source`. The architecture dims are read
     from the folders' `config.json`, and must agree with `config` when one is given. `llm_weights="embeddings"`
-    loads only the LLM's token embeddings (the rest, LoRA included, stays on the meta device).
+    loads only the LLM's token embeddings (the rest, LoRA included, stays on the meta device). `llm_dtype`: the
+    LLM's dtype when it differs from the audio path's `dtype` (a quantized model on CPU).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    llm_dt = dt if llm_dtype is None else resolve_dtype(llm_dtype, dev)
     base = config or LtuAsConfig()
     whisper_src = str(whisper or base.whisper_source)
     llm_src = str(llm or base.llm_source)
@@ -109,20 +112,22 @@ def load_components(
                 )
     log.info("loading Whisper encoder from %s", whisper_dir)
     encoder = load_whisper_encoder(whisper_dir, found.n_positions)
-    log.info("loading LLM from %s (%s on %s%s)", llm_dir, dt, dev, ", embeddings only" * (llm_weights != "all"))
+    log.info("loading LLM from %s (%s on %s%s)", llm_dir, llm_dt, dev, ", embeddings only" * (llm_weights != "all"))
     try:
         if llm_weights == "embeddings":
-            language_model = _embeddings_only_llm(llm_dir, dt)
+            language_model = _embeddings_only_llm(llm_dir, llm_dt)
         else:
-            language_model = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=dt)
+            language_model = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=llm_dt)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelNotFoundError(f"cannot load the LLM from {llm_dir}: {e}") from e
     model = LtuAsForConditionalGeneration(found, whisper_encoder=encoder, language_model=language_model)
+    for part in (model.whisper_encoder, model.audio_encoder, model.audio_proj):
+        part.to(device=dev, dtype=dt)
     if llm_weights == "embeddings":  # move what is real; meta tensors cannot move
-        for part in (model.whisper_encoder, model.audio_encoder, model.audio_proj, model.llm.model.embed_tokens):
-            part.to(device=dev, dtype=dt)
-        return model.eval()
-    return model.to(device=dev, dtype=dt).eval()
+        model.llm.model.embed_tokens.to(device=dev, dtype=llm_dt)
+    else:
+        model.language_model.to(device=dev, dtype=llm_dt)  # LoRA factors included
+    return model.eval()
 
 
 def load_trainable(model: LtuAsForConditionalGeneration, path: str | Path) -> None:
@@ -148,6 +153,7 @@ def load_pretrained(
     dtype: str | torch.dtype = "auto",
     progress: bool = True,
     llm_weights: str = "all",
+    llm_dtype: str | torch.dtype | None = None,
 ) -> LtuAsForConditionalGeneration:
     """Load a model saved by `save_pretrained`; the frozen parts come from the recorded sources unless given."""
     directory = Path(directory)
@@ -156,7 +162,14 @@ def load_pretrained(
         raise ModelNotFoundError(f"{directory} is not an ltu_as checkpoint: no {CONFIG_NAME}")
     config = LtuAsConfig.load(cfg_path)
     model = load_components(
-        config, whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress, llm_weights=llm_weights
+        config,
+        whisper=whisper,
+        llm=llm,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        llm_weights=llm_weights,
+        llm_dtype=llm_dtype,
     )
     load_trainable(model, directory / WEIGHTS_NAME)
     return model
@@ -170,14 +183,27 @@ class LoadedModel:
     processor: LtuAsProcessor
 
 
-def quantize_for_inference(model: LtuAsForConditionalGeneration, quantization: str) -> int:
-    """Merge LoRA into the LLM, then quantize its linear layers (`ltu_as.loading.quantize`); returns how many.
-    The model is then for inference only (`unmerge_lora` refuses)."""
-    model.merge_lora()
-    n = quantize_linears(model.llm, quantization, model.device)
-    model.quantization = quantization
-    if n:
+def quantize_for_inference(
+    model: LtuAsForConditionalGeneration, quantization: str, encoder_quantization: str = "none"
+) -> int:
+    """Merge LoRA into the LLM, then quantize its linear layers (`ltu_as.loading.quantize`), and the Whisper
+    encoder's with `encoder_quantization` ("none" or "int8"); returns how many layers in all. The model is then for
+    inference only (`unmerge_lora` refuses)."""
+    n = 0
+    if quantization != "none":
+        model.merge_lora()
+        n = quantize_linears(model.llm, quantization, model.device)
+        model.quantization = quantization
         log.info("LLM quantized to %s: %d linear layers", quantization, n)
+    if encoder_quantization not in ENCODER_MODES:
+        raise ValueError(
+            f"model.encoder_quantization must be one of {', '.join(ENCODER_MODES)}, not {encoder_quantization!r}"
+        )
+    if encoder_quantization != "none":
+        e = quantize_linears(model.whisper_encoder, encoder_quantization, model.device)
+        model.encoder_quantization = encoder_quantization
+        log.info("Whisper encoder quantized to %s: %d linear layers", encoder_quantization, e)
+        n += e
     return n
 
 
@@ -189,6 +215,7 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     quantization: str = "none",
+    encoder_quantization: str = "none",
     llm_weights: str = "all",
     progress: bool = True,
 ) -> LoadedModel:
@@ -198,28 +225,44 @@ def load_model(
     `authors:` name); default: the authors' `ltuas_long_noqa_a6.bin`.
 
     `quantization` ("none", "int8", "int4"): merge LoRA and quantize the LLM's linear layers for inference
-    (`ltu_as.loading.quantize`); on CPU a quantized model computes in bf16. `llm_weights="embeddings"`: only the
-    LLM's token embeddings are loaded (for a remote LLM); its LoRA is not loaded either.
+    (`ltu_as.loading.quantize`); on CPU a quantized LLM computes in bf16 while the audio path keeps `dtype`
+    (fp32 by default there). `encoder_quantization` ("none", "int8"): the Whisper encoder's linear layers too.
+    `llm_weights="embeddings"`: only the LLM's token embeddings are loaded (for a remote LLM); its LoRA is not
+    loaded either.
     """
     dev = resolve_device(device)
-    dtype = compute_dtype(quantization, resolve_dtype(dtype, dev), dev)
+    dtype = resolve_dtype(dtype, dev)
+    llm_dtype = compute_dtype(quantization, dtype, dev)
     ckpt = str(checkpoint or DEFAULT_CHECKPOINT_SOURCE)
     local = Path(ckpt).expanduser()
     if local.is_dir():
         if not (local / CONFIG_NAME).is_file():
             raise ModelNotFoundError(f"{local} is not an ltu_as checkpoint folder (no {CONFIG_NAME})")
         model = load_pretrained(
-            local, whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress, llm_weights=llm_weights
+            local,
+            whisper=whisper,
+            llm=llm,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            llm_weights=llm_weights,
+            llm_dtype=llm_dtype,
         )
     else:
         model = load_components(
-            whisper=whisper, llm=llm, device=device, dtype=dtype, progress=progress, llm_weights=llm_weights
+            whisper=whisper,
+            llm=llm,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            llm_weights=llm_weights,
+            llm_dtype=llm_dtype,
         )
         path = resolve(ckpt, "LTU-AS checkpoint", progress=progress)
         counts = load_official_checkpoint(model, path)
         log.info("loaded %d tensors (%d parameters) from %s", counts["tensors"], counts["parameters"], path)
     # The LLM folder was resolved while loading; transformers records it as the model's name_or_path.
     processor = LtuAsProcessor.from_pretrained(model.llm.name_or_path, model.config)
-    if quantization != "none":
-        quantize_for_inference(model, quantization)
+    if quantization != "none" or encoder_quantization != "none":
+        quantize_for_inference(model, quantization, encoder_quantization)
     return LoadedModel(model, processor)

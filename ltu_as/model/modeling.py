@@ -76,6 +76,7 @@ class LtuAsForConditionalGeneration(nn.Module):
         language_model.requires_grad_(False)
         self.language_model: PeftModel = get_peft_model(language_model, lora_config(config))
         self.quantization = "none"  # set by `ltu_as.loading.load.quantize_for_inference`
+        self.encoder_quantization = "none"  # likewise
         self.eval()  # inference by default, as Hugging Face models; training code calls .train()
 
     # --- parts -------------------------------------------------------------------------------------------------
@@ -92,7 +93,14 @@ class LtuAsForConditionalGeneration(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The audio path's dtype (TLTR and projector)."""
         return cast(nn.Linear, self.audio_proj[1]).weight.dtype
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        """The LLM's compute dtype. It differs from `dtype` for a quantized model on CPU, where the LLM computes
+        in bf16 (its int8/int4 kernels take bf16) while the audio path keeps fp32 (`ltu_as.loading.quantize`)."""
+        return cast(nn.Embedding, self.llm.get_input_embeddings()).weight.dtype
 
     def _eos(self, eos_token_id: int | None) -> int:
         if eos_token_id is not None:
@@ -240,7 +248,7 @@ class LtuAsForConditionalGeneration(nn.Module):
         audio = self.audio_embeddings(features)  # [1, T, d]
         t = audio.shape[1]
         prefix_ids = torch.tensor([rows[0][:p]], dtype=torch.long, device=self.device)
-        prefix = torch.cat([audio.to(self.dtype), self.embed_tokens(prefix_ids)], dim=1)  # [1, T + p, d]
+        prefix = torch.cat([audio.to(self.llm_dtype), self.embed_tokens(prefix_ids)], dim=1)  # [1, T + p, d]
         cache = DynamicCache()
         positions = torch.arange(t + p, device=self.device).unsqueeze(0)
         self.llm(
@@ -276,7 +284,7 @@ class LtuAsForConditionalGeneration(nn.Module):
         and scene descriptions, digests). Rows are left-padded; the same tokens alone and in a batch."""
         options = options or GenerationOptions()
         eos = self._eos(eos_token_id)
-        no_audio = torch.zeros((len(input_ids), 0, self.config.d_llm), dtype=self.dtype, device=self.device)
+        no_audio = torch.zeros((len(input_ids), 0, self.config.d_llm), dtype=self.llm_dtype, device=self.device)
         embeds, mask, positions = self.assemble(no_audio, input_ids)
         rows = [list(map(int, r)) for r in input_ids]
         yield from generate_tokens(self.llm, embeds, mask, positions, rows, eos, options)

@@ -66,7 +66,7 @@ def _dtype_size(dtype: torch.dtype) -> int:
 
 
 def llm_linear_bytes(out_features: int, in_features: int, quantization: str, dtype: torch.dtype, cuda: bool) -> int:
-    """Bytes of one LLM linear layer's weight as `ltu_as.loading.quantize` stores it."""
+    """Bytes of one linear layer's weight (LLM or encoder) as `ltu_as.loading.quantize` stores it."""
     if quantization == "int8":  # int8 values + one scale per row (bf16 for the CPU kernel, fp32 in torchao's tensor)
         return out_features * in_features + out_features * (4 if cuda else 2)
     if quantization == "int4":  # two values per byte + a bf16 scale and zero per group and row
@@ -74,31 +74,45 @@ def llm_linear_bytes(out_features: int, in_features: int, quantization: str, dty
     return out_features * in_features * _dtype_size(dtype)
 
 
-def model_bytes(config: LtuAsConfig, quantization: str, dtype: torch.dtype, cuda: bool) -> dict[str, int]:
-    """Bytes of each part of the loaded model: `whisper_encoder`, `llm` (quantized linears, the rest in `dtype`),
-    `lora` (its factors stay after merging) and `audio` (TLTR + projector)."""
+def model_bytes(
+    config: LtuAsConfig,
+    quantization: str,
+    dtype: torch.dtype,
+    cuda: bool,
+    *,
+    llm_dtype: torch.dtype | None = None,
+    encoder_quantization: str = "none",
+) -> dict[str, int]:
+    """Bytes of each part of the loaded model: `whisper_encoder` (its linears at `encoder_quantization`, the rest
+    in `dtype`), `llm` (quantized linears, the rest in `llm_dtype`, default `dtype`), `lora` (its factors stay
+    after merging, in `llm_dtype`) and `audio` (TLTR + projector, in `dtype`)."""
     from ..model.modeling import LtuAsForConditionalGeneration
 
     with torch.device("meta"):
         model = LtuAsForConditionalGeneration(config)
-    size = _dtype_size(dtype)
+    llm_dtype = llm_dtype or dtype
     out = {"whisper_encoder": 0, "llm": 0, "lora": 0, "audio": 0}
+    # weight name → (layer, its quantization)
     linears = {
-        f"{n}.weight": m for n, m in model.language_model.named_modules() if type(m) is nn.Linear and "lora_" not in n
+        f"language_model.{n}.weight": (m, quantization)
+        for n, m in model.language_model.named_modules()
+        if type(m) is nn.Linear and "lora_" not in n
     }
+    linears.update(
+        (f"whisper_encoder.{n}.weight", (m, encoder_quantization))
+        for n, m in model.whisper_encoder.named_modules()
+        if type(m) is nn.Linear
+    )
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.startswith("whisper_encoder."):
-            part = "whisper_encoder"
+            part, size = "whisper_encoder", _dtype_size(dtype)
         elif name.startswith(("audio_encoder.", "audio_proj.")):
-            part = "audio"
-        elif "lora_" in name:
-            part = "lora"
+            part, size = "audio", _dtype_size(dtype)
         else:
-            part = "llm"
-        short = name.removeprefix("language_model.")
-        lin = linears.get(short)
-        if lin is not None and quantization != "none":
-            out[part] += llm_linear_bytes(lin.out_features, lin.in_features, quantization, dtype, cuda)
+            part, size = ("lora" if "lora_" in name else "llm"), _dtype_size(llm_dtype)
+        lin, mode = linears.get(name, (None, "none"))
+        if lin is not None and mode != "none":
+            out[part] += llm_linear_bytes(lin.out_features, lin.in_features, mode, llm_dtype, cuda)
         else:
             out[part] += t.numel() * (t.element_size() if not t.is_floating_point() else size)
     return out
@@ -185,6 +199,7 @@ def plan_memory(
     device: torch.device,
     dtype: torch.dtype,
     quantization: str = "none",
+    encoder_quantization: str = "none",
     slots: int | str = "auto",
     max_slots: int = 64,
     max_positions: int = 1024,
@@ -199,20 +214,24 @@ def plan_memory(
     `available`: the bytes to plan against (default: `free_bytes(device)`). Slots ("auto"): `memory_fraction` of
     what is left after weights and workspace, at most `max_slots`; a fixed number must fit whole.
     `llm_local` False (`llm.backend = "vllm"`): only the token embeddings of the LLM are kept here, no KV slots.
+    `dtype` is the model's (`model.dtype`); a quantized LLM on CPU computes in bf16 (`compute_dtype`) while the
+    audio path keeps `dtype`.
     """
     cuda = device.type == "cuda"
-    dtype = compute_dtype(quantization, dtype, device)
+    llm_dtype = compute_dtype(quantization, dtype, device)
     avail = free_bytes(device) if available is None else int(available)
     positions = min(max_positions, int(config.llm["max_position_embeddings"]))
-    sizes = model_bytes(config, quantization, dtype, cuda)
+    sizes = model_bytes(
+        config, quantization, dtype, cuda, llm_dtype=llm_dtype, encoder_quantization=encoder_quantization
+    )
+    enc = encoder_quantization if encoder_quantization != "none" else str(dtype).removeprefix("torch.")
     parts = {
-        "Whisper encoder (features)": sizes["whisper_encoder"],
+        f"Whisper encoder (features, {enc})": sizes["whisper_encoder"],
         "TLTR + projector": sizes["audio"],
     }
     if llm_local:
-        parts[f"LLM weights ({quantization if quantization != 'none' else str(dtype).removeprefix('torch.')})"] = sizes[
-            "llm"
-        ]
+        llm_kind = quantization if quantization != "none" else str(llm_dtype).removeprefix("torch.")
+        parts[f"LLM weights ({llm_kind})"] = sizes["llm"]
         parts["LoRA factors"] = sizes["lora"]
     else:
         parts["LLM token embeddings (the LLM runs on vLLM)"] = (
@@ -220,15 +239,15 @@ def plan_memory(
         )
     if asr is not None:
         parts[f"ASR {asr[0]} ({asr[1]}, estimate)"] = asr_bytes(asr[0], asr[1], device.type)
-    per_slot = kv_slot_bytes(config.llm, positions, dtype) if llm_local else 0
+    per_slot = kv_slot_bytes(config.llm, positions, llm_dtype) if llm_local else 0
     plan = MemoryPlan(str(device), avail, parts, per_slot, 0, positions, 0)
     if not llm_local:
         plan.workspace = CUDA_CONTEXT if cuda else 0
         if plan.total > avail:
-            plan.problem = _advice(plan, quantization, kv=False, local=False)
+            plan.problem = _advice(plan, quantization, encoder_quantization, kv=False, local=False)
         return plan
     want = max_slots if slots == "auto" else int(slots)
-    plan.workspace = workspace_bytes(config.llm, want, prefill_chunk, dtype, cuda)
+    plan.workspace = workspace_bytes(config.llm, want, prefill_chunk, llm_dtype, cuda)
     left = avail - plan.weights - plan.workspace
     if slots == "auto":
         plan.slots = max(0, min(max_slots, int(left * memory_fraction) // per_slot)) if left > 0 else 0
@@ -236,13 +255,13 @@ def plan_memory(
     else:
         plan.slots = int(slots)
     if left <= 0:
-        plan.problem = _advice(plan, quantization, kv=False, local=True)
+        plan.problem = _advice(plan, quantization, encoder_quantization, kv=False, local=True)
     elif plan.slots < 1 or plan.total > avail:
-        plan.problem = _advice(plan, quantization, kv=True, local=True)
+        plan.problem = _advice(plan, quantization, encoder_quantization, kv=True, local=True)
     return plan
 
 
-def _advice(plan: MemoryPlan, quantization: str, *, kv: bool, local: bool) -> str:
+def _advice(plan: MemoryPlan, quantization: str, encoder_quantization: str, *, kv: bool, local: bool) -> str:
     need = plan.weights + plan.workspace + (plan.kv_per_slot if kv else 0)
     short = f"{need / GB:.2f} GiB needed{' with one KV slot' if kv else ''}, {plan.available / GB:.2f} GiB free"
     tips = []
@@ -252,6 +271,8 @@ def _advice(plan: MemoryPlan, quantization: str, *, kv: bool, local: bool) -> st
         tips.append('set model.quantization = "int8" (LLM weights ÷2 from bf16) or "int4" (÷4)')
     elif local and quantization == "int8":
         tips.append('set model.quantization = "int4"')
+    if encoder_quantization == "none":
+        tips.append('set model.encoder_quantization = "int8" (the Whisper encoder ÷2 from bf16)')
     if any(k.startswith("ASR") for k in plan.parts):
         tips.append('use a smaller asr.model or asr.compute_type = "int8"')
     tips.append(

@@ -491,7 +491,9 @@ def test_memory_plan_check_and_refusal(tiny, tmp_path: Path) -> None:
 
     fits = run("check", "--memory")
     assert fits.returncode == 0, fits.stdout + fits.stderr
-    assert "memory plan (model.quantization = none, llm.backend = local)" in fits.stdout
+    assert (
+        "memory plan (model.quantization = none, model.encoder_quantization = none, llm.backend = local)" in fits.stdout
+    )
     assert "LLM weights (float32)" in fits.stdout and "KV cache: 64 slots" in fits.stdout and "\n  fits" in fits.stdout
     small = ("--set", "engine.memory_budget_gb=0.0005")
     checked = run("check", "--memory", *small)

@@ -17,19 +17,38 @@ CPU = torch.device("cpu")
 GB = 1024**3
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
-def test_planned_weights_equal_what_loading_allocates(tiny, quantization) -> None:
+@pytest.mark.parametrize(
+    ("quantization", "encoder_quantization"), [("none", "none"), ("int8", "none"), ("int4", "int8"), ("none", "int8")]
+)
+def test_planned_weights_equal_what_loading_allocates(tiny, quantization, encoder_quantization) -> None:
     loaded = load_model(
-        tiny.checkpoint, whisper=tiny.whisper, llm=tiny.llm, device="cpu", quantization=quantization, progress=False
+        tiny.checkpoint,
+        whisper=tiny.whisper,
+        llm=tiny.llm,
+        device="cpu",
+        quantization=quantization,
+        encoder_quantization=encoder_quantization,
+        progress=False,
     )
     model = loaded.model
-    plan = plan_memory(model.config, device=CPU, dtype=torch.float32, quantization=quantization, available=GB)
+    plan = plan_memory(
+        model.config,
+        device=CPU,
+        dtype=torch.float32,
+        quantization=quantization,
+        encoder_quantization=encoder_quantization,
+        available=GB,
+    )
     parts = plan.parts
-    assert parts["Whisper encoder (features)"] == weight_bytes(model.whisper_encoder)
+    encoder = next(v for k, v in parts.items() if k.startswith("Whisper encoder"))
+    assert encoder == weight_bytes(model.whisper_encoder)
     assert parts["TLTR + projector"] == weight_bytes(model.audio_encoder) + weight_bytes(model.audio_proj)
     llm = next(v for k, v in parts.items() if k.startswith("LLM weights"))
     assert llm + parts["LoRA factors"] == weight_bytes(model.llm)
     assert plan.weights == weight_bytes(model)
+    # KV slots in the LLM's dtype (bf16 when quantized on CPU), not the audio path's fp32
+    engine = DecodeEngine(model.llm, slots=1, max_positions=plan.max_positions, eos_token_id=2)
+    assert plan.kv_per_slot == sum(t.untyped_storage().nbytes() for t in (engine.k, engine.v, engine.seen))
 
 
 def test_planned_kv_slots_equal_the_engine_allocation(tiny) -> None:
@@ -54,6 +73,20 @@ def test_real_dims_match_an_independent_count() -> None:
     ):
         plan = plan_memory(cfg, device=cuda, dtype=torch.bfloat16, quantization=q, available=80 * GB)
         assert next(b for k, b in plan.parts.items() if k.startswith("LLM weights")) == expected
+    # the Whisper large encoder's linears in int8: 32 × (q k v out 1280² + fc1 fc2 1280×5120), a scale per row
+    d, f = 1280, 5120
+    enc_linear, enc_rows = 32 * (4 * d * d + 2 * d * f), 32 * (4 * d + f + d)
+    enc = {
+        e: next(
+            b
+            for k, b in plan_memory(
+                cfg, device=cuda, dtype=torch.bfloat16, encoder_quantization=e, available=80 * GB
+            ).parts.items()
+            if k.startswith("Whisper encoder")
+        )
+        for e in ("none", "int8")
+    }
+    assert enc["none"] - enc["int8"] == enc_linear * 2 - (enc_linear + enc_rows * 4)
     # K and V: 2 × layers × heads × head_dim × (positions + 1) × 2 bytes, plus the penalty mask row
     assert kv_slot_bytes(cfg.llm, 1024, torch.bfloat16) == 2 * 32 * 32 * 128 * 1025 * 2 + v
 
