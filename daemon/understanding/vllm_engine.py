@@ -275,31 +275,49 @@ class VllmEngine:
     def yes_no(
         self, requests: Sequence[Request], yes: Sequence[Sequence[int]], no: Sequence[Sequence[int]]
     ) -> list[float]:
-        """P(yes) of each request from its first token's top-20 log-probabilities (ids outside the top 20 count as
-        probability 0; 0.5 when neither side is there). Blocking; raises LlmUnavailable."""
-        import math
+        """P(yes) of each request from the log-probabilities of its first token's yes and no ids, exactly as the
+        local engine computes it (`yes_probability`). Blocking; raises LlmUnavailable.
 
+        vLLM returns *raw* log-probabilities (the model's, before any logits processor), and always the sampled
+        token's own. So one request, with the yes and no ids as `allowed_token_ids`, gives the top 20 (enough for a
+        trained model, whose yes and no lead); each id still missing then gets a request of its own with only that
+        id allowed, which returns its log-probability (the random test model needs these).
+        """
         out = []
         for req, y, n in zip(requests, yes, no, strict=True):
-            body = {
-                "model": self.model_name(),
-                "prompt_embeds": encode_embeds(self.embeddings(req)),
-                "max_tokens": 1,
-                "temperature": 0.0,
-                "logprobs": 20,
-                "return_tokens_as_token_ids": True,
-            }
-            try:
-                r = self.http.post(f"{self.url}/completions", json=body)
-                if r.status_code != 200:
-                    raise LlmUnavailable(f"the vLLM server answered {r.status_code}: {_error_text(r)}")
-                top = r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
-            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
-                raise LlmUnavailable(f"vLLM request failed: {_why(e)}") from e
-            probs = {int(k.removeprefix("token_id:")): math.exp(v) for k, v in top.items()}
-            py, pn = sum(probs.get(i, 0.0) for i in y), sum(probs.get(i, 0.0) for i in n)
-            out.append(py / (py + pn) if py + pn > 0 else 0.5)
+            embeds = encode_embeds(self.embeddings(req))
+            wanted = list(dict.fromkeys([*y, *n]))
+            logprobs = self._first_logprobs(embeds, wanted, 20)
+            for tid in wanted:
+                if tid not in logprobs:
+                    logprobs.update(self._first_logprobs(embeds, [tid], 0))
+            ly = torch.logsumexp(torch.tensor([logprobs[i] for i in y], dtype=torch.float64), 0)
+            ln = torch.logsumexp(torch.tensor([logprobs[i] for i in n], dtype=torch.float64), 0)
+            out.append(float(torch.sigmoid(ly - ln)))
         return out
+
+    def _first_logprobs(self, embeds: str, allowed: list[int], top: int) -> dict[int, float]:
+        """Raw log-probabilities of the first token after `embeds` (base64 prompt embeddings): the `top` highest
+        and the sampled one, which is one of `allowed`."""
+        body = {
+            "model": self.model_name(),
+            "prompt_embeds": embeds,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": top,
+            "allowed_token_ids": allowed,
+            "return_tokens_as_token_ids": True,
+        }
+        try:
+            r = self.http.post(f"{self.url}/completions", json=body)
+            if r.status_code != 200:
+                raise LlmUnavailable(f"the vLLM server answered {r.status_code}: {_error_text(r)}")
+            lp = r.json()["choices"][0]["logprobs"]
+            got = {int(k.removeprefix("token_id:")): float(v) for k, v in lp["top_logprobs"][0].items()}
+            got[int(lp["tokens"][0].removeprefix("token_id:"))] = float(lp["token_logprobs"][0])
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise LlmUnavailable(f"vLLM request failed: {_why(e)}") from e
+        return got
 
 
 def _why(e: Exception) -> str:

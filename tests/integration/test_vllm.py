@@ -14,12 +14,18 @@ import os
 from typing import Any
 
 import pytest
+import torch
 from conftest import ASSET
 from daemon_harness import Daemon, free_port, tiny_asr_config
 from vllm_server import VllmServer, vllm_python
 from websockets.asyncio.client import connect
 
+from daemon.understanding.vllm_engine import VllmEngine
+from ltu_as import GenerationOptions
 from ltu_as.loading.export import export_llm
+from ltu_as.loading.load import load_model
+from ltu_as.model.generation import yes_probability
+from ltu_as.serving.engine import Request
 from ltu_as.testing import build_tiny_models
 
 pytestmark = pytest.mark.integration
@@ -156,3 +162,37 @@ def test_a_vllm_server_that_is_down_fails_questions_not_the_daemon(served, tmp_p
     finally:
         assert d.stop() == 0, d.log()
     assert "questions get llm_unavailable until it answers" in d.log()
+
+
+def test_vllm_yes_no_probabilities_equal_the_local_engines(served) -> None:
+    """Alert rules' P(yes) through vLLM equals `yes_probability` on the local model's logits for the same prompt
+    (fp32). On the random tiny model the yes and no ids are outside the top 20, so this also covers the requests
+    that ask for one id each."""
+    tiny, server, _ = served
+    server.wait_ready()
+    loaded = load_model(tiny.checkpoint, whisper=tiny.whisper, llm=tiny.llm, device="cpu", dtype="fp32", progress=False)
+    model, processor = loaded.model, loaded.processor
+    mel = processor.mel(torch.randn(16000, generator=torch.Generator().manual_seed(5)).numpy())[None]
+    feats = model.audio_features(mel)
+    audio = model.audio_embeddings(feats)[0]
+    engine = VllmEngine(
+        url=server.url,
+        embed=lambda ids: model.embed_tokens(torch.tensor(list(ids), dtype=torch.long)),
+        eos_token_id=2,
+        hidden_size=model.config.d_llm,
+        vocab_size=int(model.config.llm["vocab_size"]),
+        max_positions=512,
+    )
+    try:
+        questions = ["Is the dog barking?", "Is anyone speaking?", "Is there a smoke alarm?"]
+        rows = [processor.encode(q, "hello there") for q in questions]
+        pairs = [processor.yes_no_ids(q, "hello there") for q in questions]
+        requests = [Request(ids, GenerationOptions(max_new_tokens=1), prefix_embeds=audio) for ids in rows]
+        got = engine.yes_no(requests, [y for y, _ in pairs], [n for _, n in pairs])
+        logits = model.next_token_logits(feats.expand(len(rows), -1, -1, -1), rows)
+        expected = [float(yes_probability(logits[i : i + 1], y, n)[0]) for i, (y, n) in enumerate(pairs)]
+    finally:
+        engine.close()
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert len({round(p, 3) for p in expected}) == len(expected)  # distinct values: a fallback could not pass
+    assert all(abs(p - 0.5) > 1e-3 for p in expected)
