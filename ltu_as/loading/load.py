@@ -191,6 +191,9 @@ def quantize_for_inference(
     inference only (`unmerge_lora` refuses)."""
     n = 0
     if quantization != "none":
+        llm_dtype = compute_dtype(quantization, model.llm_dtype, model.device)
+        if llm_dtype != model.llm_dtype:  # a model loaded unquantized (`ltu-as eval`): as the daemon would load it
+            model.language_model.to(llm_dtype)
         model.merge_lora()
         n = quantize_linears(model.llm, quantization, model.device)
         model.quantization = quantization

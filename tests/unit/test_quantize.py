@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ltu_as import GenerationOptions
-from ltu_as.loading.load import load_model
+from ltu_as.loading.load import load_model, quantize_for_inference
 from ltu_as.loading.quantize import CpuInt8Linear, compare_logits, int4_group, quantize_linears, weight_bytes
 from ltu_as.serving.engine import DecodeEngine, Request
 
@@ -175,3 +175,15 @@ def test_int8_whisper_encoder_features_within_bounds_of_fp32(tiny) -> None:
     assert 0 < max(errors) < 0.03, errors
     with pytest.raises(ValueError, match=r"model\.encoder_quantization"):
         _load(tiny, encoder_quantization="int4")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_a_loaded_model_equals_loading_it_quantized(tiny, mode) -> None:
+    """`ltu-as eval --quantization` quantizes a model loaded unquantized (fp32 on CPU); it must then be the model the
+    daemon serves (`load_model(quantization=...)`), LLM in bf16, so that eval measures what is deployed."""
+    served = _load(tiny, quantization=mode)
+    later = _load(tiny, dtype="fp32")
+    quantize_for_inference(later.model, mode)
+    assert later.model.llm_dtype == served.model.llm_dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(later.model.llm(IDS).logits, served.model.llm(IDS).logits)
