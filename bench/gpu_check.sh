@@ -5,8 +5,9 @@
 #   bash bench/gpu_check.sh              # on the GPU machine, from the repository root
 #   DEVICE=cpu bash bench/gpu_check.sh   # a dry run of the same script here (one real-dims layer, tiny streams)
 #
-# Needs only python with torch (CUDA), transformers and peft: it imports `ltu_as` from this tree (PYTHONPATH), and
-# nothing else of the daemon. Results go to $OUT (or a temporary folder): engine.json, streams.json, table.md.
+# Needs only python with torch (CUDA), transformers and peft, plus torchao for the int8/int4 rows and the encoder
+# row (without it those rows fail and the rest runs): it imports `ltu_as` from this tree (PYTHONPATH), and nothing
+# else of the daemon. Results go to $OUT (or a temporary folder): engine.json, streams.json, table.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -29,6 +30,9 @@ PY
 start=$(date +%s)
 # engine: floor, batch 1 (ours / HF eager / HF static + compile), TTFT on a cached window, rows sweep, N questions
 timeout 270 "$PY" bench/engine.py --device "$DEVICE" --quantization int8,int4 "${ENGINE_ARGS[@]}" --json "$OUT/engine.json" || echo "engine.py failed or timed out ($?)"
+# the Whisper encoder in int8 against bf16: error per layer and features time of one window (needs torchao)
+timeout 90 "$PY" bench/quantization.py --device "$DEVICE" --encoder-only --json "$OUT/encoder.json" \
+  || echo "quantization.py --encoder-only failed or timed out ($?)"
 # streams: the largest N of real-time streams with question TTFT p95 < 100 ms (2 windows per stream per trial)
 timeout 200 "$PY" bench/streams.py --device "$DEVICE" --windows 2 "${STREAMS_ARGS[@]}" --json "$OUT/streams.json" \
   || echo "streams.py failed or timed out ($?)"
@@ -40,7 +44,7 @@ rows = []
 def get(name):
     p = out / name
     return json.loads(p.read_text()) if p.exists() else None
-e, s = get("engine.json"), get("streams.json")
+e, s, enc = get("engine.json"), get("streams.json"), get("encoder.json")
 if e:
     b = e["batch1"]
     rows += [
@@ -60,6 +64,13 @@ if s:
     rows.append(("real-time streams (scene lag < 10 s, TTFT p95 < 100 ms)", str(s["largest_real_time_streams"]),
                  "; ".join(f'{t["streams"]}: lag max {t["scene_lag_max_s"]} s, TTFT p95 {t["ttft_p95_ms"]} ms'
                            for t in s["trials"])))
+if enc:
+    x = enc["encoder"]
+    base = next(iter(x))  # the reference: the audio path's dtype (bf16 on CUDA), written first
+    if "int8" in x:
+        rows.append(("Whisper encoder int8, features of one window", f'{x["int8"]["s_per_window"]} s',
+                     f'{base}: {x[base]["s_per_window"]} s; weights {x["int8"]["weights_GB"]} vs {x[base]["weights_GB"]} GB; '
+                     f'rel. error max {x["int8"]["rel_error_max"]}'))
 table = "| what | result | detail |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
 (out / "table.md").write_text(table + "\n")
 print(table)
