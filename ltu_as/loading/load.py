@@ -18,7 +18,7 @@ from ..model.modeling import CONFIG_NAME, WEIGHTS_NAME, LtuAsForConditionalGener
 from ..model.processor import LtuAsProcessor
 from .checkpoint import load_official_checkpoint, report_mismatch
 from .precision import resolve_device, resolve_dtype
-from .quantize import ENCODER_MODES, compute_dtype, quantize_linears
+from .quantize import ENCODER_MODES, MODES, compute_dtype, quantize_linears
 from .sources import resolve
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,13 @@ def quantize_for_inference(
 ) -> int:
     """Merge LoRA into the LLM, then quantize its linear layers (`ltu_as.loading.quantize`), and the Whisper
     encoder's with `encoder_quantization` ("none" or "int8"); returns how many layers in all. The model is then for
-    inference only (`unmerge_lora` refuses)."""
+    inference only (`unmerge_lora` refuses). An unknown mode raises ValueError before anything changes."""
+    if quantization not in MODES:
+        raise ValueError(f"model.quantization must be one of {', '.join(MODES)}, not {quantization!r}")
+    if encoder_quantization not in ENCODER_MODES:
+        raise ValueError(
+            f"model.encoder_quantization must be one of {', '.join(ENCODER_MODES)}, not {encoder_quantization!r}"
+        )
     n = 0
     if quantization != "none":
         llm_dtype = compute_dtype(quantization, model.llm_dtype, model.device)
@@ -198,10 +204,6 @@ def quantize_for_inference(
         n = quantize_linears(model.llm, quantization, model.device)
         model.quantization = quantization
         log.info("LLM quantized to %s: %d linear layers", quantization, n)
-    if encoder_quantization not in ENCODER_MODES:
-        raise ValueError(
-            f"model.encoder_quantization must be one of {', '.join(ENCODER_MODES)}, not {encoder_quantization!r}"
-        )
     if encoder_quantization != "none":
         e = quantize_linears(model.whisper_encoder, encoder_quantization, model.device)
         model.encoder_quantization = encoder_quantization
