@@ -76,7 +76,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     wheel = next((root / "dist").glob("ltu_daemon-*.whl"))
     venv.create(root / "venv", with_pip=True)
     py = root / "venv" / "bin" / "python"
-    pip = run(py, "-m", "pip", "install", "-q", "-c", REPO / "constraints.txt", wheel, cwd=root, env=env)
+    # --no-compile: byte-compiling every installed module (torch, transformers, ...) is a minute of this test;
+    # Python compiles what the daemon imports when it imports it
+    pip = run(
+        py, "-m", "pip", "install", "-q", "--no-compile", "-c", REPO / "constraints.txt", wheel, cwd=root, env=env
+    )
     assert pip.returncode == 0, pip.stderr[-3000:]
     return root, env
 

@@ -41,7 +41,10 @@ def data(tiny, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def train(tiny, data, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    proc = start(tiny, data, out, *extra)
+    return finish(start(tiny, data, out, *extra))
+
+
+def finish(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
     stdout, stderr = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
@@ -133,11 +136,10 @@ def test_stale_checkpoints_changed_config_and_half_written_checkpoints(tiny, dat
 
 
 def test_bad_data_gets_its_message_and_exit_code(tiny, data, tmp_path: Path) -> None:
-    _, features = data
+    """Each bad input in its own CLI process; the processes run side by side (each is mostly Python start-up)."""
+    path, features = data
     broken = tmp_path / "broken.json"
     broken.write_text('[{"instruction": "q", "output": "a", "audio_id": "a0"},\n {"instruction": "q" "output"}]')
-    bad = train(tiny, (broken, features), tmp_path / "o1")
-    assert bad.returncode == 2 and "not JSON at line 2 column" in bad.stderr and "Traceback" not in bad.stderr
     rows = [
         {"instruction": None, "output": "tone", "audio_id": "a0"},
         {"instruction": "What sound is this?", "output": "", "audio_id": "a1"},
@@ -146,20 +148,6 @@ def test_bad_data_gets_its_message_and_exit_code(tiny, data, tmp_path: Path) -> 
     ]
     mixed = tmp_path / "mixed.json"
     mixed.write_text(json.dumps(rows))
-    ok = train(tiny, (mixed, features), tmp_path / "o2", "--set", "max_steps=1")
-    assert ok.returncode == 0, ok.stderr
-    assert "item 0: instruction is null" in ok.stderr and "item 1: output is empty" in ok.stderr
-    assert "1 record(s) without features" in ok.stderr
-    strict = train(tiny, (mixed, features), tmp_path / "o3", "--strict")
-    assert strict.returncode == 2 and "--strict" in strict.stderr
-    cut = train(
-        tiny, data, tmp_path / "o4", "--set", "max_steps=1", "--set", "cutoff_len=12", "--set", 'loss="response"'
-    )
-    assert cut.returncode == 2 and "whole answer lies beyond cutoff_len = 12" in cut.stderr
-    assert "--set cutoff_len=" in cut.stderr and "no example to train on" in cut.stderr
-    bad_value = train(tiny, data, tmp_path / "o6", "--set", "learning_rate=fast")
-    assert bad_value.returncode == 2 and "learning_rate must be float, got 'fast'" in bad_value.stderr
-    assert "loading" not in bad_value.stderr  # refused before any model loads
     # features made with another Whisper encoder than the model's
     other = tmp_path / "other-feats"
     shutil.copytree(features, other)
@@ -169,14 +157,38 @@ def test_bad_data_gets_its_message_and_exit_code(tiny, data, tmp_path: Path) -> 
         "feature_shape": manifest.get("meta", {}).get("feature_shape"),
     }
     (other / "manifest.json").write_text(json.dumps(manifest))
-    wrong = train(tiny, (data[0], other), tmp_path / "o7")
+    procs = {
+        "bad": start(tiny, (broken, features), tmp_path / "o1"),
+        "ok": start(tiny, (mixed, features), tmp_path / "o2", "--set", "max_steps=1"),
+        "strict": start(tiny, (mixed, features), tmp_path / "o3", "--strict"),
+        "cut": start(
+            tiny, data, tmp_path / "o4", "--set", "max_steps=1", "--set", "cutoff_len=12", "--set", 'loss="response"'
+        ),
+        "bad_value": start(tiny, data, tmp_path / "o6", "--set", "learning_rate=fast"),
+        "wrong": start(tiny, (path, other), tmp_path / "o7"),
+        "no_init": subprocess.Popen(
+            [sys.executable, "-m", "ltu_as", "train", "--stage", "2", "--data", str(path), "--features", str(features),
+             "--out", str(tmp_path / "o5")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        ),
+    }  # fmt: skip
+    r = {name: finish(p) for name, p in procs.items()}
+    bad = r["bad"]
+    assert bad.returncode == 2 and "not JSON at line 2 column" in bad.stderr and "Traceback" not in bad.stderr
+    ok = r["ok"]
+    assert ok.returncode == 0, ok.stderr
+    assert "item 0: instruction is null" in ok.stderr and "item 1: output is empty" in ok.stderr
+    assert "1 record(s) without features" in ok.stderr
+    assert r["strict"].returncode == 2 and "--strict" in r["strict"].stderr
+    cut = r["cut"]
+    assert cut.returncode == 2 and "whole answer lies beyond cutoff_len = 12" in cut.stderr
+    assert "--set cutoff_len=" in cut.stderr and "no example to train on" in cut.stderr
+    bad_value = r["bad_value"]
+    assert bad_value.returncode == 2 and "learning_rate must be float, got 'fast'" in bad_value.stderr
+    assert "loading" not in bad_value.stderr  # refused before any model loads
+    wrong = r["wrong"]
     assert wrong.returncode == 2 and "were made with the Whisper encoder 'openai/whisper-large'" in wrong.stderr
-    path, _ = data
-    no_init = subprocess.run(
-        [sys.executable, "-m", "ltu_as", "train", "--stage", "2", "--data", str(path), "--features", str(features),
-         "--out", str(tmp_path / "o5")],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
-    )  # fmt: skip
+    no_init = r["no_init"]
     assert no_init.returncode == 2 and "--init" in no_init.stderr and "--from-scratch" in no_init.stderr
 
 
