@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -240,29 +241,21 @@ def load_model(
     llm_dtype = compute_dtype(quantization, dtype, dev)
     ckpt = str(checkpoint or DEFAULT_CHECKPOINT_SOURCE)
     local = Path(ckpt).expanduser()
+    sources: dict[str, Any] = dict(
+        whisper=whisper,
+        llm=llm,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        llm_weights=llm_weights,
+        llm_dtype=llm_dtype,
+    )
     if local.is_dir():
         if not (local / CONFIG_NAME).is_file():
             raise ModelNotFoundError(f"{local} is not an ltu_as checkpoint folder (no {CONFIG_NAME})")
-        model = load_pretrained(
-            local,
-            whisper=whisper,
-            llm=llm,
-            device=device,
-            dtype=dtype,
-            progress=progress,
-            llm_weights=llm_weights,
-            llm_dtype=llm_dtype,
-        )
+        model = load_pretrained(local, **sources)
     else:
-        model = load_components(
-            whisper=whisper,
-            llm=llm,
-            device=device,
-            dtype=dtype,
-            progress=progress,
-            llm_weights=llm_weights,
-            llm_dtype=llm_dtype,
-        )
+        model = load_components(**sources)
         path = resolve(ckpt, "LTU-AS checkpoint", progress=progress)
         counts = load_official_checkpoint(model, path)
         log.info("loaded %d tensors (%d parameters) from %s", counts["tensors"], counts["parameters"], path)
