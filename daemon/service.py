@@ -129,7 +129,7 @@ class Service:
 
             store = self.store
             speech = SpeechDesk(
-                self.asr, self.bus.publish, config.vad, lambda s: store.last_indices(s)[1] if store else 0
+                self.asr, self.bus.publish, config.vad, lambda s: store.last_indices(s) if store else (0, 0)
             )
             if config.wyoming.enabled:
                 from .delivery.wyoming_stt import WyomingServer, describe

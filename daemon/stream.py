@@ -4,7 +4,13 @@ windows for the model.
 The pipeline owns the stream clock (`daemon.clock`). Sources put `AudioChunk`, `Gap` and `Status` items (and
 `END`) on its input queue of `audio.source_queue` items. Overflow policy of that queue: file and remote sources
 wait for room (nothing is lost; a remote client's socket is simply read more slowly); the microphone cannot wait,
-so its callback drops the chunk and the loss is reported as a `stream.gap` event.
+so its callback drops the chunk and the loss is reported as a `stream.gap` event. The pipeline yields to the event
+loop after every item, so a backlog of queued audio never starves other clients.
+
+Which decode stands for which utterance, and the order finals leave in, is `speech.utterances` (a pure state
+machine). At `END` (a file source ran out, or the daemon stops) the open utterance is flushed to its final and,
+once every final is in, the stream's last window closes: the 10 s up to the stream's end, so the audio after the
+last full window is described and stored too.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from .delivery.events import (
     WindowEvent,
 )
 from .reply import Reply
-from .speech.asr import AsrJob, AsrResult, AsrWorker
+from .speech.asr import AsrJob, AsrResult, AsrWorker, outcome
+from .speech.utterances import Utterances
 from .understanding.windows import StreamWindows, Window, Windower
 
 log = logging.getLogger(__name__)
@@ -72,7 +79,8 @@ class StreamPipeline:
         margin = ms_to_samples(vad.pre_roll_ms + vad.start_ms + vad.min_speech_ms + vad.frame_ms)
         self.windower = Windower(name, s_to_samples(windows.hop_s), s_to_samples(windows.settle_max_s), margin)
         self.windows = StreamWindows(name, windows.keep, self.ring.read)
-        self._unresolved: dict[int, int] = {}  # utterance index → start, until its final result is back
+        self.open_utterances = Utterances()  # confirmed utterances whose final has not gone out
+        self.ended = False  # END came: no more audio; the last window closes once every final is in
         self.state: StreamState = "starting"
         # (first sample index, wall time) of recent chunks, to put wall-clock times on stream positions
         self._anchors: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
@@ -80,11 +88,6 @@ class StreamPipeline:
         self._partial_text: dict[int, str] = {}
         self._revision: dict[int, int] = {}
         self._on_result: Reply[AsrResult] | None = None
-        # utterance index → its speculative decode (job, result once back); `_awaiting`: ends confirmed for
-        # speculative decodes still running (their final goes out when the result comes back)
-        self._speculative: dict[int, tuple[AsrJob, AsrResult | None]] = {}
-        self._awaiting: dict[int, SpeechEnd] = {}
-        self.speculation = {"started": 0, "used": 0, "wasted": 0}
         self.finals = 0
         self.utterances = 0
         self.last_latency_s: float | None = None
@@ -111,6 +114,8 @@ class StreamPipeline:
             item = await self.queue.get()
             if isinstance(item, End):
                 await self._flush()
+                self.ended = True
+                self._close_windows()  # now, or when the last final comes back
                 return
             if isinstance(item, AudioChunk):
                 await self._audio(item)
@@ -128,6 +133,7 @@ class StreamPipeline:
                     await self._flush()  # a gap or an end cuts the utterance: its final goes out now
                 self.state = item.state
                 self.publish(StatusEvent(stream=self.name, state=item.state, detail=item.detail))
+            await asyncio.sleep(0)  # queue.get() does not yield while items wait: let other clients in
 
     async def _audio(self, chunk: AudioChunk) -> None:
         first = self.ring.write(chunk.samples)
@@ -149,10 +155,14 @@ class StreamPipeline:
         self._close_windows()
 
     def _close_windows(self) -> None:
-        starts = list(self._unresolved.values())
+        starts = self.open_utterances.starts()
         if self.vad.open_start is not None:
             starts.append(self.vad.open_start)
-        for w in self.windower.ready(self.ring.end, min(starts) if starts else None):
+        unresolved = min(starts) if starts else None
+        windows = self.windower.ready(self.ring.end, unresolved, ended=self.ended)
+        if self.ended and unresolved is None and (tail := self.windower.last(self.ring.end)) is not None:
+            windows.append(tail)
+        for w in windows:
             w = dataclasses.replace(w, wall_start=self.wall_at(w.start), wall_end=self.wall_at(w.end))
             self.windows.add(w)
             self.publish(
@@ -174,7 +184,7 @@ class StreamPipeline:
             self._speculate(ev)
             return
         if isinstance(ev, SpeechStart):
-            self._unresolved[ev.index] = ev.start
+            self.open_utterances.started(ev.index, ev.start)
             self.utterances += 1
             self._partial_at = ev.start + self.partial_interval
             self.publish(
@@ -186,35 +196,31 @@ class StreamPipeline:
                 )
             )
             return
-        guess = self._speculative.pop(ev.index, None)
-        if guess is not None and _same_end(guess[0], ev):
-            self.speculation["used"] += 1
-            self.asr.promote(guess[0])
-            if guess[1] is not None:
-                self._final(ev, guess[1])
-            else:
-                self._awaiting[ev.index] = ev
+        ending = self.open_utterances.ended(ev)
+        if ending.withdraw is not None:
+            self.asr.withdraw(ending.withdraw)
+        if ending.promote is not None:
+            self.asr.promote(ending.promote)
+            self._publish_finals()  # its result may be back already
             return
-        if guess is not None:
-            self.speculation["wasted"] += 1
-        job = AsrJob(
-            self.name, ev.index, ev.start, ev.end, self.ring.read(ev.start, ev.end), ev, time.monotonic(), self._reply()
-        )
+        job = self._job(ev.index, ev.start, ev.end, ev)
+        self.open_utterances.decoding(job)
         while not self.asr.offer_final(job):
             await asyncio.sleep(0.02)  # full: wait for room, never drop a final (module docstring of asr)
 
+    def _job(self, index: int, start: int, stop: int, end: SpeechEnd | None, speculative: bool = False) -> AsrJob:
+        """A decode of samples [start, stop) of utterance `index`."""
+        audio = self.ring.read(start, stop)
+        return AsrJob(self.name, index, start, stop, audio, end, time.monotonic(), self._reply(), speculative)
+
     def _speculate(self, ev: SilenceBegins) -> None:
         """Decode the utterance up to the silence ([start, at)) while the hangover decides whether it ended."""
-        old = self._speculative.pop(ev.index, None)
-        if old is not None:  # speech resumed after an earlier silence: that guess is stale
-            self.speculation["wasted"] += 1
-        end = ev.at
-        guess = SpeechEnd(ev.index, ev.start, end, ev.speech_end, "silence")
-        job = AsrJob(self.name, ev.index, ev.start, end, self.ring.read(ev.start, end), guess, time.monotonic(),
-                     self._reply(), speculative=True)  # fmt: skip
-        self._speculative[ev.index] = (job, None)
-        self.speculation["started"] += 1
-        self.asr.offer_speculative(job)
+        guess = SpeechEnd(ev.index, ev.start, ev.at, ev.speech_end, "silence")
+        job = self._job(ev.index, ev.start, ev.at, guess, speculative=True)
+        if self.asr.offer_speculative(job):
+            stale = self.open_utterances.speculating(job)
+            if stale is not None:
+                self.asr.withdraw(stale)
 
     def _reply(self) -> Reply[AsrResult]:
         if self._on_result is None:  # a pipeline driven without run() (tests)
@@ -252,8 +258,10 @@ class StreamPipeline:
         """An ASR result for this stream (on the event loop)."""
         job = r.job
         if job.end is None:
-            if self._partial_text.get(job.index) == r.text:
-                return  # nothing new: never re-send unchanged text
+            if r.failed or not self.open_utterances.wants_partial(job.index):
+                return  # nothing to say, or its end is confirmed (a partial never follows its final)
+            if self._partial_text.get(job.index, "") == r.text:
+                return  # nothing new (an empty one goes out only to take back earlier text)
             self._partial_text[job.index] = r.text
             self._revision[job.index] = self._revision.get(job.index, 0) + 1
             self.publish(
@@ -267,21 +275,21 @@ class StreamPipeline:
                 )
             )
             return
-        if job.speculative:
-            current = self._speculative.get(job.index)
-            if current is not None and current[0] is job:
-                self._speculative[job.index] = (job, r)  # kept until the end is confirmed or speech resumes
-            awaiting = self._awaiting.pop(job.index, None)
-            if awaiting is not None and _same_end(job, awaiting):
-                self._final(awaiting, r)
-            return
-        self._final(job.end, r)
+        self.open_utterances.result(r)
+        self._publish_finals()
+
+    def _publish_finals(self) -> None:
+        """Publish the finals that are ready, in utterance order; then close the windows that waited for them."""
+        ready = self.open_utterances.ready()
+        for ev, r in ready:
+            self._final(ev, r)
+        if ready:
+            self._close_windows()
 
     def _final(self, ev: SpeechEnd, r: AsrResult) -> None:
         """Publish utterance `ev`'s final with `r`'s text (decoded after its end, or speculatively before)."""
         self._partial_text.pop(ev.index, None)
         self._revision.pop(ev.index, None)
-        self._unresolved.pop(ev.index, None)
         uid = self.utterance_id(ev.index)
         self.windower.add_final(ev.start, ev.end, r.text)
         wall_end = self.wall_at(ev.speech_end)
@@ -296,6 +304,7 @@ class StreamPipeline:
                 end=samples_to_s(ev.end),
                 speech_end=samples_to_s(ev.speech_end),
                 text=r.text,
+                outcome=outcome(r),
                 reason=ev.reason,
                 wall_start=self.wall_at(ev.start),
                 wall_end=wall_end,
@@ -304,7 +313,6 @@ class StreamPipeline:
                 queue_ms=round(r.wait_s * 1000, 1),
             )
         )
-        self._close_windows()  # a window may have waited for this final
 
     def health(self) -> dict[str, object]:
         return {
@@ -313,14 +321,8 @@ class StreamPipeline:
             "seconds": samples_to_s(self.ring.end),
             "utterances": self.utterances,
             "finals": self.finals,
-            "speculative": dict(self.speculation),
+            "speculative": dataclasses.asdict(self.open_utterances.speculation),
             "queue": self.queue.qsize(),
             "last_final_latency_s": self.last_latency_s,
             "windows": self.windower.index,
         }
-
-
-def _same_end(guess: AsrJob, end: SpeechEnd) -> bool:
-    """A speculative decode stands for the confirmed end when nothing was voiced after the silence it saw
-    began (same last voiced frame) and it decoded no audio past the utterance's end."""
-    return guess.end is not None and guess.end.speech_end == end.speech_end and guess.stop <= end.end

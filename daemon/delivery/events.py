@@ -59,7 +59,12 @@ class FinalEvent(_StreamEvent):
     start: float
     end: float = Field(description="end of the utterance including the hangover, stream clock s")
     speech_end: float = Field(description="end of the last voiced frame, stream clock s")
-    text: str = Field(description="may be empty when the hallucination defences dropped everything")
+    text: str = Field(description="empty unless outcome is speech")
+    outcome: Literal["speech", "no_speech", "failed"] = Field(
+        description="speech: text was heard; no_speech: the VAD heard a voice but the ASR's hallucination "
+        "defences kept nothing (a cough, a door, music); failed: the decode failed, or the daemon stopped before it "
+        "ran. Every speech.start gets exactly one final, whatever its outcome"
+    )
     reason: Literal["silence", "max_length", "flush"]
     wall_start: float | None
     wall_end: float | None = Field(description="Unix time the last voiced sample was captured")
@@ -88,7 +93,10 @@ class WindowEvent(_StreamEvent):
     type: Literal["window"] = "window"
     id: str = Field(description="`<stream>:w<n>`, n = 1, 2, …")
     start: float
-    end: float = Field(description="start + 10 s")
+    end: float = Field(
+        description="start + 10 s (less only for a stream that ended within its first 10 s); on a speech "
+        "endpoint's stream (Wyoming, HTTP API) a window is one transcribed clip, or one utterance of a long clip"
+    )
     wall_start: float | None
     wall_end: float | None
     transcript: str = Field(description="texts of the finals that overlap the window: the LTU-AS input")

@@ -3,6 +3,8 @@ with the final-transcript text that overlaps it (the LTU-AS "input").
 
 A window closes once the audio has passed its end and every utterance that may overlap it has its final, so its
 transcript is complete; an utterance still open `windows.settle_max_s` after the window's end no longer holds it.
+When the stream ends, its last window is the 10 s up to the end (overlapping the one before), so no audio is left
+out of every window.
 `Windower` is pure: positions are sample indices on the stream clock (`daemon.clock`). `StreamWindows` keeps a
 stream's recent windows for questions (bounded by `windows.keep`).
 """
@@ -57,6 +59,9 @@ class Window:
         )
 
 
+MIN_LAST_WINDOW = s_to_samples(0.5)  # a stream that ended with less audio than this gets no window
+
+
 class Windower:
     def __init__(self, stream: str, hop: int, settle_max: int, margin: int, length: int = WINDOW_SAMPLES) -> None:
         """`hop`, `settle_max` (samples): see the module docstring. `margin` (samples): how far past a window's end
@@ -73,13 +78,15 @@ class Windower:
         """Texts of the finals overlapping [start, end), in order."""
         return " ".join(t for s, e, t in sorted(self._finals) if s < end and e > start and t)
 
-    def ready(self, audio_end: int, unresolved_start: int | None) -> list[Window]:
+    def ready(self, audio_end: int, unresolved_start: int | None, ended: bool = False) -> list[Window]:
         """Windows that can close now. `audio_end`: samples heard; `unresolved_start`: start of the earliest
-        utterance that has no final yet (open in the VAD or waiting for the ASR), or None."""
+        utterance that has no final yet (open in the VAD or waiting for the ASR), or None; `ended`: the stream
+        has ended (no utterance can be confirmed later, so no margin is kept)."""
         out = []
+        margin = 0 if ended else self.margin
         while True:
             start, end = self.next_start, self.next_start + self.length
-            if audio_end < end + self.margin:
+            if audio_end < end + margin:
                 break
             waiting = unresolved_start is not None and unresolved_start < end
             if waiting and audio_end < end + self.settle_max:
@@ -87,9 +94,19 @@ class Windower:
             self.index += 1
             out.append(Window(self.stream, self.index, start, end, self.transcript(start, end)))
             self.next_start += self.hop
-        while self._finals and self._finals[0][1] <= self.next_start:
-            self._finals.popleft()  # no later window can overlap it
+        while self._finals and self._finals[0][1] <= self.next_start - self.length:
+            self._finals.popleft()  # no later window (nor the last one, see `last`) can overlap it
         return out
+
+    def last(self, audio_end: int) -> Window | None:
+        """The stream ended at `audio_end` (every final in): its last window, the 10 s up to the end (from 0 for
+        a stream shorter than that), if audio after the last window's start was never in a window; else None."""
+        if audio_end <= self.next_start or audio_end < MIN_LAST_WINDOW:
+            return None
+        start = max(0, audio_end - self.length)
+        self.index += 1
+        self.next_start = audio_end
+        return Window(self.stream, self.index, start, audio_end, self.transcript(start, audio_end))
 
 
 class StreamWindows:

@@ -30,6 +30,7 @@ def final(text: str, wall: float, stream: str = "kitchen") -> FinalEvent:
         end=wall - T0 + 1,
         speech_end=wall - T0 + 1,
         text=text,
+        outcome="speech" if text else "no_speech",
         reason="silence",
         wall_start=wall,
         wall_end=wall + 1,

@@ -87,6 +87,7 @@ def final(stream: str, text: str = "") -> FinalEvent:
         end=1.0,
         speech_end=0.5,
         text=text,
+        outcome="speech" if text else "no_speech",
         reason="silence",
         wall_start=None,
         wall_end=None,
