@@ -22,7 +22,8 @@ def format_event(e: dict[str, Any]) -> str:
     t = e.get("type")
     where = f"[{e.get('stream', '-')}]"
     if t == "transcript.final":
-        return f"{where} FINAL   {e['id']} {e['start']:8.2f}-{e['end']:8.2f}s  {e['text']!r}"
+        said = {"no_speech": "(no speech)", "failed": "(not transcribed: the decode failed)"}.get(e.get("outcome", ""))
+        return f"{where} FINAL   {e['id']} {e['start']:8.2f}-{e['end']:8.2f}s  {said or repr(e['text'])}"
     if t == "transcript.partial":
         return f"{where} partial {e['id']} {e['start']:8.2f}-{e['end']:8.2f}s  {e['text']!r}"
     if t == "speech.start":

@@ -75,6 +75,20 @@ def _setup_logging(level: str, verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: a service manager's default (often 1024) is less than
+    the daemon's own connection caps add up to, and running out of descriptors would fail every listener."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as e:
+            log.warning("open files limit stays %d: %s", soft, e)
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from ltu_as.serving.transcribe import bundled_tiny_en
 
@@ -89,6 +103,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     config = prepare_demo(config)
     if not config.streams:
         log.warning("no streams configured: only remote satellites can feed this daemon ([[streams]] in the config)")
+    _raise_open_files_limit()
 
     async def main() -> None:
         stop = asyncio.Event()

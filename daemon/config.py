@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from .delivery.wire import AlertRule
+from .rules import AlertRule
 
 ENV_PREFIX = "LTU_DAEMON__"
 PROFILES = Path(__file__).resolve().parent / "profiles"  # default.toml and demo.toml, shipped in the package
@@ -79,6 +79,11 @@ class ServerConfig(_Section):
     messages_burst: int = Field(200, ge=1)
     questions_per_s: float = Field(5.0, gt=0)
     questions_burst: int = Field(30, ge=1)
+    allowed_hosts: list[str] = []
+    max_connections: int = Field(256, ge=2)
+    open_timeout_s: float = Field(10.0, gt=0)
+    max_audio_ahead_s: float = Field(30.0, gt=0, le=3600)
+    audio_frames_per_s: float = Field(100.0, gt=0)
 
     @property
     def is_loopback(self) -> bool:
@@ -265,6 +270,7 @@ class DigestConfig(_Section):
 class AlertsConfig(_Section):
     rules: list[AlertRule] = []
     tick_s: float = Field(1.0, gt=0, le=60)
+    max_runtime_rules: int = Field(32, ge=0, le=1000)  # rules clients may add with alert.add (kept in the store)
 
 
 class MqttConfig(_Section):
@@ -322,6 +328,7 @@ class _Endpoint(_Section):
     host: str = "127.0.0.1"
     stream: StreamName
     max_audio_s: float = Field(gt=0)
+    max_connections: int = Field(16, ge=1, le=4096)
 
     @property
     def is_loopback(self) -> bool:
@@ -332,6 +339,8 @@ class WyomingConfig(_Endpoint):
     port: int = Field(10300, ge=0, le=65535)
     stream: StreamName = "wyoming"
     max_audio_s: float = Field(60.0, gt=0)
+    idle_timeout_s: float = Field(30.0, gt=0)
+    max_event_bytes: int = Field(1 << 20, ge=1024, le=64 << 20)
 
 
 class ApiConfig(_Endpoint):
@@ -339,6 +348,9 @@ class ApiConfig(_Endpoint):
     stream: StreamName = "api"
     max_audio_s: float = Field(3600.0, gt=0)
     max_upload_mb: float = Field(25.0, gt=0)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(120.0, gt=0)
+    max_decodes: int = Field(2, ge=1, le=64)
 
 
 class DemoConfig(_Section):
@@ -414,6 +426,11 @@ class DaemonConfig(_Section):
         dup_rules = sorted({n for n in rules if rules.count(n) > 1})
         if dup_rules:
             raise ValueError(f"alerts.rules: duplicate names {dup_rules}")
+        if self.server.max_connections <= self.server.max_clients:
+            raise ValueError(
+                "server.max_connections (every TCP connection, handshakes and HTTP requests included) must be more "
+                "than server.max_clients"
+            )
         if not self.server.is_loopback and self.server.resolved_token() is None:
             raise ValueError(
                 f"server.host {self.server.host!r} is not loopback: set server.token or server.token_file "

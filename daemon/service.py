@@ -24,11 +24,11 @@ from .config import DaemonConfig, FileStream, MicStream
 from .delivery.bus import EventBus
 from .delivery.events import AlertEvent, AnswerDone, DigestEvent, HistoryHit, SceneEvent
 from .delivery.server import Identity, WebsocketServer
-from .delivery.wire import AlertRule
 from .memory.alerts import AlertEngine
 from .memory.desk import MemoryDesk
 from .memory.store import AnswerRecord, Clip, Store
 from .reply import Reply
+from .rules import AlertRule
 from .speech.asr import AsrWorker
 from .stream import StreamPipeline
 from .understanding.scheduler import Busy, CheckJob, CheckResult, SceneJob
@@ -71,7 +71,7 @@ class Service:
             elif isinstance(s, MicStream):
                 self.sources[s.name] = MicSource(s)
             else:
-                self.sources[s.name] = remotes[s.name] = RemoteSource(s.name)
+                self.sources[s.name] = remotes[s.name] = RemoteSource(s.name, config.server.max_audio_ahead_s)
 
         # memory: the store (numbering continues after the last stored window and utterance) and the alert rules
         self.store: Store | None = None
@@ -90,6 +90,7 @@ class Service:
             self.bus.publish,
             clip=self._clip,
             counts=self.store.alert_counts() if self.store else None,  # alert ids continue after a restart
+            max_runtime=config.alerts.max_runtime_rules,
         )
         if self.store is not None:
             self.bus.tap(self.store.record)
@@ -141,7 +142,9 @@ class Service:
 
                 token = config.server.resolved_token()
                 self.endpoints.append(
-                    TranscriptionApi(config.api, token, speech, config.asr.model, config.asr.language)
+                    TranscriptionApi(
+                        config.api, token, speech, config.asr.model, config.asr.language, config.server.allowed_hosts
+                    )
                 )
         self.started = time.time()
         self.ready = False

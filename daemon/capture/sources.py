@@ -20,7 +20,7 @@ import numpy as np
 
 from ..clock import SAMPLE_RATE, ms_to_samples
 from ..config import FileStream, MicStream
-from .audio import END, AudioChunk, Gap, Resampler, SourceItem, Status, decode_pcm
+from .audio import END, PCM_FORMATS, AudioChunk, AudioFormatError, Gap, Resampler, SourceItem, Status, decode_pcm
 
 log = logging.getLogger(__name__)
 
@@ -222,20 +222,34 @@ class NotReady(Exception):
 
 class RemoteSource:
     """A stream fed by one satellite connection at a time (claimed with `audio.start`, released at `audio.stop`
-    or disconnect)."""
+    or disconnect).
 
-    def __init__(self, name: str) -> None:
+    Bounded whatever the satellite sends: its audio may run at most `max_ahead_s` seconds ahead of real time since
+    it claimed the stream (a reconnecting satellite may catch up that much at once); beyond that `push` says how
+    long the connection should wait before its next frame, so it is read at real time and the satellite's own
+    buffers fill. A frame holding more than `max_ahead_s` of audio is refused before it is decoded. Each frame is
+    queued in pieces of at most `PIECE_S`, so the stream's queue (`audio.source_queue` items) holds a bounded number
+    of seconds and the pipeline yields between pieces. Once stopped, it takes no more audio."""
+
+    PIECE_S = 0.5
+
+    def __init__(self, name: str, max_ahead_s: float = 30.0) -> None:
         self.name = name
+        self.max_ahead_s = max_ahead_s
         self.owner: object | None = None
         self._queue: asyncio.Queue[SourceItem] | None = None
         self._resampler: Resampler | None = None
         self._fmt = "s16le"
         self._channels = 1
+        self._claimed = 0.0  # time.monotonic() of the claim
+        self._received = 0  # samples (16 kHz) received since the claim
+        self._stopped = False
 
     def start(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[SourceItem]) -> None:
         self._queue = queue
 
     def stop(self) -> None:
+        self._stopped = True
         if self._queue is not None:  # called on the loop; waits for room like every other put
             asyncio.get_running_loop().create_task(self._queue.put(END))
 
@@ -251,15 +265,31 @@ class RemoteSource:
             raise PermissionError(f"stream {self.name!r} is already fed by another connection")
         self.owner, self._fmt, self._channels = owner, fmt, channels
         self._resampler = Resampler(rate, channels)
+        self._claimed, self._received = time.monotonic(), 0
         await self._queue.put(Status("open", f"remote {rate} Hz {channels} ch {fmt}"))
 
-    async def push(self, owner: object, data: bytes) -> None:
-        """Decode and queue one binary frame (waits for room). Raises `AudioFormatError` and queues nothing when
-        `data` is not whole frames of the announced format."""
+    async def push(self, owner: object, data: bytes) -> float:
+        """Decode and queue one binary frame (waits for room). Returns how long (s) the feeding connection should
+        wait before its next frame: how far its audio is over `max_ahead_s` ahead of real time. Raises
+        `AudioFormatError` and queues nothing when `data` is not whole frames of the announced format."""
         if owner is not self.owner or self._resampler is None or self._queue is None:
             raise PermissionError("send audio.start before binary audio frames")
+        if self._stopped:
+            return 0.0  # the daemon is stopping: the stream's pipeline has ended
+        seconds = len(data) / (PCM_FORMATS[self._fmt].itemsize * self._channels * self._resampler.rate)
+        if seconds > self.max_ahead_s:  # known before decoding: such a frame could never be paced
+            raise AudioFormatError(
+                f"a frame of {seconds:.1f} s of audio is over server.max_audio_ahead_s = {self.max_ahead_s:g} s: "
+                "send shorter frames (20-100 ms is usual)"
+            )
         x = self._resampler(decode_pcm(data, self._fmt, self._channels))
-        await self._queue.put(AudioChunk(x, time.time() - len(x) / SAMPLE_RATE))
+        wall = time.time() - len(x) / SAMPLE_RATE
+        piece = int(self.PIECE_S * SAMPLE_RATE)
+        for i in range(0, len(x), piece):
+            await self._queue.put(AudioChunk(x[i : i + piece], wall + i / SAMPLE_RATE))
+        self._received += len(x)
+        ahead = self._received / SAMPLE_RATE - (time.monotonic() - self._claimed)
+        return max(0.0, ahead - self.max_ahead_s)
 
     async def release(self, owner: object) -> None:
         if owner is self.owner and self._queue is not None:

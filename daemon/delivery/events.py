@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .wire import AlertRule, ErrorCode, MessageId, Subscription, type_names
+from ..rules import AlertRule
+from .wire import ErrorCode, MessageId, Subscription, type_names
 
 
 class _Out(BaseModel):

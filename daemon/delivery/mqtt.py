@@ -8,7 +8,9 @@ Topics (`mqtt.prefix`, default `ltu`):
     <prefix>/<stream>/level               RMS / peak dBFS, at most every `mqtt.level_every_s` (retained)
     <prefix>/<stream>/digest              each digest (JSON)
     <prefix>/alerts/<rule>                each alert and its clearing (JSON)
-    <prefix>/alerts/<rule>/state          ON while the rule has an active alert on any stream, else OFF (retained)
+    <prefix>/alerts/<rule>/state          ON while the rule has an active alert on any stream, else OFF (retained;
+                                          republished for every rule on each connect, so a state a crash left
+                                          ON is corrected at start; cleared when the rule is removed)
 
 Home Assistant discovery (`<discovery_prefix>/<component>/<node>/<object>/config`, retained): a device per
 stream with a sensor for the last scene, a sensor for the level and an event entity for transcripts; a device
@@ -67,6 +69,8 @@ class MqttBridge:
         self._lock = threading.Lock()
         self._pending: collections.deque[tuple[str, str, bool, int]] = collections.deque()
         self._connected = False
+        self._stopping = False
+        self._rule_names = {info.rule.name for info in rules()}
         self._announced_rules: set[str] = set()
         self._active: dict[str, set[str]] = {}  # rule → streams with an active alert
         self._level_at: dict[str, float] = {}
@@ -87,6 +91,7 @@ class MqttBridge:
 
     def stop(self, timeout: float = 3.0) -> None:
         """Say `offline` (retained) if connected, then disconnect."""
+        self._stopping = True
         if self._connected:
             info = self._client.publish(self.availability, "offline", qos=1, retain=True)
             info.wait_for_publish(timeout)
@@ -105,6 +110,9 @@ class MqttBridge:
         log.info("MQTT: connected to %s:%d", self.host, self.port)
         client.subscribe(f"{self.config.discovery_prefix}/status", qos=1)
         client.publish(self.availability, "online", qos=1, retain=True)
+        for info in self.rules():  # what a crash left retained (an alert ON that never cleared) is corrected now
+            state = "ON" if info.active else "OFF"
+            client.publish(f"{self.config.prefix}/alerts/{info.rule.name}/state", state, qos=1, retain=True)
         if self.config.discovery:
             self._announce()
         with self._lock:
@@ -120,7 +128,10 @@ class MqttBridge:
     ) -> None:
         with self._lock:
             self._connected = False
-        log.warning("MQTT: disconnected from %s:%d (%s); reconnecting with backoff", self.host, self.port, reason)
+        if self._stopping:
+            log.info("MQTT: disconnected from %s:%d", self.host, self.port)
+        else:
+            log.warning("MQTT: disconnected from %s:%d (%s); reconnecting with backoff", self.host, self.port, reason)
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
         if msg.topic == f"{self.config.discovery_prefix}/status" and msg.payload == b"online":
@@ -185,7 +196,15 @@ class MqttBridge:
                 self.publish(f"{p}/alerts/{event.rule}/state", "OFF", retain=True)
 
     def rules_changed(self) -> None:
-        """Alert rules were added or removed: announce the new ones, remove the entities of the gone ones."""
+        """Alert rules were added or removed: announce the new ones, remove the entities and the retained states
+        of the gone ones."""
+        names = {info.rule.name for info in self.rules()}
+        for gone in sorted(self._rule_names - names):
+            self._active.pop(gone, None)
+            self.publish(f"{self.config.prefix}/alerts/{gone}/state", "", retain=True)  # empty: no retained state
+        for new in sorted(names - self._rule_names):  # a state from the start, not "unknown" until it first fires
+            self.publish(f"{self.config.prefix}/alerts/{new}/state", "OFF", retain=True)
+        self._rule_names = names
         if self.config.discovery and self._connected:
             self._announce()
 

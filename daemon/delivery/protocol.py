@@ -14,22 +14,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
+from ..names import Glob, RuleName
+from ..rules import AlertRule
 from .events import ErrorEvent, ServerMessage
 from .wire import (
     MAX_ID,
     MAX_JSON_DEPTH,
     MAX_QUESTION_CHARS,
     PROTOCOL_VERSION,
-    AlertRule,
     CloseCode,
     ErrorCode,
-    Glob,
     MessageId,
-    RuleName,
     StreamName,
     Subscription,
     UnixTime,
@@ -194,6 +194,27 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in a parsed JSON value that holds a lone UTF-16 surrogate (`"\\ud83d"`
+    escaped alone in the JSON text), or None. Such a string is not Unicode: it cannot be echoed, stored or
+    encoded again, so the message is refused before anything uses it."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                return v
+        elif isinstance(v, dict):
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+    return None
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -217,7 +238,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _echo(raw: dict[str, Any]) -> MessageId | None:
     """The `id` to echo as `re`, if the message has a usable one (a bool is not an integer here)."""
     v = raw.get("id")
-    if isinstance(v, str) and len(v) <= 128:
+    if isinstance(v, str) and len(v) <= 128 and not _SURROGATE.search(v):
         return v
     if isinstance(v, int) and not isinstance(v, bool) and -MAX_ID <= v <= MAX_ID:
         return v
@@ -240,6 +261,11 @@ def parse_client_message(text: str) -> ClientMessage:
     re_ = _echo(raw)
     if json_depth(raw) > MAX_JSON_DEPTH:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"nested deeper than {MAX_JSON_DEPTH} levels", re_)
+    if (bad := lone_surrogate(raw)) is not None:
+        shown = bad.encode("utf-8", "backslashreplace").decode("ascii", "replace")[:40]
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"text {shown!r} holds a lone UTF-16 surrogate: not valid Unicode", re_
+        )
     if "type" not in raw:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"a message needs a type: one of {', '.join(CLIENT_TYPES)}", re_)
     if raw["type"] not in CLIENT_TYPES:

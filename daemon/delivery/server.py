@@ -1,10 +1,14 @@
 """The websocket server (protocol v1, `docs/protocol.md`): one handler per connection with a reader and a writer
-task, a bounded subscriber queue per client, `/healthz`, token auth, Origin checks, size, depth and rate limits.
+task, a bounded subscriber queue per client, `/healthz`, token auth, Origin and Host checks, size, depth and rate
+limits.
 
 A client is never allowed to slow anyone else down: events reach it only through its own queue (overflow policy in
 `bus`), and a send that cannot complete within `server.send_timeout_s` (the client stopped reading) aborts its
-connection. The server receives narrow collaborators, never the service: the bus, the remote streams, the
-question desk (None without a model), a `welcome` builder and a `health` reporter.
+connection. Every TCP connection counts against `server.max_connections` from the moment it is accepted (one over
+is aborted at once), must finish its HTTP request within `server.open_timeout_s`, and holds no state on any
+rejection path. A satellite's audio is paced to real time (`server.max_audio_ahead_s`, `server.audio_frames_per_s`):
+its socket is read more slowly, nothing is dropped. The server receives narrow collaborators, never the service:
+the bus, the remote streams, the question desk (None without a model), a `welcome` builder and a `health` reporter.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Protocol
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from .. import __version__
 from ..capture.audio import AudioFormatError
@@ -48,6 +53,7 @@ from .events import (
     Subscribed,
     Welcome,
 )
+from .hosts import host_allowed, refusal
 from .protocol import (
     AlertAdd,
     AlertList,
@@ -79,6 +85,8 @@ WEB_FILES = {
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+    "/favicon.ico": ("favicon.svg", "image/svg+xml"),  # what a browser asks for when a page names no icon
 }
 WEB_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -139,6 +147,36 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
+class EveryFew:
+    """Logs the first of a kind of event, then at most once per `seconds` with how many happened meanwhile (a
+    flood of refused connections must not flood the log)."""
+
+    def __init__(self, seconds: float = 10.0) -> None:
+        self.seconds = seconds
+        self._last: dict[str, float] = {}
+        self._count: collections.Counter[str] = collections.Counter()
+
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        self._count[kind] += 1
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.seconds) >= self.seconds:
+            n, self._count[kind], self._last[kind] = self._count[kind], 0, now
+            log.warning(message + (f" ({n} like this in the last {self.seconds:g} s)" if n > 1 else ""), *args)
+
+
+def _capped(limit: int, refused: Callable[[], None]) -> type[ServerConnection]:
+    """A connection class that aborts itself at accept when `limit` connections (handshakes included) are open."""
+
+    class Capped(ServerConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            if len(self.server.handler_tasks) > limit:
+                refused()
+                self.transport.abort()  # before reading a byte: its handshake fails at once and its task ends
+
+    return Capped
+
+
 class Client:
     """One connection after its hello: its queue, its limits and what it owns."""
 
@@ -146,6 +184,8 @@ class Client:
         self.conn, self.sub, self.name = conn, sub, name
         self.messages = TokenBucket(config.messages_per_s, config.messages_burst)
         self.questions = TokenBucket(config.questions_per_s, config.questions_burst)
+        self.frames = TokenBucket(config.audio_frames_per_s, max(1, int(config.audio_frames_per_s)))
+        self.closed = asyncio.ensure_future(conn.wait_closed())  # ends a satellite's pacing wait at once
         self.refusals: collections.deque[float] = collections.deque()  # when messages were refused (monotonic)
 
     def __repr__(self) -> str:
@@ -174,10 +214,10 @@ class WebsocketServer:
         self.streams, self.identity, self.health = streams, identity, health
         self.token = config.resolved_token()
         self._server: Server | None = None
-        self.connections: set[ServerConnection] = set()  # counted from accept: what max_clients bounds
+        self.connections: set[ServerConnection] = set()  # websocket connections: what max_clients bounds
         self.clients = 0  # connections past their hello
-        self._authed: set[ServerConnection] = set()
         self.rejected: collections.Counter[str] = collections.Counter()
+        self._log = EveryFew()
 
     @property
     def port(self) -> int:
@@ -199,8 +239,18 @@ class WebsocketServer:
             max_size=c.max_message_bytes,
             ping_interval=c.ping_interval_s,
             ping_timeout=c.ping_timeout_s,
+            open_timeout=c.open_timeout_s,
             close_timeout=2,
             server_header=f"ltu-daemon/{__version__}",
+            create_connection=_capped(c.max_connections, self._refused_at_accept),
+        )
+
+    def _refused_at_accept(self) -> None:
+        self.rejected["connections"] += 1
+        self._log.warn(
+            "connections",
+            "refused a connection at accept: server.max_connections = %d are open",
+            self.config.max_connections,
         )
 
     async def close(self) -> None:
@@ -219,13 +269,31 @@ class WebsocketServer:
 
     # --- HTTP side ---
 
+    def _authorized(self, request: Request) -> bool | None:
+        """Whether the request's `Authorization: Bearer` header holds the token (None: no header sent)."""
+        auth = request.headers.get("Authorization")
+        if auth is None or self.token is None:
+            return None
+        scheme, _, given = auth.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path == "/healthz":
+        host = request.headers.get("Host")
+        if not host_allowed(host, self.config.allowed_hosts):
+            self.rejected["host"] += 1
+            self._log.warn("host", "refused a request for Host %r (server.allowed_hosts)", (host or "")[:80])
+            return conn.respond(http.HTTPStatus.FORBIDDEN, refusal(host))
+        authorized = self._authorized(request)
+        if path == "/healthz":  # with a token, what is public is only whether the daemon lives and is ready
             health = self.health()
             status = http.HTTPStatus.OK if health["ready"] else http.HTTPStatus.SERVICE_UNAVAILABLE
-            return _json_response(conn, status, health)
+            public = self.token is None or authorized
+            return _json_response(conn, status, health if public else {k: health[k] for k in ("live", "ready")})
         if path in self.routes:
+            if self.token is not None and not authorized:
+                self.rejected["unauthorized"] += 1
+                return conn.respond(http.HTTPStatus.UNAUTHORIZED, "send 'Authorization: Bearer <server.token>'\n")
             return _body(conn, *self.routes[path]())
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         if path in self.web and not upgrade:  # a browser asking for the page (the websocket is also at /)
@@ -236,14 +304,10 @@ class WebsocketServer:
         if path != "/":
             known = ", ".join(["/healthz", *self.routes, *(p for p in self.web if p != "/")])
             return conn.respond(http.HTTPStatus.NOT_FOUND, f"websocket endpoint is /; also {known}\n")
-        auth = request.headers.get("Authorization")
-        if self.token is not None and auth is not None:
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                self.rejected["unauthorized"] += 1
-                log.warning("rejected a connection from %s: bad token", _peer(conn))
-                return conn.respond(http.HTTPStatus.UNAUTHORIZED, "bad token\n")
-            self._authed.add(conn)
+        if authorized is False:
+            self.rejected["unauthorized"] += 1
+            self._log.warn("unauthorized", "rejected a connection from %s: bad token", _peer(conn))
+            return conn.respond(http.HTTPStatus.UNAUTHORIZED, "bad token\n")
         return None
 
     # --- websocket side ---
@@ -252,7 +316,7 @@ class WebsocketServer:
         # Counted before the first await: connections that open together cannot all squeeze under the limit.
         if len(self.connections) >= self.config.max_clients:
             self.rejected["full"] += 1
-            log.warning("refused %s: server full (%d clients)", _peer(conn), self.config.max_clients)
+            self._log.warn("full", "refused %s: server full (%d clients)", _peer(conn), self.config.max_clients)
             await conn.close(CloseCode.FULL, f"server full ({self.config.max_clients} clients)")
             return
         self.connections.add(conn)
@@ -284,8 +348,8 @@ class WebsocketServer:
             pass
         finally:
             self.connections.discard(conn)
-            self._authed.discard(conn)
             if client is not None:
+                client.closed.cancel()
                 self.clients -= 1
                 self.bus.unsubscribe(client.sub)
                 if self.desk is not None:
@@ -325,7 +389,7 @@ class WebsocketServer:
             return None
         if (
             self.token is not None
-            and conn not in self._authed
+            and not (conn.request is not None and self._authorized(conn.request))  # the upgrade's header
             and not hmac.compare_digest((msg.token or "").encode(), self.token.encode())
         ):
             self.rejected["unauthorized"] += 1
@@ -480,6 +544,13 @@ class WebsocketServer:
         return Pong(re=msg.id)
 
     async def _audio(self, client: Client, data: bytes) -> None:
+        """One binary frame: paced first (frames per second), then decoded and queued, then held while the audio
+        runs ahead of real time (`RemoteSource.push`). Pacing only reads this client's socket more slowly, and
+        ends when the connection closes (frames already received then are not decoded: nobody is left to tell)."""
+        if client.conn.state is not State.OPEN:
+            return
+        while wait := client.frames.take():
+            await asyncio.sleep(wait)
         remote = self.remotes.fed_by(client)
         if remote is None:
             client.sub.send(
@@ -487,9 +558,12 @@ class WebsocketServer:
             )
             return
         try:
-            await remote.push(client, data)
+            hold = await remote.push(client, data)
         except AudioFormatError as e:
             client.sub.send(ErrorEvent(code=ErrorCode.BAD_AUDIO, message=f"frame ignored: {e}"))
+            return
+        if hold > 0:
+            await asyncio.wait({client.closed}, timeout=hold)
 
 
 def _peer(conn: ServerConnection) -> str:

@@ -7,8 +7,16 @@ is set), `response_format` = json (default) | text | verbose_json. `prompt` and 
 ignored (decoding is greedy/beam, without conditioning, like every transcript of the daemon).
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 401 bad or missing token (when
-`server.token` is set), 413 upload over `api.max_upload_mb` or audio over `api.max_audio_s`, 400 no `file`, not an
-audio file, or an unsupported `response_format`, 503 the ASR queue stayed full (with Retry-After).
+`server.token` is set), 403 a `Host` that is not allowed (`daemon.delivery.hosts`), 404/405 another path or method,
+408 a body not received within `api.body_timeout_s`, 413 upload over `api.max_upload_mb` or audio over
+`api.max_audio_s`, 400 no `file`, not an audio file, or an unsupported `response_format`, 503 the ASR queue stayed
+full, or `api.max_connections` are open (with Retry-After).
+
+Bounded before work, whatever a client sends: a connection over `api.max_connections` gets a 503 at accept and is
+closed; one that has not sent its request's headers within `api.header_timeout_s` (also the idle keep-alive time)
+is closed; the body must arrive within `api.body_timeout_s` and within `api.max_upload_mb`; the audio's length is
+read from the container before decoding (and decoding stops at `api.max_audio_s` when the container does not say),
+at most `api.max_decodes` at a time, in worker threads.
 """
 
 from __future__ import annotations
@@ -17,14 +25,18 @@ import asyncio
 import hmac
 import io
 import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.web_protocol import RequestHandler
 
-from ltu_as.model.audio import load_audio
+from ltu_as.model.audio import AudioTooLong, load_audio
 
 from ..clock import SAMPLE_RATE
 from ..config import ApiConfig
+from .hosts import host_allowed, refusal
 from .transcriber import AsrBusy, Transcriber
 
 log = logging.getLogger(__name__)
@@ -45,23 +57,57 @@ class ApiError(Exception):
         return web.json_response(body, status=self.status, headers=headers)
 
 
+FULL = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _CappedServer(web.Server):
+    """aiohttp's low-level server, counting connections from accept: one over `limit` gets a 503 and is closed
+    before a byte of its request is read."""
+
+    def __init__(
+        self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], limit: int, **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.limit, self.refused = limit, 0
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self.connections) > self.limit:
+            self.refused += 1
+            # once its request task has started (it starts right after this call): closing an idle handler the
+            # way aiohttp's own keep-alive timeout does
+            asyncio.get_running_loop().call_soon(_refuse, handler, transport)
+
+
+def _refuse(handler: RequestHandler, transport: asyncio.Transport) -> None:
+    if not transport.is_closing():
+        transport.write(FULL)
+    handler.force_close()
+
+
 class TranscriptionApi:
-    """Receives what it uses: its config section, the token (or None: no auth), the speech desk, and the ASR's
-    model name and language for answers and checks."""
+    """Receives what it uses: its config section, the token (or None: no auth), the speech desk, the ASR's model
+    name and language for answers and checks, and the Host names allowed besides IPs and localhost."""
 
     name = "api"
 
     def __init__(
-        self, config: ApiConfig, token: str | None, desk: Transcriber, asr_model: str, language: str | None
+        self,
+        config: ApiConfig,
+        token: str | None,
+        desk: Transcriber,
+        asr_model: str,
+        language: str | None,
+        allowed_hosts: Iterable[str] = (),
     ) -> None:
         self.config, self.token, self.desk = config, token, desk
         self.asr_model, self.language = asr_model, language
+        self.allowed_hosts = list(allowed_hosts)
         self.max_bytes = int(config.max_upload_mb * (1 << 20))
-        # aiohttp's own cap sits above ours, so our check answers first with a clear message
-        app = web.Application(client_max_size=self.max_bytes + (1 << 20))
-        app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
-        app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app, access_log=None)
+        self.created = int(time.time())
+        self._decoding = asyncio.Semaphore(config.max_decodes)
+        self._server: _CappedServer | None = None
+        self._runner: web.ServerRunner | None = None
         self._site: web.TCPSite | None = None
 
     @property
@@ -70,9 +116,19 @@ class TranscriptionApi:
         sockets = getattr(server, "sockets", None)
         return int(sockets[0].getsockname()[1]) if sockets else self.config.port
 
+    def stats(self) -> dict[str, int]:
+        s = self._server
+        return {"connections": len(s.connections), "refused": s.refused} if s else {}
+
     async def start(self) -> None:
+        c = self.config
+        # keepalive_timeout: aiohttp closes a connection still waiting for a request's headers (first or next)
+        # this long after it opened or after its last response: the header and idle timeout in one
+        self._server = _CappedServer(self._handle, c.max_connections, keepalive_timeout=c.header_timeout_s,
+                                     access_log=None)  # fmt: skip
+        self._runner = web.ServerRunner(self._server)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        self._site = web.TCPSite(self._runner, c.host, c.port)
         await self._site.start()
         log.info(
             "OpenAI-compatible transcriptions on http://%s:%d/v1/audio/transcriptions (stream %r)",
@@ -82,29 +138,42 @@ class TranscriptionApi:
         )
 
     async def close(self) -> None:
-        await self._runner.cleanup()
+        if self._runner is not None:
+            await self._runner.cleanup()
 
     # --- handlers ---
 
-    async def _models(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Route one request (the two paths of the API), after the Host check."""
         try:
+            if not host_allowed(request.headers.get("Host"), self.allowed_hosts):
+                raise ApiError(403, refusal(request.headers.get("Host")).strip(), "host_not_allowed")
+            routes = {"/v1/audio/transcriptions": ("POST", self._transcriptions), "/v1/models": ("GET", self._models)}
+            if request.path not in routes:
+                raise ApiError(404, f"no such path: the API serves {', '.join(routes)}", "not_found")
+            method, handler = routes[request.path]
+            if request.method != method:
+                raise ApiError(405, f"{request.path} takes {method}", "method_not_allowed")
             self._authorize(request)
+            return await handler(request)
         except ApiError as e:
+            log.info("api: %d %s", e.status, e.message)
             return e.response()
-        return web.json_response(
-            {"object": "list", "data": [{"id": self.asr_model, "object": "model", "owned_by": "ltu-daemon"}]}
-        )
 
-    async def _transcriptions(self, request: web.Request) -> web.Response:
+    async def _models(self, request: web.BaseRequest) -> web.Response:
+        model = {"id": self.asr_model, "object": "model", "created": self.created, "owned_by": "ltu-daemon"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _transcriptions(self, request: web.BaseRequest) -> web.Response:
         try:
-            self._authorize(request)
-            upload, fields = await self._read_form(request)
-            return await self._answer(upload, fields)
-        except ApiError as e:
-            log.info("transcriptions: %d %s", e.status, e.message)
-            return e.response()
+            async with asyncio.timeout(self.config.body_timeout_s):
+                upload, fields = await self._read_form(request)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within api.body_timeout_s = "
+                                f"{self.config.body_timeout_s:g} s", "timeout") from None  # fmt: skip
+        return await self._answer(upload, fields)
 
-    def _authorize(self, request: web.Request) -> None:
+    def _authorize(self, request: web.BaseRequest) -> None:
         if self.token is None:
             return
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -112,7 +181,7 @@ class TranscriptionApi:
             raise ApiError(401, "missing or wrong token: send 'Authorization: Bearer <server.token>'",
                            "invalid_api_key")  # fmt: skip
 
-    async def _read_form(self, request: web.Request) -> tuple[bytes, dict[str, str]]:
+    async def _read_form(self, request: web.BaseRequest) -> tuple[bytes, dict[str, str]]:
         too_big = ApiError(
             413, f"upload larger than api.max_upload_mb = {self.config.max_upload_mb:g} MB", "file_too_large", "file"
         )
@@ -154,15 +223,16 @@ class TranscriptionApi:
         if language and self.language and language.lower() != self.language.lower():
             raise ApiError(400, f"this daemon transcribes {self.language!r} (asr.language), not {language!r}",
                            "unsupported_language", "language")  # fmt: skip
+        too_long = f"audio longer than api.max_audio_s = {self.config.max_audio_s:g} s"
         try:
-            audio = await asyncio.to_thread(load_audio, io.BytesIO(upload), SAMPLE_RATE)
+            async with self._decoding:  # at most api.max_decodes at a time, each stopping at api.max_audio_s
+                audio = await asyncio.to_thread(load_audio, io.BytesIO(upload), SAMPLE_RATE, self.config.max_audio_s)
+        except AudioTooLong as e:
+            raise ApiError(413, f"{too_long} ({e})", "audio_too_long", "file") from None
         except Exception as e:  # PyAV's errors for non-audio input are many (InvalidDataError, ValueError …)
             raise ApiError(400, f"not an audio file this daemon can decode: {e}", "invalid_file", "file") from e
         if not len(audio):
             raise ApiError(400, "the file decodes to no audio samples", "invalid_file", "file")
-        if len(audio) > self.config.max_audio_s * SAMPLE_RATE:
-            raise ApiError(413, f"audio longer than api.max_audio_s = {self.config.max_audio_s:g} s",
-                           "audio_too_long", "file")  # fmt: skip
         try:
             heard = await self.desk.transcribe(self.config.stream, audio)
         except AsrBusy as e:

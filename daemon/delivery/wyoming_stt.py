@@ -6,20 +6,29 @@ A request over `wyoming.max_audio_s` gets one `error` (`audio-too-long`); the re
 The client does the endpointing (Home Assistant's VAD decides when the command ended), so the whole clip is one
 utterance. Its transcript is also published as a final of the `wyoming.stream` stream (store, alerts, clients).
 
-The Wyoming protocol has no authentication: the server binds to loopback unless told otherwise (docs).
+The Wyoming protocol has no authentication: the server binds to loopback unless told otherwise (docs). Bounded
+before work, whatever a client sends: at most `wyoming.max_connections` connections (one more gets an error event
+and is closed); a connection that sends nothing for `wyoming.idle_timeout_s` is closed; an event whose declared data
+or payload is over `wyoming.max_event_bytes` is refused before it is read; an audio chunk's rate (8-192 kHz), width
+(1-4 bytes), channels (1-2) and length are checked, and its size once converted is counted against
+`wyoming.max_audio_s` before it is converted. Each refusal is an `error` event with a code, then (for a
+connection that broke the protocol) a close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 from wyoming.asr import Transcribe, Transcript
 from wyoming.audio import AudioChunk, AudioChunkConverter, AudioStart, AudioStop
 from wyoming.error import Error
-from wyoming.event import Event
+from wyoming.event import Event, async_read_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.server import AsyncEventHandler, AsyncTcpServer
 
@@ -63,6 +72,60 @@ def _whisper_languages() -> list[str]:
         return ["en"]
 
 
+class Refused(Exception):
+    """A connection broke a limit: `code` and `text` go out as an error event, then the connection closes."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code, self.text = code, text
+
+
+@dataclass
+class Connections:
+    """The connections open now, against `limit`."""
+
+    limit: int
+    open: int = 0
+    refused: int = 0
+
+
+class _BoundedReader:
+    """What `wyoming.event.async_read_event` reads through: each read waits at most `idle_s`, and a declared data
+    or payload length over `max_bytes` is refused before a byte of it is read. (A header line is bounded by the
+    stream's own limit, 64 KiB.)"""
+
+    def __init__(self, reader: asyncio.StreamReader, idle_s: float, max_bytes: int) -> None:
+        self.reader, self.idle_s, self.max_bytes = reader, idle_s, max_bytes
+
+    async def readline(self) -> bytes:
+        return await self._wait(self.reader.readline())
+
+    async def readexactly(self, n: int) -> bytes:
+        if n > self.max_bytes:
+            raise Refused("too-large", f"an event of {n} bytes is over wyoming.max_event_bytes = {self.max_bytes}")
+        return await self._wait(self.reader.readexactly(n))
+
+    async def _wait(self, read: Awaitable[bytes]) -> bytes:
+        try:
+            return await asyncio.wait_for(read, self.idle_s)
+        except TimeoutError:
+            raise Refused("timeout", f"nothing received for wyoming.idle_timeout_s = {self.idle_s:g} s") from None
+
+
+def _check_chunk(chunk: AudioChunk) -> None:
+    """Raises `Refused` (bad-audio) for a chunk the converter must not be given."""
+    rate, width, channels = chunk.rate, chunk.width, chunk.channels
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rate, width, channels)):
+        raise Refused("bad-audio", "rate, width and channels must be integers")
+    if not 8000 <= rate <= 192000 or width not in (1, 2, 3, 4) or channels not in (1, 2):
+        raise Refused(
+            "bad-audio",
+            f"unsupported audio: rate {rate} (8000-192000 Hz), width {width} (1-4), channels {channels} (1-2)",
+        )
+    if len(chunk.audio) % (width * channels):
+        raise Refused("bad-audio", f"{len(chunk.audio)} bytes is not a whole number of {width * channels}-byte frames")
+
+
 class _Handler(AsyncEventHandler):
     def __init__(
         self,
@@ -72,26 +135,59 @@ class _Handler(AsyncEventHandler):
         config: WyomingConfig,
         desk: Transcriber,
         info: Info,
+        connections: Connections,
     ) -> None:
         super().__init__(reader, writer)
-        self.config, self.desk, self.info = config, desk, info
-        self.converter = AudioChunkConverter(rate=SAMPLE_RATE, width=2, channels=1)
+        self.config, self.desk, self.info, self.connections = config, desk, info, connections
+        self.bounded = _BoundedReader(reader, config.idle_timeout_s, config.max_event_bytes)
+        self.converter: AudioChunkConverter | None = None
+        self.format: tuple[int, int, int] | None = None  # (rate, width, channels) of the request's first chunk
         self.pcm: list[bytes] | None = None
         self.size = 0
         self.refused = False  # the current request went over max_audio_s
+
+    async def run(self) -> None:
+        """The library's loop, with every read bounded (`_BoundedReader`) and the connection counted."""
+        c = self.connections
+        c.open += 1
+        try:
+            if c.open > c.limit:
+                c.refused += 1
+                raise Refused("busy", f"wyoming.max_connections = {c.limit} are open; try again")
+            while (event := await async_read_event(self.bounded)) is not None:  # type: ignore[arg-type]
+                if not await self.handle_event(event):
+                    break
+        except Refused as e:
+            log.info("wyoming: closed a connection: %s: %s", e.code, e.text)
+            with contextlib.suppress(ConnectionError):
+                await self.write_event(Error(text=e.text, code=e.code).event())
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            c.open -= 1
+            self.writer.close()
 
     async def handle_event(self, event: Event) -> bool:
         if Describe.is_type(event.type):
             await self.write_event(self.info.event())
         elif Transcribe.is_type(event.type) or AudioStart.is_type(event.type):
-            self.pcm, self.size, self.refused = [], 0, False  # a new request (audio-start may or may not follow)
+            self._new_request()  # audio-start may or may not follow a transcribe
         elif AudioChunk.is_type(event.type):
             if self.refused:
                 return True  # the rest of a refused request: read and dropped (the client may still be sending)
-            data = self.converter.convert(AudioChunk.from_event(event)).audio
+            try:
+                chunk = AudioChunk.from_event(event)
+            except (KeyError, TypeError, ValueError):
+                raise Refused("bad-audio", "audio-chunk needs rate, width, channels and a payload") from None
+            _check_chunk(chunk)
             if self.pcm is None:
-                self.pcm, self.size = [], 0
-            self.size += len(data)
+                self._new_request()
+            if self.format is None:
+                self.format = (chunk.rate, chunk.width, chunk.channels)
+            elif self.format != (chunk.rate, chunk.width, chunk.channels):
+                raise Refused("bad-audio", "the audio format changed within one request")
+            # what it will be once converted (16 kHz s16 mono), counted before converting it
+            self.size += 2 * (len(chunk.audio) // (chunk.width * chunk.channels)) * SAMPLE_RATE // chunk.rate
             if self.size > self.config.max_audio_s * SAMPLE_RATE * 2:
                 self.pcm, self.size, self.refused = None, 0, True
                 await self.write_event(
@@ -101,12 +197,13 @@ class _Handler(AsyncEventHandler):
                     ).event()
                 )
                 return True
-            self.pcm.append(data)
+            assert self.converter is not None and self.pcm is not None
+            self.pcm.append(self.converter.convert(chunk).audio)
         elif AudioStop.is_type(event.type):
             if self.refused:  # its error went out already
                 self.refused = False
                 return True
-            pcm, self.pcm, self.size = b"".join(self.pcm or []), None, 0
+            pcm, self.pcm, self.size, self.format = b"".join(self.pcm or []), None, 0, None
             audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768
             try:
                 heard = await self.desk.transcribe(self.config.stream, audio)
@@ -117,6 +214,10 @@ class _Handler(AsyncEventHandler):
             log.info("wyoming: %.1f s → %r", heard.duration_s, heard.text)
         return True  # other events (ping, select-program, …) are ignored, as the protocol asks
 
+    def _new_request(self) -> None:
+        self.pcm, self.size, self.refused, self.format = [], 0, False, None
+        self.converter = AudioChunkConverter(rate=SAMPLE_RATE, width=2, channels=1)  # resampler state per request
+
 
 class WyomingServer:
     """Receives what it uses: its config section, the speech desk and the `Info` to describe itself with."""
@@ -125,6 +226,7 @@ class WyomingServer:
 
     def __init__(self, config: WyomingConfig, desk: Transcriber, info: Info) -> None:
         self.config, self.desk, self.info = config, desk, info
+        self.connections = Connections(config.max_connections)
         self._server = AsyncTcpServer(config.host, config.port)
 
     @property
@@ -134,7 +236,9 @@ class WyomingServer:
         return int(sockets[0].getsockname()[1]) if sockets else self.config.port
 
     async def start(self) -> None:
-        await self._server.start(partial(_Handler, config=self.config, desk=self.desk, info=self.info))
+        await self._server.start(
+            partial(_Handler, config=self.config, desk=self.desk, info=self.info, connections=self.connections)
+        )
         log.info("Wyoming speech-to-text on tcp://%s:%d (stream %r)", self.config.host, self.port, self.config.stream)
 
     async def close(self) -> None:

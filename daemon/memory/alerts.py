@@ -7,14 +7,15 @@ condition has held `debounce_s` (0: at once), at most once per `cooldown_s` per 
 `active_hours`; it clears (`alert.cleared`) when the condition has been absent for `hold_s`.
 
 No asyncio, no I/O: events come in through `on_event` / `on_check`, time through `tick`; alerts go out through
-`publish`. The service calls `tick` every `alerts.tick_s`.
+`publish`. The service calls `tick` every `alerts.tick_s`. Matching runs on the event loop, so its cost is bounded
+(`daemon.rules`: RE2 for regex rules, a program-size cap), and so is the number of rules clients may add
+(`alerts.max_runtime_rules`).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from ..delivery.events import (
     SceneEvent,
     StreamEvent,
 )
-from ..delivery.wire import AlertRule
+from ..rules import MAX_MATCH_CHARS, AlertRule, Matcher, matcher
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +63,15 @@ class _State:
 class _Rule:
     rule: AlertRule
     source: Literal["config", "runtime"]
-    pattern: re.Pattern[str] | None = None
+    pattern: Matcher | None = None
     states: dict[str, _State] = field(default_factory=dict)
 
     def watches(self, stream: str) -> bool:
         return any(fnmatch.fnmatchcase(stream, g) for g in self.rule.streams)
 
 
-def _pattern(rule: AlertRule) -> re.Pattern[str] | None:
-    if rule.kind == "regex":
-        return re.compile(rule.match or "", re.IGNORECASE)
-    if rule.kind in ("phrase", "label"):  # the words in order, whole words, any case and spacing
-        words = re.findall(r"\w+", (rule.match or "").lower())
-        return re.compile(r"\b" + r"\W+".join(map(re.escape, words)) + r"\b", re.IGNORECASE) if words else None
-    return None
+class RuleLimit(Exception):
+    """A client's rule would go over `alerts.max_runtime_rules`."""
 
 
 class AlertEngine:
@@ -88,33 +84,44 @@ class AlertEngine:
         clip: Callable[[AlertEvent, AlertRule], str | None] | None = None,
         counts: dict[tuple[str, str], int] | None = None,
         local_time: Callable[[float], datetime] = datetime.fromtimestamp,
+        max_runtime: int = 32,
     ) -> None:
-        """`rules` from the config, `runtime` ones from the store; `publish` gets every alert and alert.cleared;
-        `clip(alert, rule)` may keep audio and return the clip's name (rules with `clip = true`); `counts`:
-        (rule, stream) → the last alert number stored, so ids stay unique across restarts."""
+        """`rules` from the config, `runtime` ones from the store (at most `max_runtime` of them, oldest first);
+        `publish` gets every alert and alert.cleared; `clip(alert, rule)` may keep audio and return the clip's
+        name (rules with `clip = true`); `counts`: (rule, stream) → the last alert number stored, so ids stay
+        unique across restarts."""
         self.publish, self.clip, self.local_time = publish, clip, local_time
+        self.max_runtime = max_runtime
         self._counts = dict(counts or {})
         self._rules: dict[str, _Rule] = {}
         for r in rules:
-            self._rules[r.name] = _Rule(r, "config", _pattern(r))
+            self._rules[r.name] = _Rule(r, "config", matcher(r))
         for r in runtime:
             if r.name in self._rules:
                 log.warning("runtime alert rule %r is shadowed by the config rule of that name", r.name)
-                continue
-            self._rules[r.name] = _Rule(r, "runtime", _pattern(r))
+            elif self.runtime_count() >= max_runtime:
+                log.warning("runtime alert rule %r not loaded: over alerts.max_runtime_rules = %d", r.name, max_runtime)
+            else:
+                self._rules[r.name] = _Rule(r, "runtime", matcher(r))
         self.fired = 0
         self.cleared = 0
 
     # --- rules ---
 
+    def runtime_count(self) -> int:
+        return sum(r.source == "runtime" for r in self._rules.values())
+
     def add(self, rule: AlertRule) -> None:
-        """Add a runtime rule (replacing a runtime rule of that name). Raises `KeyError` for a config rule."""
+        """Add a runtime rule (replacing a runtime rule of that name). Raises `KeyError` for a config rule and
+        `RuleLimit` for a new rule beyond `max_runtime`."""
         old = self._rules.get(rule.name)
         if old is not None and old.source == "config":
             raise KeyError(rule.name)
+        if old is None and self.runtime_count() >= self.max_runtime:
+            raise RuleLimit(rule.name)
         if old is not None:
             self._clear_all(old, time.time())
-        self._rules[rule.name] = _Rule(rule, "runtime", _pattern(rule))
+        self._rules[rule.name] = _Rule(rule, "runtime", matcher(rule))
 
     def remove(self, name: str) -> None:
         """Remove a runtime rule (its active alerts clear). Raises `KeyError` if there is no such runtime rule."""
@@ -146,7 +153,7 @@ class AlertEngine:
     def on_event(self, event: object) -> None:
         """A bus tap: finals, scenes and levels are matched against the rules that watch their stream."""
         if isinstance(event, FinalEvent):
-            text = event.text
+            text = event.text[:MAX_MATCH_CHARS]
             if not text:
                 return
             for r in self._rules.values():
@@ -161,7 +168,8 @@ class AlertEngine:
             w = event.window
             ev = Evidence(id=w.id, stream=w.stream, start=w.start, end=w.end, wall_start=None, wall_end=None)
             for r in self._rules.values():
-                if r.rule.kind == "label" and r.pattern and r.watches(event.stream) and r.pattern.search(event.text):
+                text = event.text[:MAX_MATCH_CHARS]
+                if r.rule.kind == "label" and r.pattern and r.watches(event.stream) and r.pattern.search(text):
                     self._hit(r, Hit(event.stream, event.time, w.start, event.text, window=ev))
         elif isinstance(event, LevelEvent):
             for r in self._rules.values():

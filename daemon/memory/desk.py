@@ -10,7 +10,7 @@ from collections.abc import Callable
 from ..delivery.events import AlertAdded, AlertRemoved, AlertRules, HistoryResults
 from ..delivery.protocol import AlertAdd, AlertList, AlertRemove, HistorySearch, ProtocolError
 from ..delivery.wire import ErrorCode
-from .alerts import AlertEngine
+from .alerts import AlertEngine, RuleLimit
 from .store import RuleChange, Store
 
 
@@ -44,7 +44,15 @@ class MemoryDesk:
             raise ProtocolError(
                 ErrorCode.RULE_EXISTS, f"{rule.name!r} is a rule of the config file; change it there", msg.id
             )
-        self.alerts.add(rule)
+        try:
+            self.alerts.add(rule)
+        except RuleLimit:
+            raise ProtocolError(
+                ErrorCode.RULE_LIMIT,
+                f"this daemon keeps at most {self.alerts.max_runtime} rules added by clients "
+                "(alerts.max_runtime_rules): remove one with alert.remove first",
+                msg.id,
+            ) from None
         if self.store is not None:
             self.store.put(RuleChange(rule, rule.name))
         if self.changed is not None:

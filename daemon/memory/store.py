@@ -49,7 +49,7 @@ from ..delivery.events import (
     SceneEvent,
     WindowEvent,
 )
-from ..delivery.wire import AlertRule
+from ..rules import AlertRule
 
 log = logging.getLogger(__name__)
 
@@ -543,9 +543,18 @@ class Store:
         return out
 
     def rules(self) -> list[AlertRule]:
+        """The runtime alert rules, oldest first. One this daemon no longer accepts (stored by an older version, say
+        a regex RE2 refuses) is skipped with a warning, and kept in the file."""
         with self._read_lock:
-            rows = _q(self._reader(), "SELECT rule FROM rules ORDER BY created")
-        return [AlertRule.model_validate_json(r[0]) for r in rows]
+            rows = _q(self._reader(), "SELECT name, rule FROM rules ORDER BY created")
+        out: list[AlertRule] = []
+        for name, text in rows:
+            try:
+                out.append(AlertRule.model_validate_json(text))
+            except ValueError as e:
+                reason = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+                log.warning("stored alert rule %r not loaded: %s (alert.add of that name replaces it)", name, reason)
+        return out
 
     def search(
         self,

@@ -215,13 +215,13 @@ function transcript(msg) {
     prepend($("transcript"), line);
   }
   const final = msg.type === "transcript.final";
-  if (final && !msg.text) {
-    line.remove(); // the defences dropped it: nothing was said
+  if (final && msg.outcome === "no_speech") {
+    line.remove(); // a voice-like sound, but the defences kept no words: nothing was said
     return;
   }
-  line.className = final ? "final" : "partial";
+  line.className = final ? (msg.outcome === "failed" ? "final failed" : "final") : "partial";
   line.querySelector(".when").textContent = final ? `${clock(msg.start)} ${wall(msg.wall_start)}` : clock(msg.start);
-  line.querySelector(".text").textContent = msg.text;
+  line.querySelector(".text").textContent = msg.outcome === "failed" ? "(not transcribed: the decode failed)" : msg.text;
 }
 
 function scene(msg) {

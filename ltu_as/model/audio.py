@@ -9,7 +9,7 @@ waveform first gives a different result for clips shorter than 10 s.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -98,17 +98,47 @@ def pad_or_trim_mel(mel: torch.Tensor, n_frames: int) -> torch.Tensor:
     return torch.nn.functional.pad(mel, (0, n_frames - frames))
 
 
-def load_audio(path: str | BinaryIO, sampling_rate: int = 16000) -> np.ndarray:
+class AudioTooLong(ValueError):
+    """A file holds more audio than the caller allows (the message says how much it declares or holds)."""
+
+
+def load_audio(path: str | BinaryIO, sampling_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
     """Decode any file PyAV reads (a path, or a binary file object such as an upload in `io.BytesIO`) to
     `[samples]` float32 mono at `sampling_rate`. Raises on unreadable files and on files with no audio stream.
     (faster-whisper's `decode_audio` does the same but runs a full garbage collection per call, which dominates
-    on short files.)"""
+    on short files.)
+
+    `max_seconds` bounds the work a file can cause: a container that declares a longer duration raises
+    `AudioTooLong` before anything is decoded, and decoding stops with `AudioTooLong` as soon as more than that
+    much audio came out (for containers that declare nothing, or lie)."""
     import av
 
+    limit = None if max_seconds is None else int(max_seconds * sampling_rate)
     with av.open(path, mode="r") as container:
         if not container.streams.audio:
             raise ValueError(f"{path} has no audio stream")
+        stream = container.streams.audio[0]
+        if max_seconds is not None:
+            declared = _declared_seconds(container, stream)
+            if declared is not None and declared > max_seconds:
+                raise AudioTooLong(f"the file declares {declared:.1f} s of audio")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sampling_rate)
-        parts = [o.to_ndarray().reshape(-1) for f in container.decode(audio=0) for o in resampler.resample(f)]
+        parts: list[np.ndarray] = []
+        held = 0
+        for frame in container.decode(stream):
+            for o in resampler.resample(frame):
+                parts.append(o.to_ndarray().reshape(-1))
+                held += len(parts[-1])
+            if limit is not None and held > limit:
+                raise AudioTooLong(f"more than {max_seconds:g} s of audio decoded")
         parts += [o.to_ndarray().reshape(-1) for o in resampler.resample(None)]
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
+def _declared_seconds(container: Any, stream: Any) -> float | None:
+    """The audio duration a container's header states (the stream's, else the container's), if any."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:  # in AV_TIME_BASE units (microseconds)
+        return float(container.duration) / 1_000_000
+    return None

@@ -69,10 +69,12 @@ class Subscriber:
     """A paho client subscribed to `#` that keeps every message (and reconnects when the broker comes back). Its
     session is persistent: what is published while it reconnects waits for it at the broker (QoS 1)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, client_id: str | None = None) -> None:
         self.messages: list[Message] = []
         self._lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{port}", clean_session=False)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id or f"test-sub-{port}", clean_session=False
+        )
         self.client.on_connect = lambda c, *_: c.subscribe("#", qos=1)
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 1)

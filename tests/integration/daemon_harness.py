@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -54,6 +55,7 @@ class Daemon:
         port: int | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.token = tomllib.loads(config).get("server", {}).get("token")  # sent for the full /healthz
         self.config_path = tmp / f"daemon-{self.port}.toml"
         self.config_path.write_text(config)
         self.log_path = tmp / f"daemon-{self.port}.log"
@@ -88,8 +90,11 @@ class Daemon:
         return self.log_path.read_text()
 
     def health(self) -> tuple[int, dict[str, Any]]:
+        """/healthz, in full (with the daemon's token, if it has one)."""
+        auth = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/healthz", headers=auth)
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as r:
+            with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())

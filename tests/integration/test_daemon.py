@@ -402,12 +402,16 @@ def test_token_auth(tiny, tmp_path: Path) -> None:
 
 
 def test_sigterm_flushes_the_open_utterance_and_closes_clients(tiny, tmp_path: Path) -> None:
-    d = Daemon(tmp_path, config(tiny, loop=False))
+    """SIGTERM mid-sentence: the utterance is flushed to its final, and the audio since the last window goes into
+    a last window (the 10 s up to the stop), stored with its transcript, so a restart can still find it."""
+    store = tmp_path / "history.db"
+    d = Daemon(tmp_path, config(tiny, loop=False, extra=f'[store]\npath = "{store}"\nembeddings = false\n'))
 
     async def go() -> tuple[list[dict[str, Any]], int | None]:
         got: list[dict[str, Any]] = []
         async with connect(d.url) as ws:
-            await hello(ws, subscribe={"streams": ["talk"], "events": ["speech.start", "transcript.final"]})
+            events = ["speech.start", "transcript.final", "window"]
+            await hello(ws, subscribe={"streams": ["talk"], "events": events})
             while True:
                 got.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
                 if got[-1]["type"] == "speech.start":
@@ -424,9 +428,17 @@ def test_sigterm_flushes_the_open_utterance_and_closes_clients(tiny, tmp_path: P
     assert d.proc.wait(30) == 0, d.log()
     d.stop()
     assert code == 1001
-    last = got[-1]
+    last, window = got[-2:]
     assert last["type"] == "transcript.final" and last["id"] == got[0]["id"] and last["reason"] == "flush"
     assert last["end"] - last["start"] >= 0.5
+    # the last window: the 10 s up to where the stream stopped, holding the flushed utterance
+    assert window["type"] == "window" and window["end"] == last["end"]
+    assert window["start"] == pytest.approx(max(0.0, last["end"] - 10), abs=1e-3)
+    assert last["text"] in window["transcript"]
+    import apsw
+
+    rows = apsw.Connection(str(store)).execute("SELECT id, end, transcript FROM windows ORDER BY idx").fetchall()
+    assert rows[-1] == (window["id"], window["end"], window["transcript"])
 
 
 def test_config_typo_and_check(tiny, tmp_path: Path) -> None:
@@ -523,6 +535,7 @@ def test_the_web_page_is_served_beside_the_websocket(daemon: Daemon) -> None:
     assert loads and all(u.startswith("/") and not u.startswith("//") for u in loads), loads  # no CDN
     for url in loads:
         body, h = get(url)
-        assert body and h["Content-Type"].split(";")[0] in ("text/javascript", "text/css")
+        assert body and h["Content-Type"].split(";")[0] in ("text/javascript", "text/css", "image/svg+xml")
+    assert get("/favicon.ico")[1]["Content-Type"] == "image/svg+xml"  # no 404 in every browser's console
     js, _ = get("/app.js")
     assert "innerHTML" not in js and "insertAdjacentHTML" not in js and "eval(" not in js  # text only

@@ -152,6 +152,23 @@ def test_wyoming_client_gets_a_transcript_and_subscribers_a_final(endpoints: End
     assert wer(SENTENCE, text) <= 0.15, text  # tiny.en alone, measured: 0.0 on this sentence
     assert finals[0]["stream"] == "wyoming" and finals[0]["text"] == text and finals[0]["id"].startswith("wyoming/")
     assert endpoints.stored("wyoming") == [(finals[0]["id"], text)]  # in the history store like any final
+    # and searchable like any window: the clip is a window of the endpoint's stream
+    hits = asyncio.run(search(endpoints.d.url, "lights hallway", "wyoming"))
+    assert [(h["id"], h["stream"], h["transcript"]) for h in hits] == [("wyoming:w1", "wyoming", text)]
+    assert hits[0]["end"] - hits[0]["start"] == pytest.approx(len(speech) / RATE, abs=1e-3)
+
+
+async def search(url: str, query: str, stream: str) -> list[dict[str, Any]]:
+    async with connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+        await ws.send(json.dumps({"type": "hello", "protocol": 1, "subscribe": {"events": ["-"]}}))
+        assert json.loads(await ws.recv())["type"] == "welcome"
+        for _ in range(50):  # the store commits every 0.5 s
+            await ws.send(json.dumps({"type": "history.search", "query": query, "mode": "text", "streams": [stream]}))
+            hits = json.loads(await asyncio.wait_for(ws.recv(), 10))["hits"]
+            if hits:
+                return list(hits)
+            await asyncio.sleep(0.2)
+        return []
 
 
 def test_wyoming_refuses_audio_over_its_limit(endpoints: Endpoints) -> None:

@@ -16,8 +16,8 @@ from daemon.delivery.events import (
     SceneEvent,
     StreamEvent,
 )
-from daemon.delivery.wire import AlertRule
-from daemon.memory.alerts import AlertEngine
+from daemon.memory.alerts import AlertEngine, RuleLimit
+from daemon.rules import MAX_PROGRAM, AlertRule, matcher
 
 T0 = 1_800_000_000.0
 
@@ -149,7 +149,11 @@ def test_runtime_rules_add_remove_and_config_rules_are_fixed() -> None:
         ({"kind": "question"}, "needs `question`"),
         ({"kind": "level"}, "needs above_dbfs or below_dbfs"),
         ({"kind": "phrase", "match": "a", "above_dbfs": -3.0}, "does not use above_dbfs"),
-        ({"kind": "regex", "match": "(unclosed"}, "not a valid regular expression"),
+        ({"kind": "regex", "match": "(unclosed"}, "not a regular expression RE2 accepts: missing \\)"),
+        ({"kind": "regex", "match": r"(a)\1"}, "no backreferences or lookaround"),
+        ({"kind": "regex", "match": r"(?<=x)y"}, "no backreferences or lookaround"),
+        ({"kind": "regex", "match": r"[\w\s]{1,100}x"}, "too complex: 1204 RE2 instructions, at most 500"),
+        ({"kind": "regex", "match": r"(\w+\s?){1000}"}, "pattern too large"),
         ({"kind": "phrase", "match": "a", "active_hours": "24:00-01:00"}, "hours 00-23"),
         ({"kind": "phrase", "match": "a", "name": "Bad Name"}, "name"),
     ],
@@ -157,3 +161,31 @@ def test_runtime_rules_add_remove_and_config_rules_are_fixed() -> None:
 def test_bad_rules_say_what_is_wrong(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         AlertRule.model_validate({"name": "r", **fields})
+
+
+def test_a_catastrophic_regex_is_matched_in_linear_time() -> None:
+    """`(.|.)*\\x01` backtracks 2^n ways in Python's `re` (a 60-character transcript would never finish, and the
+    event loop with it). Regex rules run on RE2, which matches it in one pass."""
+    bad = AlertRule(name="bad", kind="regex", match="(.|.)*\u0001")
+    assert type(matcher(bad)).__module__.startswith("re2"), "regex rules must not run on a backtracking engine"
+    good = AlertRule(name="router", kind="regex", match=r"restart\w* the (router|modem)")
+    e, out = engine(bad, good)
+    e.on_event(final("a" * 3000 + " please restart the router", T0))
+    assert kinds(out) == [("alert", "router/kitchen/1")]
+    assert matcher(good).programsize <= MAX_PROGRAM  # type: ignore[union-attr]
+
+
+def test_clients_may_add_only_so_many_rules() -> None:
+    e = AlertEngine([AlertRule(name="cfg", kind="phrase", match="x")], [], lambda _e: None, max_runtime=2)
+    e.add(AlertRule(name="a", kind="phrase", match="a"))
+    e.add(AlertRule(name="b", kind="phrase", match="b"))
+    e.add(AlertRule(name="b", kind="phrase", match="bee"))  # replacing one is not adding one
+    with pytest.raises(RuleLimit):
+        e.add(AlertRule(name="c", kind="phrase", match="c"))
+    e.remove("a")
+    e.add(AlertRule(name="c", kind="phrase", match="c"))
+    assert sorted(r.rule.name for r in e.info()) == ["b", "c", "cfg"]
+    # more stored than allowed (a lower cap after a restart): the oldest are kept, the rest skipped
+    stored = [AlertRule(name=n, kind="phrase", match=n) for n in ("p", "q", "r")]
+    e = AlertEngine([], stored, lambda _e: None, max_runtime=2)
+    assert [r.rule.name for r in e.info()] == ["p", "q"]

@@ -27,7 +27,8 @@ from daemon.delivery.events import (
     encode,
 )
 from daemon.delivery.protocol import Ask, AudioStart, Hello, ProtocolError, json_schema, parse_client_message
-from daemon.delivery.wire import MAX_JSON_DEPTH, MAX_QUESTION_CHARS, AlertRule, CloseCode, ErrorCode
+from daemon.delivery.wire import MAX_JSON_DEPTH, MAX_QUESTION_CHARS, CloseCode, ErrorCode
+from daemon.rules import AlertRule
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

@@ -17,8 +17,8 @@ import pytest
 
 from daemon.config import StoreConfig
 from daemon.delivery.events import AlertEvent, Evidence, SceneEvent, SceneTimings, WindowEvent, WindowRef
-from daemon.delivery.wire import AlertRule
 from daemon.memory.store import SCHEMA_VERSION, RuleChange, Store, StoreError, connect
+from daemon.rules import AlertRule
 from ltu_as.serving.embedding import Embedder
 
 NOW = 1_800_000_000.0
@@ -130,6 +130,25 @@ def test_windows_scenes_alerts_rules_and_numbering_survive_a_restart(tmp_path: P
     again.put(RuleChange(None, "dog"))
     again.stop(10)
     assert Store(StoreConfig(path=tmp_path / "h.db"), None).rules() == []
+
+
+def test_a_stored_rule_this_daemon_no_longer_accepts_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A regex an older daemon stored (Python syntax with a lookahead) does not stop this one from starting."""
+    s = make(tmp_path)
+    ok = AlertRule(name="ok", kind="phrase", match="door")
+    s.put(RuleChange(ok, "ok"))
+    s.stop(10)
+    import apsw
+
+    c = apsw.Connection(str(tmp_path / "h.db"))
+    old = '{"name":"old","kind":"regex","match":"kettle(?= is boiling)"}'
+    c.execute("INSERT INTO rules(name, rule, created) VALUES ('old', ?, 0)", (old,))
+    c.close()
+    with caplog.at_level("WARNING"):
+        assert Store(StoreConfig(path=tmp_path / "h.db"), None).rules() == [ok]
+    assert "stored alert rule 'old' not loaded" in caplog.text and "RE2" in caplog.text
 
 
 def test_full_text_search_ranks_filters_by_time_and_stream_and_survives_any_query(tmp_path: Path) -> None:
