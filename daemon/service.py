@@ -101,7 +101,7 @@ class Service:
         if config.metrics.enabled:
             from .delivery.metrics import Metrics
 
-            self.metrics = Metrics(self._gauges())
+            self.metrics = Metrics(*self._live_metrics())
             self.bus.tap(self.metrics.on_event)
         self.mqtt = None
         if config.mqtt.enabled:
@@ -320,7 +320,8 @@ class Service:
 
     # --- what operators see ---
 
-    def _gauges(self) -> Any:
+    def _live_metrics(self) -> tuple[Any, Any]:
+        """(gauges, counters) read at scrape time."""
         from .delivery.metrics import per_key
 
         def queues() -> dict[tuple[str, ...], float]:
@@ -353,7 +354,6 @@ class Service:
                 ("stream",),
             ),
             "ltu_queue_depth": ("Items waiting, by queue", queues, ("queue", "kind")),
-            "ltu_dropped_total": ("Events and work dropped, by reason", dropped, ("reason",)),
             "ltu_clients": ("Websocket clients past their hello", lambda: {(): float(self.server.clients)}, ()),
             "ltu_store_bytes": (
                 "History store size in use, bytes",
@@ -371,7 +371,7 @@ class Service:
                 lambda: {(): float(self.mqtt.connected)} if self.mqtt else {},
                 (),
             ),
-        }
+        }, {"ltu_dropped_total": ("Events and work dropped, by reason", dropped, ("reason",))}
 
     def health(self) -> dict[str, Any]:
         return {

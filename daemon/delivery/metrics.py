@@ -2,7 +2,8 @@
 
 Counters and histograms are fed by a bus tap (what the daemon publishes) and by the question desk (answers go to
 one client, not the bus); gauges (queue depths, store size, connections, stream seconds) are read from their
-owners at scrape time. Every metric has its own registry: no global state.
+owners at scrape time, and so are the counts the owners keep themselves (what was dropped), typed as counters.
+Every metric has its own registry: no global state.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .events import (
@@ -30,28 +31,31 @@ from .events import (
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
-# Gauges read at scrape time: name → (help, reader giving {labels tuple: value}, label names)
+# Read at scrape time: name → (help, reader giving {labels tuple: value}, label names). A counter's name ends in
+# `_total`; its reader gives counts that only grow.
 Gauges = dict[str, tuple[str, Callable[[], dict[tuple[str, ...], float]], tuple[str, ...]]]
 
 
 class _Live(Collector):
-    def __init__(self, gauges: Gauges) -> None:
-        self.gauges = gauges
+    def __init__(self, gauges: Gauges, counters: Gauges) -> None:
+        self.families = [(GaugeMetricFamily, gauges), (CounterMetricFamily, counters)]
 
     def describe(self) -> Iterator[Metric]:  # the names, without reading anything (at registration)
-        for name, (doc, _, labels) in self.gauges.items():
-            yield GaugeMetricFamily(name, doc, labels=list(labels))
+        for family, metrics in self.families:
+            for name, (doc, _, labels) in metrics.items():
+                yield family(name, doc, labels=list(labels))
 
     def collect(self) -> Iterator[Metric]:
-        for name, (doc, read, labels) in self.gauges.items():
-            g = GaugeMetricFamily(name, doc, labels=list(labels))
-            for key, value in read().items():
-                g.add_metric(list(key), value)
-            yield g
+        for family, metrics in self.families:
+            for name, (doc, read, labels) in metrics.items():
+                m = family(name, doc, labels=list(labels))
+                for key, value in read().items():
+                    m.add_metric(list(key), value)
+                yield m
 
 
 class Metrics:
-    def __init__(self, gauges: Gauges) -> None:
+    def __init__(self, gauges: Gauges, counters: Gauges | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.utterances = Counter("ltu_utterances_total", "Utterances the VAD confirmed", ["stream"], registry=r)
         self.finals = Counter("ltu_finals_total", "Final transcripts", ["stream"], registry=r)
@@ -83,7 +87,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(_Live(gauges))
+        r.register(_Live(gauges, counters or {}))
         self._window_at: collections.OrderedDict[str, float] = collections.OrderedDict()  # window id → closed at
 
     def on_event(self, event: object) -> None:

@@ -53,6 +53,7 @@ from .events import (
     Subscribed,
     Welcome,
 )
+from .floodlog import EveryFew
 from .hosts import host_allowed, refusal
 from .protocol import (
     AlertAdd,
@@ -147,23 +148,6 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
-class EveryFew:
-    """Logs the first of a kind of event, then at most once per `seconds` with how many happened meanwhile (a
-    flood of refused connections must not flood the log)."""
-
-    def __init__(self, seconds: float = 10.0) -> None:
-        self.seconds = seconds
-        self._last: dict[str, float] = {}
-        self._count: collections.Counter[str] = collections.Counter()
-
-    def warn(self, kind: str, message: str, *args: object) -> None:
-        self._count[kind] += 1
-        now = time.monotonic()
-        if now - self._last.get(kind, -self.seconds) >= self.seconds:
-            n, self._count[kind], self._last[kind] = self._count[kind], 0, now
-            log.warning(message + (f" ({n} like this in the last {self.seconds:g} s)" if n > 1 else ""), *args)
-
-
 def _capped(limit: int, refused: Callable[[], None]) -> type[ServerConnection]:
     """A connection class that aborts itself at accept when `limit` connections (handshakes included) are open."""
 
@@ -217,7 +201,7 @@ class WebsocketServer:
         self.connections: set[ServerConnection] = set()  # websocket connections: what max_clients bounds
         self.clients = 0  # connections past their hello
         self.rejected: collections.Counter[str] = collections.Counter()
-        self._log = EveryFew()
+        self._log = EveryFew(log)
 
     @property
     def port(self) -> int:

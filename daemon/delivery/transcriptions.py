@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -36,6 +37,7 @@ from ltu_as.model.audio import AudioTooLong, load_audio
 
 from ..clock import SAMPLE_RATE
 from ..config import ApiConfig
+from .floodlog import MalformedHttp
 from .hosts import host_allowed, refusal
 from .transcriber import AsrBusy, Transcriber
 
@@ -57,7 +59,18 @@ class ApiError(Exception):
         return web.json_response(body, status=self.status, headers=headers)
 
 
-FULL = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+def _full_response() -> bytes:
+    """The raw answer to a connection over `api.max_connections` (written before aiohttp reads its request)."""
+    message = "api.max_connections connections are open: retry later"
+    body = json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": "busy"}})
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 5\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return (head + body).encode()
+
+
+FULL = _full_response()
 
 
 class _CappedServer(web.Server):
@@ -124,8 +137,13 @@ class TranscriptionApi:
         c = self.config
         # keepalive_timeout: aiohttp closes a connection still waiting for a request's headers (first or next)
         # this long after it opened or after its last response: the header and idle timeout in one
+        http_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, MalformedHttp) for f in http_log.filters):
+            http_log.addFilter(MalformedHttp())
+        # lingering_time: after answering a request whose body was not read (a refusal), aiohttp reads and drops
+        # the rest for this long so the client sees the answer; 2 s instead of 10 keeps refused floods cheap
         self._server = _CappedServer(self._handle, c.max_connections, keepalive_timeout=c.header_timeout_s,
-                                     access_log=None)  # fmt: skip
+                                     lingering_time=2.0, access_log=None)  # fmt: skip
         self._runner = web.ServerRunner(self._server)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, c.host, c.port)

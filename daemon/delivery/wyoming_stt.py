@@ -8,8 +8,9 @@ utterance. Its transcript is also published as a final of the `wyoming.stream` s
 
 The Wyoming protocol has no authentication: the server binds to loopback unless told otherwise (docs). Bounded
 before work, whatever a client sends: at most `wyoming.max_connections` connections (one more gets an error event
-and is closed); a connection that sends nothing for `wyoming.idle_timeout_s` is closed; an event whose declared data
-or payload is over `wyoming.max_event_bytes` is refused before it is read; an audio chunk's rate (8-192 kHz), width
+and is closed); a connection that sends nothing for `wyoming.idle_timeout_s` is closed; a header line that is not
+a Wyoming event is refused (`bad-event`); an event whose declared data or payload is over `wyoming.max_event_bytes`
+is refused before it is read; an audio chunk's rate (8-192 kHz), width
 (1-4 bytes), channels (1-2) and length are checked, and its size once converted is counted against
 `wyoming.max_audio_s` before it is converted. Each refusal is an `error` event with a code, then (for a
 connection that broke the protocol) a close.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -90,26 +92,57 @@ class Connections:
 
 
 class _BoundedReader:
-    """What `wyoming.event.async_read_event` reads through: each read waits at most `idle_s`, and a declared data
-    or payload length over `max_bytes` is refused before a byte of it is read. (A header line is bounded by the
-    stream's own limit, 64 KiB.)"""
+    """What `wyoming.event.async_read_event` reads through: each read waits at most `idle_s`; each header line
+    (bounded by the stream's own limit, 64 KiB) must be a JSON object with a string `type` and whole lengths (the
+    library would raise on anything else); and a declared data or payload length over `max_bytes` is refused before
+    a byte of it is read."""
 
     def __init__(self, reader: asyncio.StreamReader, idle_s: float, max_bytes: int) -> None:
         self.reader, self.idle_s, self.max_bytes = reader, idle_s, max_bytes
+        self._data_length = 0  # the data part the library reads next (it reads data, then payload)
 
     async def readline(self) -> bytes:
-        return await self._wait(self.reader.readline())
+        line = await self._wait(self.reader.readline())
+        if line:  # b"": the client closed
+            self._data_length = _check_header(line)
+        return line
 
     async def readexactly(self, n: int) -> bytes:
         if n > self.max_bytes:
             raise Refused("too-large", f"an event of {n} bytes is over wyoming.max_event_bytes = {self.max_bytes}")
-        return await self._wait(self.reader.readexactly(n))
+        data = await self._wait(self.reader.readexactly(n))
+        if self._data_length:
+            self._data_length = 0
+            try:
+                ok = isinstance(json.loads(data), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise Refused("bad-event", "an event's data must be a JSON object")
+        return data
 
     async def _wait(self, read: Awaitable[bytes]) -> bytes:
         try:
             return await asyncio.wait_for(read, self.idle_s)
         except TimeoutError:
             raise Refused("timeout", f"nothing received for wyoming.idle_timeout_s = {self.idle_s:g} s") from None
+
+
+def _check_header(line: bytes) -> int:
+    """Raises `Refused` (bad-event) for a header line that is not a Wyoming event; its data length."""
+    try:
+        head = json.loads(line)
+    except ValueError:
+        raise Refused("bad-event", "an event's header line must be JSON") from None
+    if not isinstance(head, dict) or not isinstance(head.get("type"), str):
+        raise Refused("bad-event", "an event's header must be a JSON object with a string type")
+    for key in ("data_length", "payload_length"):
+        n = head.get(key)
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise Refused("bad-event", f"{key} must be a whole number of bytes")
+    if head.get("data") is not None and not isinstance(head["data"], dict):
+        raise Refused("bad-event", "an event's data must be a JSON object")
+    return int(head.get("data_length") or 0)
 
 
 def _check_chunk(chunk: AudioChunk) -> None:
@@ -154,7 +187,7 @@ class _Handler(AsyncEventHandler):
             if c.open > c.limit:
                 c.refused += 1
                 raise Refused("busy", f"wyoming.max_connections = {c.limit} are open; try again")
-            while (event := await async_read_event(self.bounded)) is not None:  # type: ignore[arg-type]
+            while (event := await self._read()) is not None:
                 if not await self.handle_event(event):
                     break
         except Refused as e:
@@ -166,6 +199,11 @@ class _Handler(AsyncEventHandler):
         finally:
             c.open -= 1
             self.writer.close()
+
+    async def _read(self) -> Event | None:
+        """The next event through the bounded reader (which refuses what the library would fail on); None once the
+        client closed."""
+        return await async_read_event(self.bounded)  # type: ignore[arg-type]
 
     async def handle_event(self, event: Event) -> bool:
         if Describe.is_type(event.type):

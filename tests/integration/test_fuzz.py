@@ -1,4 +1,5 @@
-"""A property-based fuzzer against the real daemon (a subprocess, loopback websockets).
+"""A property-based fuzzer against the real daemon (a subprocess, loopback websockets, its HTTP API and its Wyoming
+port).
 
 Frames come from the protocol's own published schema (valid messages, and the same with a field dropped, added or
 retyped), plus malformed ones: random JSON, text that is not JSON, deep nesting, huge numbers, NaN, duplicate keys,
@@ -11,22 +12,33 @@ text frames that are not UTF-8 and random binary. The properties:
 - the daemon never logs a traceback;
 - a watcher client subscribed to level events keeps receiving them, without a gap, the whole time.
 
+The OpenAI-compatible HTTP API gets fuzzed requests (methods, paths, Host and content headers, multipart forms of
+random and real audio, raw bytes, malformed request lines): every request gets a status the API documents, with an
+OpenAI-shaped JSON error body for the API's own refusals. The Wyoming port gets fuzzed events (every event type with
+random data, chunks of random formats and sizes, declared lengths past the cap, lines that are not JSON): each is
+followed by a `describe` barrier that must be answered with `info`, unless the daemon sent a documented `error`
+and closed the connection.
+
 hypothesis-jsonschema (0.23.1, the latest) fails on current hypothesis, so `from_schema` below covers the JSON
 Schema keywords our schema uses (and refuses any other, so nothing is silently left out).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import re
+import socket
 import threading
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import ASSET
-from daemon_harness import Daemon, tiny_asr_config
+from daemon_harness import Daemon, free_port, tiny_asr_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
@@ -316,6 +328,21 @@ def target(tiny: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
         tmp_path_factory.mktemp("fuzz"),
         tiny_asr_config(tiny)
         + f"""
+[wyoming]
+enabled = true
+port = {free_port()}
+max_event_bytes = 65536
+max_audio_s = 10
+
+[api]
+enabled = true
+port = {free_port()}
+max_upload_mb = 1
+max_audio_s = 30
+header_timeout_s = 1.0      # requests whose head or body never completes end in ~1-2 s, not 10-120
+body_timeout_s = 2.0
+max_connections = 64        # lingering refused requests (2 s each) would otherwise fill the cap and hide the handler
+
 [server]
 messages_per_s = 100000.0     # rate limits have their own test; here every frame must be handled
 messages_burst = 100000
@@ -379,3 +406,293 @@ def test_fuzzed_frames_get_documented_answers(target: Daemon) -> None:
     assert max(b - a for a, b in itertools.pairwise(watcher.times)) < 5.0
     status, health = target.health()
     assert status == 200 and health["ready"]
+
+
+# --- the HTTP API ------------------------------------------------------------------------------------------------
+
+API_STATUSES = {200, 400, 403, 404, 405, 408, 413, 503}  # the module docstring of daemon/delivery/transcriptions.py
+PARSER_STATUSES = {400, 413, 431}  # aiohttp's own answers to malformed HTTP (plain text, before the API runs)
+
+
+def _wav(seconds: float) -> bytes:
+    from speech_audio import wav_bytes
+
+    return wav_bytes(np.zeros(int(16000 * seconds), np.float32))
+
+
+def _multipart(fields: list[tuple[str, bytes, str | None]], boundary: str = "fz") -> bytes:
+    out = b""
+    for name, value, filename in fields:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+form_fields = st.lists(
+    st.tuples(
+        st.sampled_from(["file", "model", "language", "response_format", "prompt", "temperature", "x"]),
+        st.one_of(
+            st.binary(max_size=300),
+            st.sampled_from([b"json", b"text", b"verbose_json", b"srt", b"en", b"de", b"whisper-1"]),
+            st.floats(0.1, 3).map(_wav),
+        ),
+        st.one_of(st.none(), st.just("a.wav")),
+    ),
+    max_size=4,
+)
+
+
+@st.composite
+def http_requests(draw: st.DrawFn) -> bytes:
+    method = draw(st.sampled_from(["GET", "POST", "POST", "PUT", "DELETE", "OPTIONS", "HEAD", "BREW"]))
+    path = draw(
+        st.one_of(
+            st.sampled_from(["/v1/audio/transcriptions", "/v1/models", "/", "/v1/audio/transcriptions?x=1"]),
+            st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=30).map(lambda t: "/" + t),
+        )
+    )
+    host = draw(st.sampled_from(["localhost", "127.0.0.1:1", "evil.example", "[::1]", ""]))
+    kind = draw(st.sampled_from(["form", "form", "raw", "none"]))
+    headers = [f"Host: {host}"] if host else []
+    body = b""
+    if kind == "form":
+        body = _multipart(draw(form_fields))
+        headers.append(
+            draw(st.sampled_from(["Content-Type: multipart/form-data; boundary=fz", "Content-Type: text/plain"]))
+        )
+    elif kind == "raw":
+        body = draw(st.binary(max_size=2000))
+        headers.append("Content-Type: application/octet-stream")
+    if body or method == "POST":
+        length = draw(st.sampled_from([len(body), len(body), 0, 10**12]))
+        headers.append(f"Content-Length: {length}")
+    headers += draw(
+        st.lists(st.sampled_from(["X-A: b", "Transfer-Encoding: chunked", "Expect: 100-continue"]), max_size=2)
+    )
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(h + "\r\n" for h in headers) + "Connection: close\r\n\r\n"
+    return head.encode() + body
+
+
+@st.composite
+def known_http(draw: st.DrawFn) -> bytes:
+    """Well-formed transcription requests, so the fuzz also reaches decoding, the ASR and the success answers."""
+    fmt = draw(st.sampled_from([b"json", b"text", b"verbose_json"]))
+    seconds = draw(st.sampled_from([0.5, 2.0, 40.0]))  # 40 s: over api.max_audio_s = 30
+    body = _multipart([("file", _wav(seconds), "a.wav"), ("response_format", fmt, None), ("model", b"whisper-1", None)])
+    head = (
+        "POST /v1/audio/transcriptions HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
+        f"boundary=fz\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+malformed_http = st.one_of(
+    st.binary(min_size=1, max_size=300).map(lambda b: b + b"\r\n\r\n"),
+    st.sampled_from(
+        [
+            b"GET /v1/models\r\n\r\n",
+            b"GET /v1/models HTTP/9.9\r\nHost: localhost\r\n\r\n",
+            b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n" + b"X: " + b"a" * 20000 + b"\r\n\r\n",
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ]
+    ),
+)
+
+
+def http_exchange(port: int, request: bytes) -> tuple[int | None, bytes, bytes]:
+    """(status or None if the daemon closed without an answer, headers, body) of one request on its own
+    connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        with contextlib.suppress(OSError):  # the daemon may answer (and close) before reading a body it refuses
+            sock.sendall(request)
+        data = b""
+        try:  # the response: its head, then Content-Length bytes (or up to the close), skipping 100 Continue
+            while True:
+                while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                if not head.startswith(b"HTTP/1.1 100"):
+                    break
+                data = body
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if request.startswith(b"HEAD "):  # the answer to HEAD has no body, whatever Content-Length says
+                length, body = None, b""
+            while (
+                not request.startswith(b"HEAD ")
+                and (length is None or len(body) < int(length.group(1)))
+                and (chunk := sock.recv(65536))
+            ):
+                body += chunk
+        except (ConnectionResetError, TimeoutError):
+            head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1."):
+        return None, b"", data
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+def test_fuzzed_http_requests_get_documented_answers(target: Daemon) -> None:
+    port = target.health()[1]["endpoints"]["api"]["port"]
+    counts: dict[int | None, int] = {}
+    opts = dict(deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+    @settings(max_examples=max(1, EXAMPLES // 8), **opts)  # type: ignore[arg-type]
+    @given(st.one_of(http_requests(), known_http()))
+    def requests(request: bytes) -> None:
+        status, head, body = http_exchange(port, request)
+        counts[status] = counts.get(status, 0) + 1
+        assert status in API_STATUSES | PARSER_STATUSES, (request[:300], head, body[:300])
+        if request.startswith(b"HEAD "):
+            pass  # no body to read
+        elif status >= 400 and b"application/json" in head:
+            error = json.loads(body)["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+        elif status >= 400:
+            assert status in PARSER_STATUSES, (request[:300], head, body[:300])  # only aiohttp answers in text
+
+    @settings(max_examples=max(1, EXAMPLES // 30), **opts)  # type: ignore[arg-type]
+    @given(malformed_http)
+    def malformed(request: bytes) -> None:
+        status, head, body = http_exchange(port, request)
+        counts[status] = counts.get(status, 0) + 1
+        assert status is None or status in API_STATUSES | PARSER_STATUSES, (request[:200], head, body[:200])
+
+    requests()
+    malformed()
+    print(f"fuzz http: statuses {sorted(counts.items(), key=str)}")
+    log = target.log()
+    assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]
+    assert target.health()[1]["ready"]
+
+
+# --- Wyoming -----------------------------------------------------------------------------------------------------
+
+WYOMING_CODES = {"bad-audio", "bad-event", "too-large", "timeout", "busy", "audio-too-long"}
+
+
+def _wyoming_event(kind: str, data: dict[str, Any] | None, payload: bytes) -> bytes:
+    head: dict[str, Any] = {"type": kind}
+    body = json.dumps(data).encode() if data is not None else b""
+    if body:
+        head["data_length"] = len(body)
+    if payload:
+        head["payload_length"] = len(payload)
+    return json.dumps(head).encode() + b"\n" + body + payload
+
+
+audio_format = st.fixed_dictionaries(
+    {
+        "rate": st.one_of(st.sampled_from([8000, 16000, 44100]), st.integers(-10, 10**6), json_values),
+        "width": st.one_of(st.sampled_from([1, 2, 4]), st.integers(-2, 9)),
+        "channels": st.one_of(st.sampled_from([1, 2]), st.integers(-2, 9)),
+    }
+)
+wyoming_events = st.one_of(
+    st.tuples(
+        st.sampled_from(["describe", "transcribe", "audio-start", "audio-stop", "ping", "x"]),
+        st.one_of(st.none(), st.dictionaries(st.text(max_size=8), json_values, max_size=3)),
+        st.just(b""),
+    ),
+    st.tuples(st.just("audio-chunk"), audio_format, st.binary(max_size=3000)),
+    st.tuples(st.just("audio-chunk"), st.just({"rate": 16000, "width": 2, "channels": 1}), st.just(bytes(60000))),
+).map(lambda e: _wyoming_event(*e))
+# a whole request, so the fuzz also reaches the ASR and its transcript
+known_wyoming = st.just(
+    _wyoming_event("transcribe", {"language": "en"}, b"")
+    + _wyoming_event("audio-start", {"rate": 16000, "width": 2, "channels": 1}, b"")
+    + _wyoming_event("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, bytes(32000))
+    + _wyoming_event("audio-stop", None, b"")
+)
+wyoming_junk = st.one_of(
+    st.binary(max_size=200).map(lambda b: b.replace(b"\n", b"") + b"\n"),
+    st.sampled_from(
+        [
+            json.dumps({"type": "audio-chunk", "payload_length": 10**9}).encode() + b"\n",
+            json.dumps({"type": "transcribe", "data_length": 10**9}).encode() + b"\n",
+            json.dumps({"type": "transcribe", "data_length": 5}).encode() + b"\nnope!",
+            b"[1, 2]\n",
+            b'{"no_type": 1}\n',
+        ]
+    ),
+)
+
+
+class WyomingFuzzer:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.buf = b""
+        self.counts: dict[str, int] = {}
+
+    def _events(self) -> Any:
+        """Events from the daemon, as (type, data) until the connection closes."""
+        assert self.sock is not None
+        while True:
+            while b"\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\n", 1)
+            head = json.loads(line)
+            need = head.get("data_length", 0) + head.get("payload_length", 0)
+            while len(self.buf) < need:
+                chunk = self.sock.recv(65536)
+                assert chunk, "closed in the middle of an event"
+                self.buf += chunk
+            data = dict(head.get("data") or {})
+            if head.get("data_length"):
+                data.update(json.loads(self.buf[: head["data_length"]]))
+            self.buf = self.buf[need:]
+            yield head["type"], data
+
+    def send(self, raw: bytes) -> None:
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+            self.buf = b""
+        with contextlib.suppress(OSError):
+            self.sock.sendall(raw + _wyoming_event("describe", None, b""))
+        outcome = "closed"
+        errors = []
+        transcripts = 0
+        for kind, data in self._events():
+            if kind == "info":
+                outcome = "info" + (" after a transcript" if transcripts else "")
+                break
+            if kind == "error":
+                errors.append(data)
+            else:
+                assert kind == "transcript" and isinstance(data.get("text"), str), (raw[:200], kind, data)
+                transcripts += 1
+        if outcome == "closed":
+            self.sock.close()
+            self.sock = None
+            assert errors, f"closed without an error event after {raw[:200]!r}"
+            assert all(e.get("code") in WYOMING_CODES for e in errors), (raw[:200], errors)
+            outcome = errors[-1]["code"]
+        else:
+            assert all(e.get("code") in WYOMING_CODES for e in errors), (raw[:200], errors)
+            if errors:
+                outcome = "info after " + errors[-1]["code"]
+        self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+
+def test_fuzzed_wyoming_events_get_documented_answers(target: Daemon) -> None:
+    fuzzer = WyomingFuzzer(target.health()[1]["endpoints"]["wyoming"]["port"])
+    opts = dict(deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+    @settings(max_examples=max(1, EXAMPLES // 6), **opts)  # type: ignore[arg-type]
+    @given(st.one_of(st.lists(wyoming_events, min_size=1, max_size=4).map(b"".join), known_wyoming))
+    def events(raw: bytes) -> None:
+        fuzzer.send(raw)
+
+    @settings(max_examples=max(1, EXAMPLES // 30), **opts)  # type: ignore[arg-type]
+    @given(wyoming_junk)
+    def junk(raw: bytes) -> None:
+        fuzzer.send(raw)
+
+    events()
+    junk()
+    print(f"fuzz wyoming: outcomes {sorted(fuzzer.counts.items())}")
+    log = target.log()
+    assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]
+    assert target.health()[1]["ready"]

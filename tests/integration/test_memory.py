@@ -393,11 +393,9 @@ def test_metrics_count_what_happened(run: Run) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{run.daemon.port}/metrics", timeout=10) as r:
         assert r.headers["Content-Type"].startswith("text/plain")
         text = r.read().decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
+    families = list(text_string_to_metric_families(text))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for fam in families for s in fam.samples}
+    assert {f.name: f.type for f in families}["ltu_dropped"] == "counter"  # ltu_dropped_total, typed as it counts
     finals = len(of(run.events, "transcript.final"))
     assert samples[("ltu_finals_total", (("stream", "kitchen"),))] == finals >= 3
     assert samples[("ltu_windows_total", (("stream", "kitchen"),))] == 3
