@@ -398,7 +398,7 @@ class Service:
                 "busy_s": round(self.asr.busy_s, 3),
             },
             "streams": {name: p.health() for name, p in self.pipelines.items()},
-            "endpoints": {e.name: {"port": e.port, "stream": e.config.stream} for e in self.endpoints},
+            "endpoints": {e.name: {"port": e.port, "stream": e.config.stream, **e.stats()} for e in self.endpoints},
             "model": self.understanding.health() if self.understanding else {"enabled": False},
             "store": self.store.stats() if self.store else {"enabled": False},
             "alerts": {

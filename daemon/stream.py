@@ -234,18 +234,7 @@ class StreamPipeline:
         if self.vad.in_silence:  # the speculative final covers what a partial would say
             return
         self._partial_at = self.ring.end + self.partial_interval
-        self.asr.offer_partial(
-            AsrJob(
-                self.name,
-                index,
-                start,
-                self.ring.end,
-                self.ring.read(start, self.ring.end),
-                None,
-                time.monotonic(),
-                self._reply(),
-            )
-        )
+        self.asr.offer_partial(self._job(index, start, self.ring.end, None))
 
     async def _flush(self) -> None:
         for ev in self.vad.flush():

@@ -201,7 +201,8 @@ class WebsocketServer:
         self.connections: set[ServerConnection] = set()  # websocket connections: what max_clients bounds
         self.clients = 0  # connections past their hello
         self.rejected: collections.Counter[str] = collections.Counter()
-        self._log = EveryFew(log)
+        self._log = EveryFew(log)  # refusals: a flood of bad connections logs a line per 10 s, with a count
+        self._info = EveryFew(log, level=logging.INFO)
 
     @property
     def port(self) -> int:
@@ -346,7 +347,7 @@ class WebsocketServer:
             first = await asyncio.wait_for(conn.recv(), self.config.hello_timeout_s)
         except TimeoutError:
             self.rejected["handshake"] += 1
-            log.info("closed %s: no hello within %g s", _peer(conn), self.config.hello_timeout_s)
+            self._info.warn("no hello", "closed %s: no hello within %g s", _peer(conn), self.config.hello_timeout_s)
             await conn.close(CloseCode.HANDSHAKE, f"send hello within {self.config.hello_timeout_s:g} s")
             return None
         try:
@@ -367,7 +368,7 @@ class WebsocketServer:
                 )
         except ProtocolError as e:
             self.rejected["handshake"] += 1
-            log.info("closed %s: handshake failed: %s: %s", _peer(conn), e.code, e.message)
+            self._info.warn("handshake", "closed %s: handshake failed: %s: %s", _peer(conn), e.code, e.message)
             await conn.send(e.event().model_dump_json())
             await conn.close(CloseCode.HANDSHAKE, str(e.code))
             return None

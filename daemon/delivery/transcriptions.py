@@ -37,7 +37,7 @@ from ltu_as.model.audio import AudioTooLong, load_audio
 
 from ..clock import SAMPLE_RATE
 from ..config import ApiConfig
-from .floodlog import MalformedHttp
+from .floodlog import EveryFew, MalformedHttp
 from .hosts import host_allowed, refusal
 from .transcriber import AsrBusy, Transcriber
 
@@ -119,6 +119,7 @@ class TranscriptionApi:
         self.max_bytes = int(config.max_upload_mb * (1 << 20))
         self.created = int(time.time())
         self._decoding = asyncio.Semaphore(config.max_decodes)
+        self._log = EveryFew(log, level=logging.INFO)  # refusals: a flood of bad requests logs a line per 10 s
         self._server: _CappedServer | None = None
         self._runner: web.ServerRunner | None = None
         self._site: web.TCPSite | None = None
@@ -130,16 +131,17 @@ class TranscriptionApi:
         return int(sockets[0].getsockname()[1]) if sockets else self.config.port
 
     def stats(self) -> dict[str, int]:
+        """Connections open now, and refused at accept since start."""
         s = self._server
-        return {"connections": len(s.connections), "refused": s.refused} if s else {}
+        return {"connections": len(s.connections) if s else 0, "refused": s.refused if s else 0}
 
     async def start(self) -> None:
         c = self.config
-        # keepalive_timeout: aiohttp closes a connection still waiting for a request's headers (first or next)
-        # this long after it opened or after its last response: the header and idle timeout in one
         http_log = logging.getLogger("aiohttp.server")
         if not any(isinstance(f, MalformedHttp) for f in http_log.filters):
             http_log.addFilter(MalformedHttp())
+        # keepalive_timeout: aiohttp closes a connection still waiting for a request's headers (first or next)
+        # this long after it opened or after its last response: the header and idle timeout in one.
         # lingering_time: after answering a request whose body was not read (a refusal), aiohttp reads and drops
         # the rest for this long so the client sees the answer; 2 s instead of 10 keeps refused floods cheap
         self._server = _CappedServer(self._handle, c.max_connections, keepalive_timeout=c.header_timeout_s,
@@ -175,7 +177,7 @@ class TranscriptionApi:
             self._authorize(request)
             return await handler(request)
         except ApiError as e:
-            log.info("api: %d %s", e.status, e.message)
+            self._log.warn(str(e.status), "api: %d %s", e.status, e.message)
             return e.response()
 
     async def _models(self, request: web.BaseRequest) -> web.Response:

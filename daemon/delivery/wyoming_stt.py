@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
@@ -36,6 +36,7 @@ from wyoming.server import AsyncEventHandler, AsyncTcpServer
 
 from ..clock import SAMPLE_RATE
 from ..config import WyomingConfig
+from .floodlog import EveryFew
 from .transcriber import AsrBusy, Transcriber
 
 log = logging.getLogger(__name__)
@@ -84,11 +85,12 @@ class Refused(Exception):
 
 @dataclass
 class Connections:
-    """The connections open now, against `limit`."""
+    """The connections open now, against `limit`; refusals are logged at most once per 10 s each."""
 
     limit: int
     open: int = 0
     refused: int = 0
+    refusals_log: EveryFew = field(default_factory=lambda: EveryFew(log, level=logging.INFO))
 
 
 class _BoundedReader:
@@ -191,7 +193,7 @@ class _Handler(AsyncEventHandler):
                 if not await self.handle_event(event):
                     break
         except Refused as e:
-            log.info("wyoming: closed a connection: %s: %s", e.code, e.text)
+            c.refusals_log.warn(e.code, "wyoming: closed a connection: %s: %s", e.code, e.text)
             with contextlib.suppress(ConnectionError):
                 await self.write_event(Error(text=e.text, code=e.code).event())
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -266,6 +268,10 @@ class WyomingServer:
         self.config, self.desk, self.info = config, desk, info
         self.connections = Connections(config.max_connections)
         self._server = AsyncTcpServer(config.host, config.port)
+
+    def stats(self) -> dict[str, int]:
+        """Connections open now, and refused for being over `wyoming.max_connections` since start."""
+        return {"connections": self.connections.open, "refused": self.connections.refused}
 
     @property
     def port(self) -> int:

@@ -167,8 +167,8 @@ class AlertEngine:
         elif isinstance(event, SceneEvent):
             w = event.window
             ev = Evidence(id=w.id, stream=w.stream, start=w.start, end=w.end, wall_start=None, wall_end=None)
+            text = event.text[:MAX_MATCH_CHARS]
             for r in self._rules.values():
-                text = event.text[:MAX_MATCH_CHARS]
                 if r.rule.kind == "label" and r.pattern and r.watches(event.stream) and r.pattern.search(text):
                     self._hit(r, Hit(event.stream, event.time, w.start, event.text, window=ev))
         elif isinstance(event, LevelEvent):

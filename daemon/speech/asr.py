@@ -115,7 +115,7 @@ class AsrWorker:
         worker has ended (shutdown), the final replies at once, failed."""
         with self._cv:
             if self._ended:
-                job.reply(AsrResult(job, "", 0, 0.0, 0.0, failed=True))
+                _fail(job)
                 return True
             if len(self._finals) >= self.config.final_queue:
                 return False
@@ -151,7 +151,7 @@ class AsrWorker:
             if self._speculative.get(job.stream) is job:
                 del self._speculative[job.stream]
                 if self._ended:
-                    job.reply(AsrResult(job, "", 0, 0.0, 0.0, failed=True))
+                    _fail(job)
                 else:
                     self._finals.append(job)
                     self._cv.notify()
@@ -184,7 +184,7 @@ class AsrWorker:
                 len(dropped),
             )
         for job in dropped:  # a final is late or failed, never lost: its stream still closes the utterance
-            job.reply(AsrResult(job, "", 0, 0.0, time.monotonic() - job.submitted, failed=True))
+            _fail(job)
         if dropped:
             self._thread.join(LAST_DECODE_S)
         return len(dropped)
@@ -271,6 +271,11 @@ class AsrWorker:
                 log.exception("ASR failed on %s utterance %d", job.stream, job.index)
                 result.append(("", 0, True))
         return result
+
+
+def _fail(job: AsrJob) -> None:
+    """Reply to a final that will not be decoded (the worker ended first): failed, without text."""
+    job.reply(AsrResult(job, "", 0, 0.0, time.monotonic() - job.submitted, failed=True))
 
 
 def _oldest(pending: dict[str, AsrJob]) -> str:

@@ -111,8 +111,8 @@ def test_health_names_the_endpoints(endpoints: Endpoints) -> None:
     status, body = endpoints.d.health()
     assert status == 200
     assert body["endpoints"] == {
-        "wyoming": {"port": endpoints.wyoming, "stream": "wyoming"},
-        "api": {"port": endpoints.api, "stream": "api"},
+        "wyoming": {"port": endpoints.wyoming, "stream": "wyoming", "connections": 0, "refused": 0},
+        "api": {"port": endpoints.api, "stream": "api", "connections": 0, "refused": 0},
     }
 
 

@@ -496,6 +496,8 @@ def test_restart_keeps_history_and_the_broker_coming_back_loses_no_alert(run: Ru
     """The daemon restarts on the same store: what it knew is still searchable and ids continue. Then the broker
     goes away, an alert fires, the broker comes back: the alert arrives. Finally kill -9: the last will."""
     assert run.daemon.stop() == 0
+    assert "reconnecting with backoff" not in run.daemon.log()  # a clean stop is not a lost broker
+    assert "MQTT: disconnected from" in run.daemon.log()
     first_ids = {e["id"] for e in of(run.events, "window")}
     d = Daemon(
         run.tmp, config(tiny, run.tmp, run.broker.port, realtime=False, digest_every_s=3.0, clips_with_speech=False)
