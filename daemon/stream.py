@@ -10,7 +10,8 @@ loop after every item, so a backlog of queued audio never starves other clients.
 Which decode stands for which utterance, and the order finals leave in, is `speech.utterances` (a pure state
 machine). At `END` (a file source ran out, or the daemon stops) the open utterance is flushed to its final and,
 once every final is in, the stream's last window closes: the 10 s up to the stream's end, so the audio after the
-last full window is described and stored too.
+last full window is stored (with its transcript) and searchable too, and described when the model is still running
+(a file source that ended; at shutdown the model stops first).
 """
 
 from __future__ import annotations
