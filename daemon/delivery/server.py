@@ -29,7 +29,6 @@ from typing import Any, Protocol
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from .. import __version__
 from ..capture.audio import AudioFormatError
@@ -531,10 +530,9 @@ class WebsocketServer:
     async def _audio(self, client: Client, data: bytes) -> None:
         """One binary frame: paced first (frames per second), then decoded and queued, then held while the audio
         runs ahead of real time (`RemoteSource.push`). Pacing only reads this client's socket more slowly, and
-        ends when the connection closes (frames already received then are not decoded: nobody is left to tell)."""
-        if client.conn.state is not State.OPEN:
-            return
-        while wait := client.frames.take():
+        ends once the connection has closed: frames it sent before closing are still taken, without waiting
+        (a satellite that sends its last frames and closes loses nothing)."""
+        while not client.closed.done() and (wait := client.frames.take()):
             await asyncio.sleep(wait)
         remote = self.remotes.fed_by(client)
         if remote is None:
