@@ -14,7 +14,8 @@ full, or `api.max_connections` are open (with Retry-After).
 
 Bounded before work, whatever a client sends: a connection over `api.max_connections` gets a 503 at accept and is
 closed; one that has not sent its request's headers within `api.header_timeout_s` (also the idle keep-alive time)
-is closed; the body must arrive within `api.body_timeout_s` and within `api.max_upload_mb`; the audio's length is
+is closed; the body must arrive within `api.body_timeout_s` and within `api.max_upload_mb` (every form part read raw,
+in chunks, against that one budget: fields at most `FIELD_BYTES`, at most `MAX_PARTS` parts); the audio's length is
 read from the container before decoding (and decoding stops at `api.max_audio_s` when the container does not say),
 at most `api.max_decodes` at a time, in worker threads.
 """
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("json", "text", "verbose_json")
 FIELD_BYTES = 4096  # the largest non-file form field read
+MAX_PARTS = 32  # form parts in one request (the API takes five fields)
 
 
 class ApiError(Exception):
@@ -215,21 +217,27 @@ class TranscriptionApi:
             raise ApiError(400, f"malformed multipart body: {e}", "invalid_request") from e
         upload: bytes | None = None
         fields: dict[str, str] = {}
+        budget = self.max_bytes + (1 << 16)  # every part together, read raw (no Content-Encoding inflating here)
+        parts = 0
         while (part := await reader.next()) is not None:
+            parts += 1
+            if parts > MAX_PARTS:
+                raise ApiError(400, f"more than {MAX_PARTS} form parts", "invalid_request")
             if not isinstance(part, BodyPartReader):
-                continue  # a nested multipart: not part of this API
+                continue  # a nested multipart: not part of this API (the reader skips it, reading nothing in)
+            limit = self.max_bytes if part.name == "file" else FIELD_BYTES
+            data = bytearray()
+            while chunk := await part.read_chunk(1 << 16):
+                data += chunk
+                budget -= len(chunk)
+                if budget < 0 or (part.name == "file" and len(data) > limit):
+                    raise too_big
+                if len(data) > limit:
+                    raise ApiError(400, f"form field {part.name!r} is too long", "invalid_request", part.name)
             if part.name == "file":
-                data = bytearray()
-                while chunk := await part.read_chunk(1 << 16):
-                    data += chunk
-                    if len(data) > self.max_bytes:
-                        raise too_big
                 upload = bytes(data)
             elif part.name:
-                value = await part.read(decode=True)
-                if len(value) > FIELD_BYTES:
-                    raise ApiError(400, f"form field {part.name!r} is too long", "invalid_request", part.name)
-                fields[part.name] = value.decode("utf-8", "replace")
+                fields[part.name] = bytes(data).decode("utf-8", "replace")
         if not upload:
             raise ApiError(400, "no audio: the form needs a non-empty 'file' field", "invalid_request", "file")
         return upload, fields

@@ -117,7 +117,7 @@ class _BoundedReader:
             self._data_length = 0
             try:
                 ok = isinstance(json.loads(data), dict)
-            except ValueError:
+            except (ValueError, RecursionError):
                 ok = False
             if not ok:
                 raise Refused("bad-event", "an event's data must be a JSON object")
@@ -134,7 +134,7 @@ def _check_header(line: bytes) -> int:
     """Raises `Refused` (bad-event) for a header line that is not a Wyoming event; its data length."""
     try:
         head = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can read
         raise Refused("bad-event", "an event's header line must be JSON") from None
     if not isinstance(head, dict) or not isinstance(head.get("type"), str):
         raise Refused("bad-event", "an event's header must be a JSON object with a string type")

@@ -611,6 +611,7 @@ wyoming_junk = st.one_of(
             json.dumps({"type": "transcribe", "data_length": 5}).encode() + b"\nnope!",
             b"[1, 2]\n",
             b'{"no_type": 1}\n',
+            b"[" * 30000 + b"]" * 30000 + b"\n",
         ]
     ),
 )

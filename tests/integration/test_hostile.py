@@ -506,6 +506,60 @@ def test_http_api_refuses_hours_of_audio_before_decoding_it(target: Target, tmp_
     assert "declares 18000.0 s" in body["error"]["message"]
 
 
+def test_http_api_bounds_every_form_part_before_holding_it(target: Target) -> None:
+    """A form field other than `file` was read whole before its length was checked: with a chunked body (no
+    Content-Length to refuse early) a 50 MB `model` field was buffered, and `decode=True` would have inflated a
+    gzip-encoded one. Every part is now read raw in chunks, against one budget for the whole form."""
+
+    def chunked(body_parts: Any) -> tuple[int, bytes]:
+        s = _api(target)
+        s.sendall(
+            b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer " + TOKEN.encode()
+            + b"\r\nContent-Type: multipart/form-data; boundary=xx\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )  # fmt: skip
+        try:
+            for piece in body_parts:
+                s.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        except OSError:
+            pass  # the daemon answered and closed before the client was done: what this test wants
+        s.settimeout(10)
+        answer = b""
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except (TimeoutError, OSError):
+            pass
+        s.close()
+        return int(answer.split(b" ", 2)[1]), answer
+
+    def huge_field() -> Any:
+        yield b'--xx\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+        for _ in range(100 * 16):  # 100 MB of one field, 64 KB at a time
+            yield b"a" * 65536
+
+    peak = 0.0
+    sampling = threading.Event()
+
+    def sample() -> None:  # the daemon's memory while the field arrives: reading it whole shows as +100 MB
+        nonlocal peak
+        while not sampling.is_set():
+            peak = max(peak, target.rss_mb())
+            time.sleep(0.01)
+
+    many = b"".join(f'--xx\r\nContent-Disposition: form-data; name="f{i}"\r\n\r\nx\r\n'.encode() for i in range(40))
+    with attack(target):
+        before = target.rss_mb()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        status, answer = chunked(huge_field())
+        sampling.set()
+        sampler.join(5)
+        assert status == 400 and b"form field 'model' is too long" in answer, answer[:300]
+        assert peak - before < MEMORY_MB, f"a form field was held whole: +{peak - before:.0f} MB while it arrived"
+        status, answer = chunked([many + b"--xx--\r\n", b""])
+        assert status == 400 and b"more than 32 form parts" in answer, answer[:300]
+
+
 # --- Wyoming ---------------------------------------------------------------------------------------------------
 
 
@@ -572,6 +626,10 @@ def test_wyoming_checks_sizes_and_rates_before_any_work(target: Target) -> None:
         big.sendall(json.dumps({"type": "audio-chunk", "payload_length": 400 << 20}).encode() + b"\n" + bytes(1000))
         errors, closed = _errors(big)
         assert closed and [e["code"] for e in errors] == ["too-large"], errors
+        deep = _wyoming(target)  # nested past what json can read: a RecursionError, not a ValueError
+        deep.sendall(b"[" * 30000 + b"]" * 30000 + b"\n")
+        errors, closed = _errors(deep)
+        assert closed and [e["code"] for e in errors] == ["bad-event"], errors
         for rate in (1, 0, -5, "x", 10**9):
             s = _wyoming(target)
             s.sendall(_event("audio-start", {"rate": 16000, "width": 2, "channels": 1}))
