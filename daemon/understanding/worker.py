@@ -155,6 +155,11 @@ class ModelWorker:
             "max_positions": e.max_positions,
             "prefix_cache": len(e.prefixes),
             **e.counts,
+            **(
+                {}
+                if isinstance(e, VllmEngine)
+                else {"graphs_enabled": e.graphs, "graph_buckets": len(e.buckets()), "graph_error": e.graph_error}
+            ),
         }
 
     # --- thread ---
@@ -172,6 +177,7 @@ class ModelWorker:
             dtype=m.dtype,
             quantization=m.quantization,
             encoder_quantization=m.encoder_quantization,
+            int8_kernel=m.int8_kernel,
             llm_weights="embeddings" if remote else "all",
             progress=True,
         )
@@ -232,7 +238,7 @@ class ModelWorker:
             slots = min(c.max_slots, auto_slots(llm.config, positions, p.dtype, p.device, c.memory_fraction))
         else:
             slots = c.slots
-        return DecodeEngine(
+        engine = DecodeEngine(
             llm,
             slots=slots,
             max_positions=positions,
@@ -240,6 +246,11 @@ class ModelWorker:
             prefill_chunk=c.prefill_chunk,
             prefix_cache=c.prefix_cache,
         )
+        # on CUDA: every (rows, span) graph bucket captured now, at load, rather than inside the first answers
+        t0 = time.monotonic()
+        if engine.warm():
+            log.info("decode engine: %d CUDA graphs captured in %.1f s", engine.counts["graphs"], time.monotonic() - t0)
+        return engine
 
     def _run(self) -> None:
         try:

@@ -6,14 +6,19 @@ What it does, per `step()` (the caller's loop; no threads, no asyncio):
    waiting row may preempt a running row of a less urgent priority (the preempted row keeps what it generated,
    gives its slot back and is prefilled again from its prompt + its tokens when it returns);
 2. prefills newcomers, at most `prefill_chunk` positions per step in all, so a long prompt never stalls the running
-   rows for more than about one step; a row whose prefix (a window's audio tokens + the prompt's common start) was
-   prefilled before copies that KV from a bounded LRU instead of computing it;
+   rows for more than about one step, and up to `prefill_rows` of them in one padded forward; a row whose prefix (a
+   window's audio tokens + the prompt's common start) was prefilled before copies that KV from a bounded LRU instead
+   of computing it, and an uncached prefix is computed in the same pass as the rest of the prompt (its KV is copied
+   into the LRU once the pass has written it);
 3. runs one decode step for every running row: one forward of `[rows, 1]` through the LLaMA layers with SDPA over
    each row's own slot (no pads: a row's positions are 0..n-1 in its slot), then the logits pipeline
    (`sampling.choose`) on `[rows, vocab]` tensors and one device→host copy of the new tokens. The running rows
-   always hold slots 0..R-1 (rows are moved when others join or leave), so the step reads the KV as one view. On
+   always hold slots 0..R-1, so the step reads the KV as one view: a row that leaves has its slot filled by the
+   last running row (one move), a row that starts decoding moves into the first slot past the running ones (one
+   move, two when a prefilling row sits there), and newcomers take the highest free slots so they rarely do. On
    CUDA the step has static shapes (rows padded to a power of two, attention over a power-of-two span of
-   positions) and each (rows, span) bucket is captured once as a CUDA graph and replayed;
+   positions) and each (rows, span) bucket is a CUDA graph, captured by `warm()` before any work (at most
+   `max_graphs` of them) and replayed;
 4. retires rows on EOS, `max_new_tokens` (or the slot's end) or cancel.
 
 The layer math is the stock model's: its own modules (`input_layernorm`, `q/k/v/o_proj`, `rotary_emb`, `mlp`, ...)
@@ -162,8 +167,12 @@ class DecodeEngine:
     seed: seeds the generator of sampling rows that have no seed of their own.
     static: decode with static shapes (rows padded to a power of two, attention over a power-of-two span of
         positions): what a CUDA graph needs. Default: on CUDA. On CPU it runs eagerly (tests check it there).
-    graphs: capture each (rows, span) bucket of the static step as a CUDA graph on first use and replay it
-        (default: on CUDA). A capture that fails turns graphs off with a warning; decoding goes on eagerly.
+    graphs: run each (rows, span) bucket of the static step as a CUDA graph (default: on CUDA). `warm()` captures
+        them all up front; a bucket first met later is captured then (counted in `counts["late_captures"]`) while
+        fewer than `max_graphs` exist, else it runs eagerly. A capture that fails turns graphs off with a warning
+        (`graph_error` says why, `counts["graph_failures"]` counts it); decoding goes on eagerly.
+    max_graphs: the most graphs kept (each holds its own output buffers; intermediates share one memory pool).
+    prefill_rows: the most newcomers prefilled together in one forward (padded to the longest chunk).
     """
 
     def __init__(
@@ -178,9 +187,13 @@ class DecodeEngine:
         seed: int = 0,
         static: bool | None = None,
         graphs: bool | None = None,
+        max_graphs: int = 64,
+        prefill_rows: int = 16,
     ) -> None:
-        if slots < 1 or max_positions < 2 or prefill_chunk < 1:
-            raise ValueError("slots >= 1, max_positions >= 2 and prefill_chunk >= 1 are needed")
+        if slots < 1 or max_positions < 2 or prefill_chunk < 1 or prefill_rows < 1 or max_graphs < 0:
+            raise ValueError(
+                "slots >= 1, max_positions >= 2, prefill_chunk >= 1, prefill_rows >= 1 and max_graphs >= 0 are needed"
+            )
         self.llm = llm
         self.base = llm.model
         cfg = llm.config
@@ -192,6 +205,7 @@ class DecodeEngine:
         p = next(llm.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.slots, self.max_positions, self.prefill_chunk = slots, max_positions, prefill_chunk
+        self.prefill_rows, self.max_graphs = prefill_rows, max_graphs
         self.eos = int(eos_token_id)
         # one more position than a row can use: the scratch column padding rows of a static step write to
         shape = (len(self.layers), slots, self.kv_heads, max_positions + 1, self.head_dim)
@@ -223,13 +237,19 @@ class DecodeEngine:
         self._g_pos = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._graphs: dict[tuple[int, int], tuple[Any, torch.Tensor]] = {}
         self._pool: Any = None
+        self.graph_error: str | None = None  # why graphs were turned off, if they were
         self.counts = {
             "steps": 0,
             "prefix_hits": 0,
             "prefix_misses": 0,
             "preempted": 0,
             "prefill_tokens": 0,
-            "graphs": 0,
+            "prefill_forwards": 0,  # forwards that prefilled (one per step at most, however many rows)
+            "moves": 0,  # rows whose KV was copied to another slot to keep the running rows in 0..R-1
+            "moved_positions": 0,  # positions copied by those moves
+            "graphs": 0,  # buckets captured as CUDA graphs
+            "late_captures": 0,  # of those, captured mid-run (not by `warm()`)
+            "graph_failures": 0,
         }
 
     # --- the caller's side ------------------------------------------------------------------------------------------
@@ -321,7 +341,8 @@ class DecodeEngine:
         self.waiting.append(row)
 
     def _take_slot(self, row: Row) -> None:
-        slot = self.owner.index(None)
+        # the highest free slot: the running rows hold the lowest ones, so a newcomer rarely has to move
+        slot = max(i for i, r in enumerate(self.owner) if r is None)
         self.owner[slot] = row
         row.slot, row.state, row.filled = slot, "prefill", 0
         o, opts = self._opt, row.request.options
@@ -342,32 +363,48 @@ class DecodeEngine:
         row.slot = None
 
     def _layout(self) -> None:
-        """Move rows so that the running ones hold slots 0..R-1 and the prefilling ones the slots after them: a
-        decode step then reads its KV as one view `[0:R]` (and a captured graph always the same addresses). Moves
-        happen only when rows join or leave, and copy only the positions a moved row has filled."""
-        holders = [r for r in self.owner if r is not None]
-        order = [r for r in holders if r.state == "running"] + [r for r in holders if r.state != "running"]
-        moves = [(r, r.slot, new) for new, r in enumerate(order) if r.slot != new]
-        if not moves:
+        """Move rows so that the running ones hold slots 0..R-1 (a decode step then reads its KV as one view `[0:R]`,
+        and a captured graph always the same addresses). Only a running row past R-1 moves, into a slot below R that
+        no running row holds (a departed row's, or a prefilling row's, which then takes the mover's old slot): one
+        move per departure or arrival, copying only the positions each moved row has filled."""
+        running = [r for r in self.owner if r is not None and r.state == "running"]
+        n = len(running)
+        movers = [r for r in running if r.slot is not None and r.slot >= n]
+        if not movers:
             return
+        holes = [s for s in range(n) if self.owner[s] is None or self.owner[s].state != "running"]  # type: ignore[union-attr]
+        for row, hole in zip(movers, holes, strict=True):
+            assert row.slot is not None
+            self._exchange(row.slot, hole)
+
+    def _exchange(self, a: int, b: int) -> None:
+        """Swap what slots a and b hold (KV up to each row's `filled`, and the per-slot decoding state)."""
         per_slot = (self.seen, self.tok, self.pos, *self._opt.values())
-        saved = [
-            (
-                r,
-                new,
-                self.k[:, old, :, : r.filled].clone(),
-                self.v[:, old, :, : r.filled].clone(),
-                [t[old].clone() for t in per_slot],
+        ra, rb = self.owner[a], self.owner[b]
+        saved = []
+        for row, src, dst in ((ra, a, b), (rb, b, a)):
+            if row is None:
+                continue
+            n = row.filled
+            saved.append(
+                (
+                    row,
+                    dst,
+                    self.k[:, src, :, :n].clone(),
+                    self.v[:, src, :, :n].clone(),
+                    [t[src].clone() for t in per_slot],
+                )
             )
-            for r, old, new in moves
-        ]
-        for r, new, k, v, rest in saved:
-            self.k[:, new, :, : r.filled] = k
-            self.v[:, new, :, : r.filled] = v
+        for row, dst, k, v, rest in saved:
+            n = k.shape[2]
+            self.k[:, dst, :, :n] = k
+            self.v[:, dst, :, :n] = v
             for t, x in zip(per_slot, rest, strict=True):
-                t[new] = x
-            r.slot = new
-        self.owner = order + [None] * (self.slots - len(order))
+                t[dst] = x
+            row.slot = dst
+            self.counts["moves"] += 1
+            self.counts["moved_positions"] += n
+        self.owner[a], self.owner[b] = rb, ra
 
     def _finish(self, row: Row, reason: Finish, out: list[Output], token: int | None = None) -> None:
         if row.slot is not None:
@@ -399,21 +436,24 @@ class DecodeEngine:
         h: torch.Tensor,
         positions: torch.Tensor,
         slots: torch.Tensor | slice,
-        write: int | torch.Tensor,
+        write: torch.Tensor,
         mask: torch.Tensor,
         length: int,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The LLaMA layers on `h` `[R, S, d]` at `positions` `[R, S]`, over the KV of `slots` (R of them).
 
-        write: an int `start` for the prefill of one row (its S positions go to start..start+S-1 of its slot), or
-            the `[R]` slot indices of decoding rows (one position each, at `positions[:, 0]`).
+        write: the `[R]` slot indices the rows' new K and V go to, each at its `positions` (a padding position is
+            `max_positions`: the scratch column no real row reads).
         mask: `[R, 1, S, length]`, True = attend, over the first `length` positions of each slot.
+        last: `[R]` index of each row's last real position in S (None: S - 1 for every row).
 
         Returns the final-norm hidden state of each row's last position, `[R, d]`.
         """
         r, s, _ = h.shape
         cos, sin = self.base.rotary_emb(h, positions)
         groups = self.heads // self.kv_heads
+        rows = write[:, None]  # [R, 1] with positions [R, S]: index_put writes [R, S, heads, head_dim]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -422,30 +462,31 @@ class DecodeEngine:
             v = attn.v_proj(x).view(r, s, self.kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             kc, vc = self.k[i], self.v[i]
-            if isinstance(write, int):
-                kc[slots, :, write : write + s] = k
-                vc[slots, :, write : write + s] = v
-            else:
-                kc[write, :, positions[:, 0]] = k[:, :, 0]
-                vc[write, :, positions[:, 0]] = v[:, :, 0]
+            kc[rows, :, positions] = k.transpose(1, 2)
+            vc[rows, :, positions] = v.transpose(1, 2)
             keys, values = kc[slots, :, :length], vc[slots, :, :length]
             o = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=groups > 1
             )
             h = h + attn.o_proj(o.transpose(1, 2).reshape(r, s, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.base.norm(h[:, -1])
+        return self.base.norm(h[:, -1] if last is None else h[self._arange[:r], last])
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm.lm_head(hidden).float()  # [R, vocab]
 
     def _prefill(self) -> list[tuple[Row, torch.Tensor]]:
-        """Prefill newcomers within the step's budget. Returns the rows whose prompt is now complete with the
-        logits `[1, vocab]` of their first token (chosen together with the decode step's, one sync for both)."""
-        fresh: list[tuple[Row, torch.Tensor]] = []
+        """Prefill newcomers within the step's budget, up to `prefill_rows` of them in one forward. Returns the
+        rows whose prompt is now complete with the logits `[1, vocab]` of their first token (chosen together with
+        the decode step's, one sync for both)."""
+        chunks: list[tuple[Row, int, int]] = []  # (row, first position, end) of this step's part of each prompt
         budget = self.prefill_chunk
-        for row in [r for r in self.owner if r is not None and r.state == "prefill"]:
-            if budget <= 0:
+        # most urgent first (a question before a scene), then oldest: slots say nothing about order
+        prefilling = sorted(
+            (r for r in self.owner if r is not None and r.state == "prefill"), key=lambda r: (r.request.priority, r.seq)
+        )
+        for row in prefilling:
+            if budget <= 0 or len(chunks) >= self.prefill_rows:
                 break
             slot = row.slot
             assert slot is not None
@@ -458,17 +499,21 @@ class DecodeEngine:
                 row.filled = cut
                 self.counts["prefix_hits"] += 1
             end = min(row.target, row.filled + budget)
-            if key is not None and row.filled < cut:
-                end = min(end, cut)  # stop at the prefix's end once, to keep a copy of it
-            n = end - row.filled
-            h = self._embeds(row, row.filled, end)[None]
-            positions = torch.arange(row.filled, end, device=self.device)[None]
-            causal = torch.arange(end, device=self.device)[None, :] <= positions[0, :, None]  # [n, end]
-            hidden = self._forward(h, positions, slice(slot, slot + 1), row.filled, causal[None, None], end)
+            chunks.append((row, row.filled, end))
+            budget -= end - row.filled
+        if not chunks:
+            return []
+        hidden = self._prefill_forward(chunks)
+        self.counts["prefill_forwards"] += 1
+        done: list[tuple[int, Row]] = []
+        for i, (row, start, end) in enumerate(chunks):
+            slot = row.slot
+            assert slot is not None
             row.filled = end
-            budget -= n
-            self.counts["prefill_tokens"] += n
-            if key is not None and end == cut and key not in self.prefixes:
+            self.counts["prefill_tokens"] += end - start
+            key, cut = self._prefix(row)
+            if key is not None and start < cut <= end and key not in self.prefixes:
+                # this pass wrote the whole prefix: keep a copy for the next question about the same window
                 self.counts["prefix_misses"] += 1
                 self.prefixes[key] = (self.k[:, slot, :, :cut].clone(), self.v[:, slot, :, :cut].clone())
                 while len(self.prefixes) > self.prefix_cache_size:
@@ -481,8 +526,30 @@ class DecodeEngine:
                 self.tok[slot] = row.generated[-1]
                 row.state = "running"
                 continue
-            fresh.append((row, self._logits(hidden)))
-        return fresh
+            done.append((i, row))
+        if not done:
+            return []
+        logits = self._logits(hidden[torch.tensor([i for i, _ in done], device=self.device)])
+        return [(row, logits[j : j + 1]) for j, (_, row) in enumerate(done)]
+
+    def _prefill_forward(self, chunks: list[tuple[Row, int, int]]) -> torch.Tensor:
+        """One forward over every chunk `(row, start, end)`: positions start..end-1 of each row, padded to the
+        longest chunk (pads sit at the scratch position). Returns the hidden state of each chunk's last position,
+        `[len(chunks), d]`."""
+        n = len(chunks)
+        width = max(end - start for _, start, end in chunks)
+        length = max(end for _, _, end in chunks)
+        positions = torch.full((n, width), self.max_positions, dtype=torch.long, device=self.device)
+        h = torch.zeros((n, width, self.llm.config.hidden_size), dtype=self.dtype, device=self.device)
+        for i, (row, start, end) in enumerate(chunks):
+            h[i, : end - start] = self._embeds(row, start, end)
+            positions[i, : end - start] = self._arange[start:end]
+        slots = torch.tensor([row.slot for row, _, _ in chunks], dtype=torch.long, device=self.device)
+        last = torch.tensor([end - start - 1 for _, start, end in chunks], dtype=torch.long, device=self.device)
+        # causal over each row's own slot: a real position p attends 0..p (earlier chunks' KV and this one's); a pad
+        # (position max_positions) attends everything and is never read
+        mask = (self._arange[None, None, :length] <= positions[:, :, None])[:, None]  # [n, 1, width, length]
+        return self._forward(h, positions, slots, slots, mask, length, last)
 
     def _prefix(self, row: Row) -> tuple[Hashable | None, int]:
         """The row's prefix cache key (None: not cached) and how many positions it covers."""
@@ -524,11 +591,56 @@ class DecodeEngine:
         for row, tok in zip(rows, self._choose(rows, logits, slots), strict=True):
             self._emit(row, tok, out)
 
+    def _bucket(self, rows: int, length: int) -> tuple[int, int]:
+        """The static step's shape for `rows` rows attending `length` positions: rows → a power of two ≤ slots,
+        span → a power of two ≥ 64 and ≤ max_positions."""
+        return min(_pow2(rows), self.slots), min(max(_pow2(length), 64), self.max_positions)
+
+    def buckets(self, rows: int | None = None, length: int | None = None) -> list[tuple[int, int]]:
+        """Every (rows, span) bucket a step with at most `rows` rows and `length` positions can use (default: the
+        engine's slots and max_positions), shortest spans first."""
+        rows = self.slots if rows is None else max(1, min(rows, self.slots))
+        length = self.max_positions if length is None else max(1, min(length, self.max_positions))
+        bs = sorted({self._bucket(r, 1)[0] for r in range(1, rows + 1)})
+        spans = sorted({self._bucket(1, n)[1] for n in range(1, length + 1)})
+        return [(b, span) for span in spans for b in bs]
+
+    def warm(
+        self, rows: int | None = None, length: int | None = None, only: Sequence[tuple[int, int]] | None = None
+    ) -> int:
+        """Capture the CUDA graph of every bucket of `buckets(rows, length)` (or of `only`) now, before any timed
+        or served work (at most `max_graphs` in all); returns how many graphs exist. A no-op without graphs. Safe
+        at any time: the capture's warm-up passes write only the scratch position."""
+        if not self.graphs:
+            return 0
+        for b, span in self.buckets(rows, length) if only is None else only:
+            if (b, span) in self._graphs:
+                continue
+            if len(self._graphs) >= self.max_graphs:
+                break
+            self._g_tok.zero_()
+            self._g_pos.fill_(self.max_positions)
+            if self._capture_bucket(b, span) is None:
+                break
+        return len(self._graphs)
+
+    def _capture_bucket(self, b: int, span: int) -> tuple[Any, torch.Tensor] | None:
+        try:
+            entry = self._capture(b, span)
+        except Exception as e:  # a graph is an optimisation: decode on without it
+            self.graph_error = f"{type(e).__name__}: {e}"[:300]
+            self.counts["graph_failures"] += 1
+            log.warning("CUDA graph capture failed (%s); decoding without graphs", self.graph_error)
+            self.graphs = False
+            return None
+        self._graphs[(b, span)] = entry
+        self.counts["graphs"] = len(self._graphs)
+        return entry
+
     def _static_step(self, r: int, length: int) -> torch.Tensor:
-        """Logits `[r, vocab]` of the decode step of rows 0..r-1 through the static-shape step of bucket
-        (rows → power of two ≤ slots, span → power of two ≥ 64 ≤ max_positions); a graph replay where enabled."""
-        b = min(_pow2(r), self.slots)
-        span = min(max(_pow2(length), 64), self.max_positions)
+        """Logits `[r, vocab]` of the decode step of rows 0..r-1 through the static-shape step of its bucket
+        (`_bucket`); a graph replay where one is captured (see `graphs`)."""
+        b, span = self._bucket(r, length)
         self._g_tok[:r] = self.tok[:r]
         self._g_pos[:r] = self.pos[:r]
         if b > r:  # padding rows: token 0 at the scratch position, never read by a real row
@@ -536,18 +648,15 @@ class DecodeEngine:
             self._g_pos[r:b] = self.max_positions
         if self.graphs:
             entry = self._graphs.get((b, span))
-            if entry is None:
-                try:
-                    entry = self._capture(b, span)
-                except Exception as e:  # a graph is an optimisation: decode on without it
-                    log.warning("CUDA graph capture failed (%s: %s); decoding without graphs", type(e).__name__, e)
-                    self.graphs = False
-                    return self._static_forward(b, span)[:r]
-                self._graphs[(b, span)] = entry
-                self.counts["graphs"] = len(self._graphs)
-            graph, out = entry
-            graph.replay()
-            return out[:r]
+            if entry is None and len(self._graphs) < self.max_graphs:
+                # not warmed: captured now (the warm-up passes write this step's own KV, so they are harmless)
+                entry = self._capture_bucket(b, span)
+                if entry is not None:
+                    self.counts["late_captures"] += 1
+            if entry is not None:
+                graph, out = entry
+                graph.replay()
+                return out[:r]
         return self._static_forward(b, span)[:r]
 
     def _static_forward(self, b: int, span: int) -> torch.Tensor:

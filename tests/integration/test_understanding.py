@@ -177,6 +177,10 @@ def test_windows_scenes_and_answers(daemon: Daemon, loaded, speech: np.ndarray) 
     engine = model["engine"]
     assert engine["slots"] == 2 and engine["used"] == 0 and engine["waiting"] == 0  # every slot came back
     assert engine["prefix_hits"] > 0  # questions about talk:w1 reused its audio-token KV
+    # the engine's costs and graphs, reported: prefills batched, moves counted; on CPU no graphs, and it says so
+    assert 0 < engine["prefill_forwards"] <= engine["steps"] and engine["moves"] >= 0
+    assert engine["graphs"] == 0 and engine["graphs_enabled"] is False and engine["graph_error"] is None
+    assert engine["graph_buckets"] >= 1 and engine["late_captures"] == 0
 
 
 def test_ltu_ask_cli(daemon: Daemon) -> None:

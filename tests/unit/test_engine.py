@@ -276,3 +276,186 @@ def test_one_choice_and_one_host_copy_per_step(loaded, setup, monkeypatch: pytes
         if not e.has_work():
             break
     assert 4 in calls  # one choice covered the decoding row and the three fresh ones
+
+
+def test_a_departing_row_costs_one_move(loaded, setup) -> None:
+    """The running rows stay in slots 0..R-1 by moving the last running row into a departed row's slot: one move
+    per departure, whatever slot it left (the earlier layout shifted every later row). Eight rows join together
+    (newcomers take the highest free slots, so row i sits in slot 7 - i) and leave front first; every slot
+    exchange is counted, and the tokens stay right."""
+    feats, _, prompts = setup
+    caps = [25, 22, 19, 16, 13, 10, 7, 4]  # row 7, in slot 0, ends first
+    e = engine(loaded, slots=8, prefill_chunk=4000)
+    rows = [e.submit(request(setup, i % 4, GREEDY.replace(max_new_tokens=caps[i]))) for i in range(8)]
+    copies: list[tuple[int, int]] = []  # every slot exchange
+    original = e._exchange
+
+    def spy(a: int, b: int) -> None:
+        copies.append((a, b))
+        original(a, b)
+
+    e._exchange = spy  # type: ignore[method-assign]
+    departures = 0
+    while e.has_work():
+        before = sum(r.state == "done" for r in rows)
+        e.step()
+        departures += sum(r.state == "done" for r in rows) - before
+        if e.counts["steps"] == 1:
+            assert [r.slot for r in rows] == list(range(7, -1, -1)) and not copies
+    assert departures == 8
+    # each departure from the front cost one move (the old layout: one per row behind it, 28 here)
+    assert 0 < len(copies) == e.counts["moves"] <= departures
+    assert e.counts["moved_positions"] > 0 and e.used == 0
+    for i, row in enumerate(rows):
+        assert row.generated == reference(loaded, feats, prompts[i % 4], GREEDY.replace(max_new_tokens=caps[i]), i % 2)
+
+
+def test_each_departure_is_one_move_in_a_full_batch(loaded, setup) -> None:
+    """Eight rows run; the row in slot 0 leaves first: one row (the last) moves into slot 0, not seven."""
+    e = engine(loaded, slots=8, prefill_chunk=4000)
+    long = GREEDY.replace(max_new_tokens=30)
+    rows = [e.submit(request(setup, i % 4, long)) for i in range(8)]
+    while any(r.state != "running" for r in rows):
+        e.step()
+    assert sorted(r.slot for r in rows) == list(range(8)) and e.counts["moves"] == 0
+    front = next(r for r in rows if r.slot == 0)
+    back = next(r for r in rows if r.slot == 7)
+    filled = back.filled
+    e.cancel(front)
+    e.step()
+    assert e.counts["moves"] == 1 and back.slot == 0 and e.counts["moved_positions"] == filled
+    e.cancel(next(r for r in rows if r.slot == 6))  # the last slot leaving moves nobody
+    e.step()
+    assert e.counts["moves"] == 1
+
+
+@pytest.mark.parametrize("key", [True, False], ids=["cached-prefix", "no-prefix"])
+def test_batched_prefill_equals_row_by_row(loaded, setup, key: bool) -> None:
+    """Four prompts of different lengths prefilled in one padded forward give the KV, the first-token logits and
+    the tokens of the same prompts prefilled one row per forward (and of the model's own `stream`)."""
+    feats, _, prompts = setup
+    engines = {n: engine(loaded, prefill_chunk=4000, prefill_rows=n) for n in (1, 4)}
+    rows = {n: [e.submit(request(setup, i, key=key)) for i in range(4)] for n, e in engines.items()}
+    firsts: dict[int, list[Any]] = {}
+    for n, e in engines.items():
+        captured: list[torch.Tensor] = []
+        original = e._prefill
+
+        def spy(original=original, captured=captured):  # type: ignore[no-untyped-def]
+            fresh = original()
+            captured += [lg for _, lg in fresh]
+            return fresh
+
+        e._prefill = spy  # type: ignore[method-assign]
+        while any(r.state != "running" for r in rows[n]):
+            e.step()
+        firsts[n] = captured
+    # one forward per row against one for all four
+    assert engines[1].counts["prefill_forwards"] == 4 and engines[4].counts["prefill_forwards"] == 1
+    for a, b in zip(rows[1], rows[4], strict=True):
+        n = a.prompt_len  # the prompt's KV (rows prefilled earlier have decoded a step or more since)
+        torch.testing.assert_close(engines[4].k[:, b.slot, :, :n], engines[1].k[:, a.slot, :, :n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(engines[4].v[:, b.slot, :, :n], engines[1].v[:, a.slot, :, :n], atol=1e-5, rtol=1e-4)
+    for x, y in zip(firsts[1], firsts[4], strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+    for e in engines.values():
+        while e.has_work():
+            e.step()
+    for i in range(4):
+        assert rows[1][i].generated == rows[4][i].generated == reference(loaded, feats, prompts[i], clip=i % 2)
+
+
+def test_an_uncached_prefix_is_prefilled_in_one_pass(loaded, setup) -> None:
+    """A question about a new window: prefix and question in one forward, and the prefix's KV is kept for the
+    next question about that window, which then prefills only its own positions."""
+    feats, _, prompts = setup
+    e = engine(loaded, prefill_chunk=4000)
+    first = e.submit(request(setup, 0))
+    e.step()
+    assert e.counts["prefill_forwards"] == 1 and e.counts["prefix_misses"] == 1 and len(e.prefixes) == 1
+    assert e.counts["prefill_tokens"] == first.prompt_len
+    second = e.submit(request(setup, 2))  # the same window (clip 0), another question
+    while e.has_work():
+        e.step()
+    assert e.counts["prefix_hits"] == 1 and e.counts["prefill_tokens"] == first.prompt_len + second.prompt_len - 28
+    assert second.generated == reference(loaded, feats, prompts[2], clip=0)
+
+
+class _FakeGraph:
+    """Stands in for `torch.cuda.CUDAGraph` on CPU (no CUDA here): `replay` reruns the captured static step into
+    the same output buffer, as a replay recomputes into the graph's own memory."""
+
+    def __init__(self, run: Any, out: torch.Tensor) -> None:
+        self.run, self.out = run, out
+
+    def replay(self) -> None:
+        self.out.copy_(self.run())
+
+
+def _fake_capture(self: DecodeEngine, b: int, span: int) -> tuple[Any, torch.Tensor]:
+    out = self._static_forward(b, span)
+    return _FakeGraph(lambda: self._static_forward(b, span), out), out
+
+
+def test_graph_buckets_are_captured_up_front_bounded_and_reported(
+    loaded, setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`warm()` captures every (rows, span) bucket before any work, at most `max_graphs`; steps then replay them
+    without a late capture; the counts say how many. (The capture is a CPU stand-in: no CUDA here.)"""
+    feats, _, prompts = setup
+    monkeypatch.setattr(DecodeEngine, "_capture", _fake_capture)
+    e = engine(loaded, slots=4, max_positions=200, static=True)
+    e.graphs = True
+    assert e.buckets() == [(b, s) for s in (64, 128, 200) for b in (1, 2, 4)]
+    assert e.buckets(rows=2, length=100) == [(1, 64), (2, 64), (1, 128), (2, 128)]
+    assert e.warm() == 9 and e.counts["graphs"] == 9 and e.counts["late_captures"] == 0
+    rows = [e.submit(request(setup, i)) for i in range(4)]
+    while e.has_work():
+        e.step()
+    assert e.counts["graphs"] == 9 and e.counts["late_captures"] == 0 and e.graphs
+    for i, row in enumerate(rows):
+        assert row.generated == reference(loaded, feats, prompts[i], clip=i % 2)
+
+    bounded = engine(loaded, slots=4, max_positions=200, static=True, max_graphs=4)
+    bounded.graphs = True
+    assert bounded.warm() == 4
+    rows = [bounded.submit(request(setup, i)) for i in range(4)]
+    while bounded.has_work():
+        bounded.step()
+    assert bounded.counts["graphs"] == 4 and bounded.counts["late_captures"] == 0  # the rest ran eagerly
+    for i, row in enumerate(rows):
+        assert row.generated == reference(loaded, feats, prompts[i], clip=i % 2)
+
+
+def test_a_failed_capture_is_reported_and_decoding_goes_on(loaded, setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    feats, _, prompts = setup
+
+    def broken(self: DecodeEngine, b: int, span: int) -> Any:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DecodeEngine, "_capture", broken)
+    e = engine(loaded, static=True)
+    e.graphs = True
+    assert e.warm() == 0
+    assert not e.graphs and e.counts["graph_failures"] == 1 and "not permitted" in (e.graph_error or "")
+    row = e.submit(request(setup, 0))
+    while e.has_work():
+        e.step()
+    assert row.generated == reference(loaded, feats, prompts[0])
+
+
+def test_the_most_urgent_newcomer_is_prefilled_first(loaded, setup) -> None:
+    """Prefill budget goes by priority then age, not by slot: a question submitted after three scenes, in the same
+    step, gets its first token before any of them (prefill_chunk 16 makes each prompt take several steps)."""
+    feats, _, prompts = setup
+    e = engine(loaded, prefill_chunk=16)
+    scenes = [e.submit(request(setup, i, priority=SCENE)) for i in (1, 2, 3)]
+    question = e.submit(request(setup, 0, priority=QUESTION))
+    while not question.generated:
+        e.step()
+        assert not any(s.generated for s in scenes)
+    while e.has_work():
+        e.step()
+    assert question.generated == reference(loaded, feats, prompts[0])
+    for i, s in zip((1, 2, 3), scenes, strict=True):
+        assert s.generated == reference(loaded, feats, prompts[i], clip=i % 2)
