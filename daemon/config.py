@@ -161,6 +161,9 @@ class ModelConfig(_Section):
     # the Whisper encoder's linear layers: "int8" halves its 1.2 GiB on a GPU (for 8 GB cards); its features then
     # differ from fp32/bf16 by about 1 % per layer (docs/performance.md)
     encoder_quantization: Literal["none", "int8"] = "none"
+    # how int8 LLM layers multiply: "auto" (torchao's Int8Tensor on CUDA, aten's int8pack kernel on CPU),
+    # "torchao", "aten", or "compiled" (a torch.compile'd dequant + matmul); bench/gpu_check.py times each
+    int8_kernel: Literal["auto", "torchao", "aten", "compiled"] = "auto"
 
 
 class LlmConfig(_Section):

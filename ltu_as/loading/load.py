@@ -185,11 +185,15 @@ class LoadedModel:
 
 
 def quantize_for_inference(
-    model: LtuAsForConditionalGeneration, quantization: str, encoder_quantization: str = "none"
+    model: LtuAsForConditionalGeneration,
+    quantization: str,
+    encoder_quantization: str = "none",
+    int8_kernel: str = "auto",
 ) -> int:
     """Merge LoRA into the LLM, then quantize its linear layers (`ltu_as.loading.quantize`), and the Whisper
     encoder's with `encoder_quantization` ("none" or "int8"); returns how many layers in all. The model is then for
-    inference only (`unmerge_lora` refuses). An unknown mode raises ValueError before anything changes."""
+    inference only (`unmerge_lora` refuses). An unknown mode raises ValueError before anything changes.
+    `int8_kernel` ("auto", "torchao", "aten", "compiled"): how the LLM's int8 layers multiply (`quantize_linears`)."""
     if quantization not in MODES:
         raise ValueError(f"model.quantization must be one of {', '.join(MODES)}, not {quantization!r}")
     if encoder_quantization not in ENCODER_MODES:
@@ -202,7 +206,8 @@ def quantize_for_inference(
         if llm_dtype != model.llm_dtype:  # a model loaded unquantized (`ltu-as eval`): as the daemon would load it
             model.language_model.to(llm_dtype)
         model.merge_lora()
-        n = quantize_linears(model.llm, quantization, model.device)
+        kernel = None if int8_kernel == "auto" else int8_kernel
+        n = quantize_linears(model.llm, quantization, model.device, int8_kernel=kernel)  # type: ignore[arg-type]
         model.quantization = quantization
         log.info("LLM quantized to %s: %d linear layers", quantization, n)
     if encoder_quantization != "none":
@@ -222,6 +227,7 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     quantization: str = "none",
     encoder_quantization: str = "none",
+    int8_kernel: str = "auto",
     llm_weights: str = "all",
     progress: bool = True,
 ) -> LoadedModel:
@@ -233,6 +239,7 @@ def load_model(
     `quantization` ("none", "int8", "int4"): merge LoRA and quantize the LLM's linear layers for inference
     (`ltu_as.loading.quantize`); on CPU a quantized LLM computes in bf16 while the audio path keeps `dtype`
     (fp32 by default there). `encoder_quantization` ("none", "int8"): the Whisper encoder's linear layers too.
+    `int8_kernel`: how int8 LLM layers multiply (`quantize_linears`; "auto": torchao on CUDA, aten on CPU).
     `llm_weights="embeddings"`: only the LLM's token embeddings are loaded (for a remote LLM); its LoRA is not
     loaded either.
     """
@@ -262,5 +269,5 @@ def load_model(
     # The LLM folder was resolved while loading; transformers records it as the model's name_or_path.
     processor = LtuAsProcessor.from_pretrained(model.llm.name_or_path, model.config)
     if quantization != "none" or encoder_quantization != "none":
-        quantize_for_inference(model, quantization, encoder_quantization)
+        quantize_for_inference(model, quantization, encoder_quantization, int8_kernel)
     return LoadedModel(model, processor)

@@ -61,9 +61,13 @@ def compute_dtype(quantization: str, dtype: torch.dtype, device: torch.device) -
     return dtype
 
 
+Int8Kernel = Literal["torchao", "aten", "compiled"]
+
+
 class CpuInt8Linear(nn.Module):
     """`y = x @ (q * s)ᵀ + b` with `q` `[out, in]` int8 and `s` `[out]` (torchao's per-row scales), the product
-    computed by `aten._weight_int8pack_mm` in bf16. Inputs of any float dtype; the output has the input's dtype."""
+    computed by `aten._weight_int8pack_mm` in bf16 (PyTorch has it on CPU and CUDA). Inputs of any float dtype;
+    the output has the input's dtype."""
 
     def __init__(self, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -82,7 +86,38 @@ class CpuInt8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only (CPU)"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only (aten)"
+
+
+def _int8_mm(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """`x @ (q * s)ᵀ` for `x` `[tokens, in]`, `q` `[out, in]` int8, `s` `[out]`: written so that inductor can fuse
+    the int8 → activation-dtype cast into the matmul's operand load (one read of the int8 bytes)."""
+    return (x @ q.to(x.dtype).t()) * s
+
+
+_compiled: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def compiled_int8_mm() -> Callable[..., torch.Tensor]:
+    """`_int8_mm` through `torch.compile` (one compile per weight shape, the row count dynamic), made once."""
+    if "mm" not in _compiled:
+        _compiled["mm"] = torch.compile(_int8_mm, dynamic=True, mode="max-autotune-no-cudagraphs")
+    return _compiled["mm"]
+
+
+class CompiledInt8Linear(CpuInt8Linear):
+    """`CpuInt8Linear`'s weights through `compiled_int8_mm` (activation dtype kept): a fused dequant + matmul on
+    CUDA where inductor makes one, for a GPU where torchao's eager `Int8Tensor` casts the whole weight per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = compiled_int8_mm()(x.reshape(-1, shape[-1]), self.qdata, self.scale.to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only (compiled)"
 
 
 def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -90,8 +125,14 @@ def _linears(module: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in module.named_modules() if type(m) is nn.Linear and "lora_" not in n]
 
 
-def quantize_linears(module: nn.Module, quantization: str, device: torch.device) -> int:
+def quantize_linears(
+    module: nn.Module, quantization: str, device: torch.device, int8_kernel: Int8Kernel | None = None
+) -> int:
     """Quantize every `nn.Linear` of `module` in place (see the module docstring); returns how many.
+
+    `int8_kernel` picks how an int8 layer multiplies: `"torchao"` (its `Int8Tensor`; the default on CUDA),
+    `"aten"` (`aten._weight_int8pack_mm`; the default on CPU) or `"compiled"` (`CompiledInt8Linear`). The GPU
+    check (`bench/gpu_check.py`) times all three against bf16 in one run.
 
     `module` must already be on `device` in its compute dtype (`compute_dtype`). Raises ValueError for an
     unknown mode or a layer the mode cannot take (naming `model.quantization`), ImportError without torchao.
@@ -110,9 +151,13 @@ def quantize_linears(module: nn.Module, quantization: str, device: torch.device)
     if quantization == "int8":
         names = {n for n, _ in layers}
         quantize_(module, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn in names)
-        if device.type == "cpu":
+        kernel = int8_kernel or ("aten" if device.type == "cpu" else "torchao")
+        if kernel not in ("torchao", "aten", "compiled"):
+            raise ValueError(f"int8_kernel must be torchao, aten or compiled, not {kernel!r}")
+        if kernel != "torchao":
             # torchao's Int8Tensor holds `qdata` [out, in] int8 and `scale` [out, 1]
-            _swap(module, lambda lin: CpuInt8Linear(lin.weight.qdata, lin.weight.scale, lin.bias))  # type: ignore[attr-defined]
+            cls = CpuInt8Linear if kernel == "aten" else CompiledInt8Linear
+            _swap(module, lambda lin: cls(lin.weight.qdata, lin.weight.scale, lin.bias))  # type: ignore[attr-defined]
         return len(layers)
     # int4: one config per group size (the narrowest layers of small models need groups under 128)
     groups: dict[int, set[str]] = {}

@@ -254,6 +254,12 @@ def plan_memory(
         plan.notes.append(f"slots: {memory_fraction:g} of what is left after weights (engine.memory_fraction)")
     else:
         plan.slots = int(slots)
+    if cuda and quantization != "none":
+        # issue 22: torchao 0.18's eager CUDA int8 casts each whole weight to bf16 per call; int4 is tinygemm
+        plan.notes.append(
+            f"{quantization} on CUDA is for memory: its decode speed against bf16 is not measured yet (no GPU run); "
+            "bench/gpu_check.sh times it, and model.int8_kernel picks the int8 kernel"
+        )
     if left <= 0:
         plan.problem = _advice(plan, quantization, encoder_quantization, kv=False, local=True)
     elif plan.slots < 1 or plan.total > avail:

@@ -16,7 +16,14 @@ from torch import nn
 
 from ltu_as import GenerationOptions
 from ltu_as.loading.load import load_model, quantize_for_inference
-from ltu_as.loading.quantize import CpuInt8Linear, compare_logits, int4_group, quantize_linears, weight_bytes
+from ltu_as.loading.quantize import (
+    CompiledInt8Linear,
+    CpuInt8Linear,
+    compare_logits,
+    int4_group,
+    quantize_linears,
+    weight_bytes,
+)
 from ltu_as.serving.engine import DecodeEngine, Request
 
 IDS = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -56,6 +63,31 @@ def test_cpu_int8_linear_equals_the_dequantized_matmul() -> None:
     assert torch.allclose(got, expected, rtol=2e-2, atol=2e-2)
     # and close to the unquantized layer: int8 rounding only
     assert compare_logits(x @ w.T + bias, got)["rel_error"] < 0.02
+
+
+def test_int8_kernels_agree_on_the_same_weights() -> None:
+    """The three int8 paths the GPU check compares (torchao's `Int8Tensor`, aten's int8pack kernel, the compiled
+    dequant + matmul; here on CPU, inductor's C++ backend) compute the same layer from the same int8 weights."""
+    g = torch.Generator().manual_seed(2)
+    w, bias = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    x = torch.randn(3, 7, 64, generator=g).bfloat16()
+    outs = {}
+    for kernel in ("torchao", "aten", "compiled"):
+        lin = nn.Linear(64, 48).to(torch.bfloat16)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            lin.bias.copy_(bias)
+        holder = nn.Sequential(lin)
+        quantize_linears(holder, "int8", torch.device("cpu"), int8_kernel=kernel)
+        assert isinstance(
+            holder[0], {"torchao": nn.Linear, "aten": CpuInt8Linear, "compiled": CompiledInt8Linear}[kernel]
+        )
+        outs[kernel] = holder[0](x).float()
+    assert outs["aten"].shape == (3, 7, 48)
+    for kernel in ("torchao", "compiled"):
+        assert compare_logits(outs["aten"], outs[kernel])["rel_error"] < 0.01
+    with pytest.raises(ValueError, match="int8_kernel"):
+        quantize_linears(nn.Sequential(nn.Linear(64, 48)), "int8", torch.device("cpu"), int8_kernel="fast")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -187,3 +219,21 @@ def test_quantizing_a_loaded_model_equals_loading_it_quantized(tiny, mode) -> No
     assert later.model.llm_dtype == served.model.llm_dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(later.model.llm(IDS).logits, served.model.llm(IDS).logits)
+
+
+def test_the_int8_kernel_setting_reaches_the_llm(tiny) -> None:
+    """`model.int8_kernel` picks the kernel of every LLM int8 layer; the tokens of a short greedy decode are the
+    same whichever computes them (the weights and scales are the same int8 ones)."""
+    kinds = {}
+    logits = {}
+    for kernel in ("auto", "torchao", "aten"):
+        q = _load(tiny, quantization="int8", int8_kernel=kernel)
+        kinds[kernel] = {
+            type(m).__name__
+            for n, m in q.model.llm.named_modules()
+            if isinstance(m, (nn.Linear, CpuInt8Linear)) and "lora_" not in n  # peft's merged factors stay
+        }
+        logits[kernel] = q.model.llm(IDS).logits.float()
+    assert kinds["auto"] == kinds["aten"] == {"CpuInt8Linear"}  # CPU's default
+    assert kinds["torchao"] == {"Linear"}
+    assert compare_logits(logits["aten"], logits["torchao"])["rel_error"] < 0.02
