@@ -38,17 +38,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_llm(device: torch.device, dtype: torch.dtype, layers: int) -> Any:
-    """A LlamaForCausalLM at Vicuna-7B dims with `layers` layers, random weights made on the device."""
+# (hidden, MLP, heads): Vicuna-7B's, and the tiny dims of the CPU dry run of `bench/gpu_check.py` (same vocabulary)
+DIMS = {"real": (4096, 11008, 32), "tiny": (256, 512, 4)}
+
+
+def build_llm(device: torch.device, dtype: torch.dtype, layers: int, dims: str = "real") -> Any:
+    """A LlamaForCausalLM at Vicuna-7B dims (or `DIMS[dims]`) with `layers` layers, random weights made on the
+    device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    hidden, mlp, heads = DIMS[dims]
     config = LlamaConfig(
         vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
+        hidden_size=hidden,
+        intermediate_size=mlp,
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=2048,
         rms_norm_eps=1e-6,
         attn_implementation="sdpa",
@@ -94,8 +100,8 @@ def kv_bytes(llm: Any, positions: int) -> int:
     return kv_bytes_per_slot(llm.config, positions, next(llm.parameters()).dtype)
 
 
-def engine_for(llm: Any, slots: int, positions: int) -> DecodeEngine:
-    return DecodeEngine(llm, slots=slots, max_positions=positions, eos_token_id=-1, prefill_chunk=512)
+def engine_for(llm: Any, slots: int, positions: int, **kw: Any) -> DecodeEngine:
+    return DecodeEngine(llm, slots=slots, max_positions=positions, eos_token_id=-1, prefill_chunk=512, **kw)
 
 
 def prefix(llm: Any, key: str) -> torch.Tensor:
@@ -109,25 +115,78 @@ def prompt(i: int) -> list[int]:
     return [1, 835, 2799, 4080, 29901, 13] + [(37 * i + 11 * k) % 31000 + 100 for k in range(QUESTION_TOKENS)]
 
 
+PROMPT = AUDIO_TOKENS + HEADER + QUESTION_TOKENS  # positions of one row's prompt
+
+
 def decode_rate(llm: Any, rows: int, tokens: int, device: torch.device) -> float:
-    """Steady-state seconds per decode step with `rows` rows (after their prefill)."""
-    e = engine_for(llm, rows, AUDIO_TOKENS + HEADER + QUESTION_TOKENS + tokens + 8)
-    opts = GenerationOptions(max_new_tokens=tokens + 4).greedy()
+    """Steady-state seconds per decode step with `rows` rows (after their prefill): `decode_stats`' figure."""
+    return decode_stats(llm, rows, tokens, device)["s_per_step"]
+
+
+def decode_stats(llm: Any, rows: int, tokens: int, device: torch.device) -> dict[str, Any]:
+    """Time `tokens` decode steps of `rows` rows, every one of them running in every timed step.
+
+    - No row can finish inside the window: before timing, rows joined over about rows/7 prefill steps (7 prompts
+      of 71 positions per 512-position chunk) and each got a token per step since, so `max_new_tokens` is
+      `tokens + rows + 8`. The mean rows running per timed step is reported (it must equal `rows`).
+    - Every CUDA graph the timed steps use (`rows`' bucket over the spans they cross) is captured before timing,
+      and only those (`max_graphs`): the ramp runs eagerly, nothing is captured inside the window
+      (`late_captures` reports it if something were).
+    """
+    max_new = tokens + rows + 8
+    positions = PROMPT + max_new + 1
+    e = engine_for(llm, rows, positions)
+    b = e._bucket(rows, 1)[0]
+    timed = sorted({e._bucket(rows, n) for n in range(PROMPT + 1, positions + 1)}, key=lambda x: x[1])
+    e.max_graphs = len(timed)
+    e.warm(only=timed)
+    opts = GenerationOptions(max_new_tokens=max_new).greedy()
     for i in range(rows):
         e.submit(Request(prompt(i), opts, prefix_embeds=prefix(llm, f"w{i}")))
     while len(e.running) < rows:
         e.step()
     e.step()  # the first all-running step
+    late = e.counts["late_captures"]
     sync(device)
+    running = 0
     t0 = time.perf_counter()
     for _ in range(tokens):
+        running += len(e.running)
         e.step()
     sync(device)
-    return (time.perf_counter() - t0) / tokens
+    dt = time.perf_counter() - t0
+    return {
+        "s_per_step": dt / tokens,
+        "mean_rows": round(running / tokens, 2),
+        "rows_bucket": b,
+        "graphs": e.counts["graphs"],
+        "graphs_enabled": e.graphs,
+        "graph_error": e.graph_error,
+        "late_captures_timed": e.counts["late_captures"] - late,
+        "moves": e.counts["moves"],
+    }
+
+
+class _Clock:
+    """A logits processor that only notes when each generation step reached it (after a device sync): the time
+    per token of a `generate` call without its prefill, from one call of one length (so a static cache compiled
+    in the warm-up call is the one the timed call uses)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []  # type: list[float]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def hf_rate(llm: Any, rows: int, tokens: int, device: torch.device, static: bool = False) -> float:
-    """Seconds per token step of stock `generate` (greedy, same prompt layout) for `rows` rows."""
+    """Seconds per token step of stock `generate` (greedy, same prompt layout) for `rows` rows. The warm-up call
+    has the timed call's length: a static cache is sized prompt + max_new_tokens, and a warm-up of another length
+    would leave the timed call to build a new cache and recompile inside its own timing."""
+    from transformers import LogitsProcessorList
+
     embeds = torch.stack(
         [
             torch.cat([prefix(llm, f"w{i}"), llm.get_input_embeddings()(torch.tensor(prompt(i), device=device))])
@@ -137,22 +196,27 @@ def hf_rate(llm: Any, rows: int, tokens: int, device: torch.device, static: bool
     kw: dict[str, Any] = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0}
     if static:
         kw["cache_implementation"] = "static"
+    n = tokens + 1
 
-    def run(n: int) -> float:
-        sync(device)
-        t0 = time.perf_counter()
-        llm.generate(inputs_embeds=embeds, max_new_tokens=n, min_new_tokens=n, **kw)
-        sync(device)
-        return time.perf_counter() - t0
+    def run() -> float:
+        clock = _Clock(device)
+        llm.generate(
+            inputs_embeds=embeds,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            logits_processor=LogitsProcessorList([clock]),
+            **kw,
+        )
+        return (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
 
-    run(2)  # warm-up (compiles the static-cache graph on CUDA)
-    short, long = run(2), run(tokens + 2)
-    return (long - short) / tokens
+    run()  # warm-up at the same length (compiles the static-cache graph on CUDA)
+    return run()
 
 
 def ttft_cached(llm: Any, device: torch.device, repeats: int = 5) -> float:
     """Seconds from submit to the first token for a question about a window whose prefix KV is cached."""
     e = engine_for(llm, 4, 256)
+    e.warm()  # every graph bucket before timing
     opts = GenerationOptions(max_new_tokens=4).greedy()
     audio = prefix(llm, "window")
     e.run([Request(prompt(0), opts, prefix_embeds=audio, prefix_key="window", shared=HEADER)])  # fills the cache
@@ -175,6 +239,7 @@ def questions_on_one_window(llm: Any, n: int, tokens: int, device: torch.device)
 
     def run(k: int, key: str) -> float:
         e = engine_for(llm, max(k, 1), 256)
+        e.warm(k, PROMPT + tokens + 1)  # the graphs these rows use, before timing
         audio = prefix(llm, key)
         sync(device)
         t0 = time.perf_counter()

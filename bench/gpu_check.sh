@@ -1,78 +1,39 @@
 #!/usr/bin/env bash
-# The GPU check of the decode engine, as one prepared script: real LTU-AS LLM dims (random weights built on the
-# device), bf16, in well under 8 minutes on one H100, printing one table (and the JSON it came from).
+# The GPU check as one prepared command (bench/gpu_check.py holds the sections; docs/performance.md the table).
 #
-#   bash bench/gpu_check.sh              # on the GPU machine, from the repository root
-#   DEVICE=cpu bash bench/gpu_check.sh   # a dry run of the same script here (one real-dims layer, tiny streams)
+#   bash bench/gpu_check.sh                          # on the GPU machine, from the repository root (~8 min)
+#   SECTIONS=streams,daemon,encoder bash bench/gpu_check.sh   # a subset (a second call on the warm machine)
+#   DEVICE=cpu bash bench/gpu_check.sh               # the dry run here: tiny dims, every section, ~1 min
+#   DEVICE=cpu GPU_CHECK_FAIL=rows bash bench/gpu_check.sh    # ... with one section forced to fail
 #
-# Needs only python with torch (CUDA), transformers and peft, plus torchao for the int8/int4 rows and the encoder
-# row (without it those rows fail and the rest runs): it imports `ltu_as` from this tree (PYTHONPATH), and nothing
-# else of the daemon. Results go to $OUT (or a temporary folder): engine.json, streams.json, table.md.
-set -euo pipefail
+# Needs python3 with torch and transformers (the GPU machine has both). Wheels the machine lacks (torchao,
+# faster-whisper, ctranslate2: `bash scripts/gpu_wheels.sh`) are installed from .whl/ when it travelled with the
+# call (carry=[".whl"]), with `pip install --no-index --no-deps --target`. Everything printed also goes to
+# $OUT/console.log; $OUT (or a temporary folder) gets gpu_check.json and table.md after every section.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec > >(tee -a "$OUT/console.log") 2>&1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 DEVICE="${DEVICE:-cuda}"
-PY="${PYTHON:-python}"
-ENGINE_ARGS=() STREAMS_ARGS=()
-if [ "$DEVICE" = cpu ]; then
-  ENGINE_ARGS=(--layers 1 --rows 1,2 --tokens 3 --questions 2)
-  STREAMS_ARGS=(--ladder 2 --period 3)
+PY="${PYTHON:-python3}"
+if [ -z "${PYTHON:-}" ] && [ "$DEVICE" = cpu ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  SITE=/tmp/gpu-check-site
+  echo "gpu_check: installing $(ls .whl/*.whl | wc -l) carried wheels into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    || echo "gpu_check: installing the carried wheels failed; the sections that need them will say so"
+  export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
-DEVICE="$DEVICE" "$PY" - <<'PY'
-import os, torch, transformers, peft
-cuda = os.environ["DEVICE"] == "cuda"
-assert torch.cuda.is_available() or not cuda, "no CUDA device: this check is for the GPU machine (DEVICE=cpu: dry run)"
-name = torch.cuda.get_device_name() if cuda else "cpu (dry run)"
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, {name}", flush=True)
-PY
-start=$(date +%s)
-# engine: floor, batch 1 (ours / HF eager / HF static + compile), TTFT on a cached window, rows sweep, N questions
-timeout 270 "$PY" bench/engine.py --device "$DEVICE" --quantization int8,int4 "${ENGINE_ARGS[@]}" --json "$OUT/engine.json" || echo "engine.py failed or timed out ($?)"
-# the Whisper encoder in int8 against bf16: error per layer and features time of one window (needs torchao)
-timeout 90 "$PY" bench/quantization.py --device "$DEVICE" --encoder-only --json "$OUT/encoder.json" \
-  || echo "quantization.py --encoder-only failed or timed out ($?)"
-# streams: the largest N of real-time streams with question TTFT p95 < 100 ms (2 windows per stream per trial)
-timeout 200 "$PY" bench/streams.py --device "$DEVICE" --windows 2 "${STREAMS_ARGS[@]}" --json "$OUT/streams.json" \
-  || echo "streams.py failed or timed out ($?)"
-"$PY" - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-rows = []
-def get(name):
-    p = out / name
-    return json.loads(p.read_text()) if p.exists() else None
-e, s, enc = get("engine.json"), get("streams.json"), get("encoder.json")
-if e:
-    b = e["batch1"]
-    rows += [
-        ("device", e["device"], ""),
-        ("copy bandwidth", f'{e["copy_GBps"]} GB/s', f'weights read per step {e["weights_GB_per_step"]} GB'),
-        ("batch-1 decode, ms/token", f'ours {b["ours_ms"]}', f'floor {b["floor_ms"]} (ours/floor {b["ours_vs_floor"]}); '
-         f'HF eager {b["hf_eager_ms"]}; HF static+compile {b.get("hf_static_compile_ms")}'),
-        ("TTFT, question on a cached window", f'{e["ttft_cached_window_ms"]} ms', ""),
-    ]
-    for r, x in e["rows"].items():
-        rows.append((f"{r} rows, tokens/s", f'ours {x["ours_tokens_per_s"]}',
-                     f'step {x["ours_step_ms"]} ms (floor {x["floor_step_ms"]}); HF eager {x.get("hf_tokens_per_s", "-")} '
-                     f'(ours/HF {x.get("ours_vs_hf", "-")})'))
-    q = e["questions_on_one_window"]
-    rows.append((f'{q["n"]} questions on one window vs one', f'{q["ratio"]}x', f'{q["together_s"]} s vs {q["one_s"]} s'))
-if s:
-    rows.append(("real-time streams (scene lag < 10 s, TTFT p95 < 100 ms)", str(s["largest_real_time_streams"]),
-                 "; ".join(f'{t["streams"]}: lag max {t["scene_lag_max_s"]} s, TTFT p95 {t["ttft_p95_ms"]} ms'
-                           for t in s["trials"])))
-if enc:
-    x = enc["encoder"]
-    base = next(iter(x))  # the reference: the audio path's dtype (bf16 on CUDA), written first
-    if "int8" in x:
-        rows.append(("Whisper encoder int8, features of one window", f'{x["int8"]["s_per_window"]} s',
-                     f'{base}: {x[base]["s_per_window"]} s; weights {x["int8"]["weights_GB"]} vs {x[base]["weights_GB"]} GB; '
-                     f'rel. error max {x["int8"]["rel_error_max"]}'))
-table = "| what | result | detail |\n|---|---|---|\n" + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
-(out / "table.md").write_text(table + "\n")
-print(table)
-PY
-echo "gpu_check: $(( $(date +%s) - start )) s; files in $OUT"
+# the CUDA libraries pip installed with torch (nvidia/*/lib), for ctranslate2's own dlopen of cuBLAS
+NV=$("$PY" -c 'import glob, os, sys; print(":".join(d for p in sys.path for d in sorted(glob.glob(os.path.join(p or ".", "nvidia", "*", "lib")))))' 2>/dev/null || true)
+[ -n "$NV" ] && export LD_LIBRARY_PATH="$NV${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+ARGS=(--out "$OUT" --device "$DEVICE")
+[ "$DEVICE" = cpu ] && ARGS+=(--dry-run)
+[ -n "${SECTIONS:-}" ] && ARGS+=(--sections "$SECTIONS")
+[ -n "${BUDGET:-}" ] && ARGS+=(--budget "$BUDGET")
+"$PY" bench/gpu_check.py "${ARGS[@]}"
+rc=$?
+echo "gpu_check.sh: exit $rc; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+exit $rc

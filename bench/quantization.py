@@ -99,14 +99,17 @@ def layers_alone(device: torch.device) -> dict[str, Any]:
     return out
 
 
-def encoder(device: torch.device) -> dict[str, Any]:
-    """Part 4: the Whisper encoder's features, int8 against the audio path's dtype."""
+def encoder(device: torch.device, layers: int | None = None) -> dict[str, Any]:
+    """Part 4: the Whisper encoder's features, int8 against the audio path's dtype (`layers`: fewer than large's
+    32, at its real dims, for a dry run)."""
     import copy
 
     from ltu_as.model.config import LtuAsConfig
     from ltu_as.model.encoder import build_whisper_encoder, pooled_layer_states
 
     cfg = LtuAsConfig()
+    if layers is not None:
+        cfg.whisper["encoder_layers"] = layers
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     torch.manual_seed(0)
     enc = build_whisper_encoder(cfg.whisper, cfg.n_positions).to(device, dtype)

@@ -196,8 +196,12 @@ def _whisper_tokenizer(vocab_size: int = 400) -> WhisperTokenizer:
     return tok
 
 
-def save_tiny_whisper(folder: Path, *, seed: int = 0, init_std: float = 0.2) -> Path:
-    """A random English-only `WhisperForConditionalGeneration` saved as a Hugging Face folder (real layout)."""
+def save_tiny_whisper(
+    folder: Path, *, seed: int = 0, init_std: float = 0.2, dims: dict[str, Any] | None = None
+) -> Path:
+    """A random English-only `WhisperForConditionalGeneration` saved as a Hugging Face folder (real layout).
+    `dims`: WhisperConfig fields over the tiny ones (e.g. large-v2's `d_model`, layers, heads: what a benchmark
+    of ASR cost needs; the vocabulary stays the tiny one)."""
     from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -206,8 +210,7 @@ def save_tiny_whisper(folder: Path, *, seed: int = 0, init_std: float = 0.2) -> 
     ids = {t: vocab[t] for t in ("<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>")}
     torch.manual_seed(seed)
     cfg = WhisperConfig(
-        **TINY_WHISPER,
-        **TINY_WHISPER_DECODER,
+        **{**TINY_WHISPER, **TINY_WHISPER_DECODER, **(dims or {})},
         vocab_size=len(tok),
         init_std=init_std,
         pad_token_id=ids["<|endoftext|>"],
