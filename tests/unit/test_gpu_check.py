@@ -97,3 +97,36 @@ def test_a_section_failing_midway_keeps_what_it_measured() -> None:
     assert results["rows"]["8"] == {"tokens_per_s": 1000} and "out of memory" in results["rows"]["failed"]
     assert results["next"]["x"] == 1 and "8" not in results["next"]  # emptied between sections
     assert results["rows"]["8"] == {"tokens_per_s": 1000}  # and the earlier section's copy is its own
+
+
+def test_the_static_cache_baseline_compiles_once_not_inside_its_timed_call() -> None:
+    """`hf_rate(static=True)` warms `generate` at the length it times: one compile in all. The earlier bench warmed
+    at 2 new tokens and timed another length, so the static cache changed size and dynamo compiled again inside
+    the timed call (the guard `cache.layers[0].keys size mismatch`). Compile is forced on CPU here (transformers
+    auto-compiles a static cache on CUDA only), with inductor's C++ backend."""
+    import engine as eb
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    def compiled_llm() -> Any:
+        llm = eb.build_llm(torch.device("cpu"), torch.float32, 1, "tiny")
+        llm.generation_config.compile_config = CompileConfig()
+        llm.generation_config.compile_config._compile_all_devices = True  # as on CUDA
+        return llm
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        assert eb.hf_rate(compiled_llm(), 1, 6, torch.device("cpu"), static=True) > 0
+        assert counters["frames"]["ok"] == 1  # compiled in the warm-up, reused by the timed call
+        # the old order: warm-up at 2 tokens, then the timed call at 8: a second compile
+        torch._dynamo.reset()
+        counters.clear()
+        llm = compiled_llm()
+        emb = torch.cat([eb.prefix(llm, "w0"), llm.get_input_embeddings()(torch.tensor(eb.prompt(0)))])[None]
+        kw = {"do_sample": False, "eos_token_id": None, "pad_token_id": 0, "cache_implementation": "static"}
+        llm.generate(inputs_embeds=emb, max_new_tokens=2, min_new_tokens=2, **kw)
+        llm.generate(inputs_embeds=emb, max_new_tokens=8, min_new_tokens=8, **kw)
+        assert counters["frames"]["ok"] == 2
