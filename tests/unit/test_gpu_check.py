@@ -1,7 +1,7 @@
 """The GPU check's runner (`bench/gpu_check.py`) without a GPU: every section is guarded (one that raises, or runs
 past its budget, is recorded as failed and the others still run), results are written after every section, a
 section whose budget no longer fits is skipped, and the table has a row for every section whatever happened.
-The sections here are stand-ins; `tests/integration/test_gpu_check.py` runs the real ones (the CPU dry run)."""
+The sections here are stand-ins; `tests/integration/test_gpu_check_dry_run.py` runs the real ones (the CPU dry run)."""
 
 from __future__ import annotations
 
