@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check as one prepared command (bench/gpu_check.py holds the sections; docs/performance.md the table).
 #
-#   bash bench/gpu_check.sh                          # on the GPU machine, from the repository root (~8 min)
+#   bash bench/gpu_check.sh                          # on the GPU machine, from the repository root (<= 480 s)
 #   SECTIONS=streams,daemon,encoder bash bench/gpu_check.sh   # a subset (a second call on the warm machine)
 #   DEVICE=cpu bash bench/gpu_check.sh               # the dry run here: tiny dims, every section, ~1 min
 #   DEVICE=cpu GPU_CHECK_FAIL=rows bash bench/gpu_check.sh    # ... with one section forced to fail

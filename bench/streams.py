@@ -62,7 +62,9 @@ class AsrLoad:
     """Speech on every stream, decoded on the device the engine uses: each stream ends an utterance (`clip`) every
     `every_s` seconds (streams staggered), and one thread decodes the due finals in batches of up to `max_batch`
     (the daemon's batched finals, `transcribe_batch`), oldest first. A final's latency runs from its utterance's
-    end to its text; the load keeps up while p95 latency stays under `bound_s`."""
+    end to its text; the load keeps up while p95 latency stays under `bound_s`. Decoding stops `4 × bound_s` after
+    the last utterance's end: what is left then is counted (`asr_unfinished`), not waited for, so an overloaded
+    ASR cannot hold the trial (or the GPU check's time budget) for minutes."""
 
     def __init__(
         self, model: Any, clip: Any, every_s: float, options: Any, max_batch: int = 16, bound_s: float = 2.0
@@ -70,6 +72,7 @@ class AsrLoad:
         self.model, self.clip, self.every, self.options = model, clip, every_s, options
         self.max_batch, self.bound = max_batch, bound_s
         self.latencies: list[float] = []
+        self.unfinished = 0
         self.batches = 0
         self.busy_s = 0.0
         self.error: str | None = None
@@ -83,11 +86,16 @@ class AsrLoad:
         )
         ends = [e for e in ends if e <= until]
 
+        give_up = until + 4 * self.bound
+
         def loop() -> None:
             i = 0
             try:
                 while i < len(ends):
                     now = time.perf_counter() - t0
+                    if now > give_up:
+                        self.unfinished = len(ends) - i
+                        return
                     due = [e for e in ends[i : i + self.max_batch] if e <= now]
                     if not due:
                         time.sleep(min(0.01, max(0.0, ends[i] - now)))
@@ -118,7 +126,8 @@ class AsrLoad:
             "asr_final_p50_s": pct(0.5),
             "asr_final_p95_s": pct(0.95),
             "asr_busy": round(self.busy_s / wall, 2) if wall else None,
-            "asr_keeps_up": bool(xs) and self.error is None and (pct(0.95) or 0.0) < self.bound,
+            "asr_unfinished": self.unfinished,
+            "asr_keeps_up": bool(xs) and self.error is None and not self.unfinished and (pct(0.95) or 0.0) < self.bound,
             "asr_error": self.error,
         }
 
