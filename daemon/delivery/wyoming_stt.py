@@ -13,7 +13,8 @@ a Wyoming event is refused (`bad-event`); an event whose declared data or payloa
 is refused before it is read; an audio chunk's rate (8-192 kHz), width
 (1-4 bytes), channels (1-2) and length are checked, and its size once converted is counted against
 `wyoming.max_audio_s` before it is converted. Each refusal is an `error` event with a code, then (for a
-connection that broke the protocol) a close.
+connection that broke the protocol) a close, after reading and dropping at most 1 MiB / 1 s of what the client
+was still sending, so that the error is not lost to a connection reset.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from .floodlog import EveryFew
 from .transcriber import AsrBusy, Transcriber
 
 log = logging.getLogger(__name__)
+# After a refusal, how long and how much of a client's remaining input is read and dropped before the close (see
+# `_Handler._linger`): enough for the rest of one bounded event, short enough that a refused connection goes soon.
+LINGER_S = 1.0
+LINGER_BYTES = 1 << 20
 
 
 def describe(asr_model: str, language: str | None, version: str) -> Info:
@@ -196,11 +201,30 @@ class _Handler(AsyncEventHandler):
             c.refusals_log.warn(e.code, "wyoming: closed a connection: %s: %s", e.code, e.text)
             with contextlib.suppress(ConnectionError):
                 await self.write_event(Error(text=e.text, code=e.code).event())
+                if e.code != "busy":  # a connection over the cap sent nothing yet: its slot is freed at once
+                    await self._linger()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             c.open -= 1
             self.writer.close()
+
+    async def _linger(self) -> None:
+        """Let the error event reach the client before closing: half-close, then read and drop what it is still
+        sending, for at most `LINGER_S` and `LINGER_BYTES`. Closing with unread input makes the kernel reset the
+        connection, and a reset discards the error still waiting in the client's receive buffer (the fuzz test saw
+        `ConnectionResetError` instead of the `bad-audio` it had been sent)."""
+        loop = asyncio.get_running_loop()
+        deadline, left = loop.time() + LINGER_S, LINGER_BYTES
+        with contextlib.suppress(OSError, RuntimeError, asyncio.TimeoutError):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            await asyncio.wait_for(self.writer.drain(), LINGER_S)
+            while left > 0 and (timeout := deadline - loop.time()) > 0:
+                data = await asyncio.wait_for(self.reader.read(min(65536, left)), timeout)
+                if not data:
+                    break
+                left -= len(data)
 
     async def _read(self) -> Event | None:
         """The next event through the bounded reader (which refuses what the library would fail on); None once the

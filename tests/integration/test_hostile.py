@@ -646,6 +646,20 @@ def test_wyoming_checks_sizes_and_rates_before_any_work(target: Target) -> None:
         s.close()
 
 
+def test_a_refused_connection_gets_its_error_not_a_reset(target: Target) -> None:
+    """A client still sending when its connection is refused: the daemon closed with that input unread, the kernel
+    answered with a reset, and the reset discarded the error event waiting in the client's buffer
+    (`ConnectionResetError` in the fuzz test). Now the error arrives, then the close."""
+    bad = _event("audio-chunk", {"rate": 1, "width": 2, "channels": 1}, payload=bytes(16))
+    rest = _event("audio-chunk", {"rate": 16000, "width": 2, "channels": 1}, payload=bytes(60000)) + _event("describe")
+    for _ in range(5):
+        s = _wyoming(target)
+        s.sendall(bad + rest * 4)
+        errors, closed = _errors(s)  # raises ConnectionResetError on a reset
+        assert closed and [e["code"] for e in errors] == ["bad-audio"], errors
+        s.close()
+
+
 def test_the_daemon_still_transcribes_for_well_behaved_clients(target: Target) -> None:
     """After every attack above: a satellite's audio still becomes finals (the stream was never wedged)."""
     from ltu_as.model.audio import load_audio
