@@ -14,8 +14,9 @@ What it does, per `step()` (the caller's loop; no threads, no asyncio):
    each row's own slot (no pads: a row's positions are 0..n-1 in its slot), then the logits pipeline
    (`sampling.choose`) on `[rows, vocab]` tensors and one device→host copy of the new tokens. The running rows
    always hold slots 0..R-1, so the step reads the KV as one view: a row that leaves has its slot filled by the
-   last running row (one move), a row that starts decoding moves into the first slot past the running ones (one
-   move, two when a prefilling row sits there), and newcomers take the highest free slots so they rarely do. On
+   last running row (one move), and a newcomer takes the lowest free slot past the running rows, so rows that
+   join together (prefilled in the order they were admitted) start decoding where they sit, and one that joins
+   alone moves at most once, into the first slot past the running ones. On
    CUDA the step has static shapes (rows padded to a power of two, attention over a power-of-two span of
    positions) and each (rows, span) bucket is a CUDA graph, captured by `warm()` before any work (at most
    `max_graphs` of them) and replayed;
@@ -341,8 +342,12 @@ class DecodeEngine:
         self.waiting.append(row)
 
     def _take_slot(self, row: Row) -> None:
-        # the highest free slot: the running rows hold the lowest ones, so a newcomer rarely has to move
-        slot = max(i for i, r in enumerate(self.owner) if r is None)
+        # the lowest free slot past the running rows: newcomers admitted together are prefilled in this order, so
+        # they become running rows R, R+1, ... where they already sit (a hole among the running rows is filled by
+        # the last running row instead, one move)
+        running = sum(r is not None and r.state == "running" for r in self.owner)
+        free = [i for i, r in enumerate(self.owner) if r is None]
+        slot = next((i for i in free if i >= running), free[0])
         self.owner[slot] = row
         row.slot, row.state, row.filled = slot, "prefill", 0
         o, opts = self._opt, row.request.options
@@ -365,8 +370,8 @@ class DecodeEngine:
     def _layout(self) -> None:
         """Move rows so that the running ones hold slots 0..R-1 (a decode step then reads its KV as one view `[0:R]`,
         and a captured graph always the same addresses). Only a running row past R-1 moves, into a slot below R that
-        no running row holds (a departed row's, or a prefilling row's, which then takes the mover's old slot): one
-        move per departure or arrival, copying only the positions each moved row has filled."""
+        no running row holds (a departed row's, or a prefilling row's, which then takes the mover's old slot): at
+        most one move per departure or arrival, copying only the positions each moved row has filled."""
         running = [r for r in self.owner if r is not None and r.state == "running"]
         n = len(running)
         movers = [r for r in running if r.slot is not None and r.slot >= n]

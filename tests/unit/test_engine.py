@@ -281,10 +281,10 @@ def test_one_choice_and_one_host_copy_per_step(loaded, setup, monkeypatch: pytes
 def test_a_departing_row_costs_one_move(loaded, setup) -> None:
     """The running rows stay in slots 0..R-1 by moving the last running row into a departed row's slot: one move
     per departure, whatever slot it left (the earlier layout shifted every later row). Eight rows join together
-    (newcomers take the highest free slots, so row i sits in slot 7 - i) and leave front first; every slot
-    exchange is counted, and the tokens stay right."""
+    (row i in slot i, where it starts decoding: no move) and leave front first; every slot exchange is counted,
+    and the tokens stay right."""
     feats, _, prompts = setup
-    caps = [25, 22, 19, 16, 13, 10, 7, 4]  # row 7, in slot 0, ends first
+    caps = [4, 7, 10, 13, 16, 19, 22, 25]  # row 0, in slot 0, ends first
     e = engine(loaded, slots=8, prefill_chunk=4000)
     rows = [e.submit(request(setup, i % 4, GREEDY.replace(max_new_tokens=caps[i]))) for i in range(8)]
     copies: list[tuple[int, int]] = []  # every slot exchange
@@ -301,7 +301,7 @@ def test_a_departing_row_costs_one_move(loaded, setup) -> None:
         e.step()
         departures += sum(r.state == "done" for r in rows) - before
         if e.counts["steps"] == 1:
-            assert [r.slot for r in rows] == list(range(7, -1, -1)) and not copies
+            assert [r.slot for r in rows] == list(range(8)) and not copies
     assert departures == 8
     # each departure from the front cost one move (the old layout: one per row behind it, 28 here)
     assert 0 < len(copies) == e.counts["moves"] <= departures
