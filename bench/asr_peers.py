@@ -1,7 +1,7 @@
 """Streaming ASR side by side: our daemon, WhisperLive and wyoming-faster-whisper on the same audio and the same
 Whisper tiny.en (int8, beam 5, 2 threads), each stream played in real time.
 
-    .venv/bin/python bench/asr_peers.py                                   # all three, 1, 2, 4, 8, 16 streams
+    .venv/bin/python bench/asr_peers.py                                   # all three, 1, 2, 4, 8, 12, 16 streams
     .venv/bin/python bench/asr_peers.py --systems ours --streams 1,16,24  # one system, chosen stream counts
 
 The audio is the espeak-ng conversation of `tests/speech_audio.py` (12 household sentences, four voices and rates,
@@ -13,6 +13,8 @@ as the peers' servers.
 Figures per system and stream count:
 - final latency p50/p90: a final's arrival at the client minus the end of the sentence it transcribes (each final
   is matched to the sentence it overlaps most in words, among those that had ended when it arrived);
+- partials per sentence: partial updates that reached the client, per sentence per stream (ours: every stream's
+  partials are subscribed, so the daemon decodes them under its budget and cadence);
 - rewrites: the share of displayed partial updates that change words already shown (a new segment or utterance
   starting is not a rewrite). Our finals are never revised (the protocol has no such event);
 - WER of each stream's finals against the script (mean over streams);
@@ -66,11 +68,12 @@ SUSTAIN_P90_S = 5.0
 
 
 def _daemon_config(streams: int, extra: str) -> str:
+    """2 CPU threads per decode, like the peers, on the auto 2 lanes (`cpu_threads` in `extra` overrides)."""
+    threads = "" if "cpu_threads" in extra else "cpu_threads = 2\n"
     lines = [
         "[model]\nenabled = false\n",
-        '[asr]\nmodel = "bundled:tiny.en"\ndevice = "cpu"\ncompute_type = "int8"\nbeam_size = 5\ncpu_threads = 2\n'
-        + extra,
-        "[server]\nmax_clients = 256\n",
+        '[asr]\nmodel = "bundled:tiny.en"\ndevice = "cpu"\ncompute_type = "int8"\nbeam_size = 5\n' + threads + extra,
+        "[server]\nmax_clients = 256\nmax_connections = 300\n",
     ]
     lines += [f'[[streams]]\nname = "s{k}"\nsource = "remote"\n' for k in range(streams)]
     return "\n".join(lines)
@@ -104,13 +107,17 @@ async def _ours_run(proc: psutil.Process, url: str, play: _Playback, streams: in
                     done.set()
 
     async def feed(k: int) -> None:
-        async with DaemonClient(url, name=f"sat{k}", events=["stream.status"]) as c:
+        async with DaemonClient(url, name=f"sat{k}", streams=[f"s{k}"], events=["stream.status"]) as c:
             await c.start_audio(f"s{k}")
+            # read what comes (replies, status): a client that never reads stops answering pings once websockets'
+            # receive queue is full, and the daemon drops it
+            drain = asyncio.create_task(_drain(c))
             for at, block in play.blocks():
                 await _sleep_until(t0[k] + at)
                 await c.send_audio((np.clip(block, -1, 1) * 32767).astype("<i2").tobytes())
             await done.wait()  # keep the stream open (closing it flushes the open utterance at once)
             await c.stop_audio()
+            drain.cancel()
 
     ready = asyncio.Event()
     listener = asyncio.create_task(listen())
@@ -128,6 +135,11 @@ async def _ours_run(proc: psutil.Process, url: str, play: _Playback, streams: in
     return PeerRun("ours", finals, partials, cpu, wall, any(play.behind(last_shown.get(k)) for k in range(streams)))
 
 
+async def _drain(c: DaemonClient) -> None:
+    async for _ in c:
+        pass
+
+
 def run_ours(
     audio: np.ndarray, utterances: list[tuple[float, float]], streams: int, folder: Path, extra: str = ""
 ) -> PeerRun:
@@ -138,7 +150,14 @@ def run_ours(
     try:
         d.wait_ready(120)
         play = _Playback(audio, utterances, 0.25, 30.0, 10.0)
-        return asyncio.run(_ours_run(psutil.Process(d.proc.pid), d.url, play, streams))
+        run = asyncio.run(_ours_run(psutil.Process(d.proc.pid), d.url, play, streams))
+        asr = d.health()[1]["asr"]
+        spec = [s["speculative"] for s in d.health()[1]["streams"].values()]
+        wasted, started = sum(x["wasted"] for x in spec), sum(x["started"] for x in spec)
+        print(f"  ours, {streams} streams: decodes {asr['decodes']}, partials skipped {asr['partials_skipped']}, "
+              f"speculative wasted {wasted} of {started}, mode at the end {asr['mode']}, "
+              f"busy {asr['busy_s']:.0f} s on {asr['lanes']} lanes", flush=True)  # fmt: skip
+        return run
     finally:
         d.stop()
 
@@ -153,6 +172,7 @@ class Row:
     p50: float | None
     p90: float | None
     rewrites: float | None
+    partials: float
     wer: float
     cpu_pct: float
     missing: int
@@ -188,6 +208,7 @@ def score(run: PeerRun, script: list[str], ends: list[float], streams: int) -> R
         missing += len(script) - len(matched)
         wers.append(wer(" ".join(script), " ".join(f.text for f in mine)))
     updates = rewrites = 0
+    shown = sum(len(log.texts) for log in run.partials)
     for log in run.partials:
         prev: list[str] = []
         for _, text in log.texts:
@@ -207,6 +228,7 @@ def score(run: PeerRun, script: list[str], ends: list[float], streams: int) -> R
         round(statistics.median(latencies), 2) if latencies else None,
         round(q[8], 2) if q[8] is not None else None,
         round(rewrites / updates, 3) if updates else None,
+        round(shown / (streams * len(script)), 2),
         round(statistics.mean(wers), 3),
         round(100 * run.cpu_s / run.wall_s / streams, 1),
         missing,
@@ -217,11 +239,12 @@ def score(run: PeerRun, script: list[str], ends: list[float], streams: int) -> R
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--systems", default="ours,wyoming,whisperlive")
-    p.add_argument("--streams", default="1,2,4,8,16", help="stream counts; a system stops at its first behind")
+    p.add_argument("--streams", default="1,2,4,8,12,16", help="stream counts; a system stops at its first behind")
     p.add_argument("--repeat", type=int, default=1, help="play the 12-sentence script this many times")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--ours-partials", choices=("on", "off", "both"), default="on", help="our asr.partials setting")
+    p.add_argument("--ours-asr", default="", help='more [asr] keys for our daemon, TOML lines ("lanes = 1\\n")')
     args = p.parse_args()
     model_dir = bundled_tiny_en()
     if model_dir is None:
@@ -239,7 +262,9 @@ def main() -> None:
     for system in systems:
         for n in (int(x) for x in args.streams.split(",")):
             if system.startswith("ours"):
-                extra = "partials = false\n" if system == "ours-nopartials" else ""
+                extra = ("partials = false\n" if system == "ours-nopartials" else "") + args.ours_asr.replace(
+                    "\\n", "\n"
+                )
                 run = run_ours(audio, utterances, n, args.cache / "ours", extra)
                 run.system = system
             elif system == "wyoming":
@@ -253,11 +278,11 @@ def main() -> None:
             print(row, flush=True)
             if row.behind:
                 break
-    print("\n| system | streams | final latency p50 / p90 (s) | partial rewrites | WER | CPU %/stream | missing | "
-          "keeps up |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print("\n| system | streams | final latency p50 / p90 (s) | partials per sentence | partial rewrites | WER | "
+          "CPU %/stream | missing | keeps up |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     for r in rows:
-        print(f"| {r.system} | {r.streams} | {r.p50} / {r.p90} | {r.rewrites} | {r.wer} | {r.cpu_pct} | {r.missing} | "
-              f"{'yes' if r.sustained else 'no'} |")  # fmt: skip
+        print(f"| {r.system} | {r.streams} | {r.p50} / {r.p90} | {r.partials} | {r.rewrites} | {r.wer} | {r.cpu_pct} | "
+              f"{r.missing} | {'yes' if r.sustained else 'no'} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
 

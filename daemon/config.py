@@ -144,6 +144,14 @@ class AsrConfig(_Section):
     lead_silence_ms: int = Field(500, ge=0, le=5000)
     batch_size: int = Field(0, ge=0, le=64)
     final_queue: int = Field(64, ge=1)
+    # decode threads sharing the model: 0 = auto (2 on a CPU with 2+ cores, 1 batching lane on a GPU)
+    lanes: int = Field(0, ge=0, le=16)
+    # the most of the lanes' time partials may use (a token bucket over 10 s); 0 turns partials off
+    partial_share: float = Field(0.3, ge=0, le=1)
+    # degrade (partials off, then beam 1, then no speculative finals) when a final has waited longer than this, s
+    overload_lag_s: float = Field(3.0, gt=0)
+    overload_escalate_s: float = Field(2.0, ge=0)  # each step waits this long for the previous one to help, s
+    overload_recover_s: float = Field(10.0, ge=0)  # a step back once the lag stayed under half the bound this long
 
 
 class ModelConfig(_Section):

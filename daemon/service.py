@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -22,14 +23,15 @@ from .capture.sources import FileSource, MicSource, RemoteSource, RemoteStreams
 from .clock import SAMPLE_RATE, s_to_samples
 from .config import DaemonConfig, FileStream, MicStream
 from .delivery.bus import EventBus
-from .delivery.events import AlertEvent, AnswerDone, DigestEvent, HistoryHit, SceneEvent
+from .delivery.events import AlertEvent, AnswerDone, DigestEvent, HistoryHit, SceneEvent, StatusEvent
 from .delivery.server import Identity, WebsocketServer
 from .memory.alerts import AlertEngine
 from .memory.desk import MemoryDesk
 from .memory.store import AnswerRecord, Clip, Store
 from .reply import Reply
 from .rules import AlertRule
-from .speech.asr import AsrWorker
+from .speech.asr import AsrWorker, LoadChange
+from .speech.load import ASR_MODE_DETAIL
 from .stream import StreamPipeline
 from .understanding.scheduler import Busy, CheckJob, CheckResult, SceneJob
 from .understanding.windows import Window
@@ -65,6 +67,7 @@ class Service:
                 publish=self.bus.publish,
                 asr_worker=self.asr,
                 on_window=self._on_window if model_on else None,
+                partials_read=functools.partial(self.bus.wants, "transcript.partial", s.name),
             )
             if isinstance(s, FileStream):
                 self.sources[s.name] = FileSource(s)
@@ -163,6 +166,7 @@ class Service:
         self._check_reply = Reply(loop, lambda r: self.alerts.on_check(r.stream, r.window, r.wall, r.scores))
         if self.store is not None:
             self.store.start()
+        self.asr.on_overload = Reply(loop, self._on_asr_load)
         self.asr.start()
         if self.understanding is not None:
             self.understanding.worker.start()
@@ -193,6 +197,20 @@ class Service:
             log.info("ready: %d stream(s): %s", len(self.pipelines), ", ".join(self.pipelines) or "none")
         await stopper
         await self.shutdown()
+
+    def _on_asr_load(self, change: LoadChange) -> None:
+        """The ASR changed how it works under load (on the loop): every stream's clients hear it, because the one
+        ASR serves them all."""
+        if change.level == 0:
+            detail = f"speech recognition caught up: back to normal (finals wait {change.lag_s:.1f} s)"
+        else:
+            detail = f"speech recognition is behind by {change.lag_s:.1f} s: {ASR_MODE_DETAIL[change.mode]}"
+        for name, pipeline in self.pipelines.items():
+            self.bus.publish(
+                StatusEvent(
+                    stream=name, state=pipeline.state, detail=detail, asr_mode=change.mode, asr_lag_s=change.lag_s
+                )
+            )
 
     def _wait_models(self) -> None:
         self.asr.ready.wait()
@@ -354,6 +372,16 @@ class Service:
                 ("stream",),
             ),
             "ltu_queue_depth": ("Items waiting, by queue", queues, ("queue", "kind")),
+            "ltu_asr_lag_seconds": (
+                "How long the oldest final waiting for the ASR has waited, s",
+                lambda: {(): self.asr.lag_s()},
+                (),
+            ),
+            "ltu_asr_degraded_level": (
+                "The ASR's overload step: 0 normal, 1 no partials, 2 beam 1, 3 no speculative finals",
+                lambda: {(): float(self.asr.overload.level)},
+                (),
+            ),
             "ltu_clients": ("Websocket clients past their hello", lambda: {(): float(self.server.clients)}, ()),
             "ltu_store_bytes": (
                 "History store size in use, bytes",
@@ -371,7 +399,28 @@ class Service:
                 lambda: {(): float(self.mqtt.connected)} if self.mqtt else {},
                 (),
             ),
-        }, {"ltu_dropped_total": ("Events and work dropped, by reason", dropped, ("reason",))}
+        }, {
+            "ltu_dropped_total": ("Events and work dropped, by reason", dropped, ("reason",)),
+            "ltu_asr_decodes_total": (
+                "ASR decodes, by kind (final, speculative, partial)",
+                lambda: {(k,): float(self.asr.counts[k]) for k in ("final", "speculative", "partial")},
+                ("kind",),
+            ),
+            "ltu_asr_partials_skipped_total": (
+                "Partial transcripts not decoded, by reason (unread, superseded, shed, stale)",
+                lambda: per_key(self._partials_skipped()),
+                ("reason",),
+            ),
+        }
+
+    def _partials_skipped(self) -> dict[str, int]:
+        """Partials not decoded, by why: unread (nobody subscribed), superseded (a newer one replaced it while it
+        waited), shed (overload), stale (its final came first)."""
+        c = self.asr.counts
+        return {
+            "unread": sum(p.partials_unread for p in self.pipelines.values()),
+            **{why: c[f"partial_{why}"] for why in ("superseded", "shed", "stale")},
+        }
 
     def health(self) -> dict[str, Any]:
         return {
@@ -396,6 +445,11 @@ class Service:
                 "decoded": self.asr.decoded,
                 "batches": self.asr.batches,
                 "busy_s": round(self.asr.busy_s, 3),
+                "lanes": self.asr.lanes,
+                "mode": self.asr.overload.mode,
+                "lag_s": round(self.asr.lag_s(), 3),
+                "decodes": {k: self.asr.counts[k] for k in ("final", "speculative", "partial")},
+                "partials_skipped": self._partials_skipped(),
             },
             "streams": {name: p.health() for name, p in self.pipelines.items()},
             "endpoints": {e.name: {"port": e.port, "stream": e.config.stream, **e.stats()} for e in self.endpoints},

@@ -68,10 +68,13 @@ class StreamPipeline:
         publish: Callable[[StreamEvent], object],
         asr_worker: AsrWorker,
         on_window: Callable[[Window, np.ndarray | None], None] | None = None,
+        partials_read: Callable[[], bool] = lambda: True,
     ) -> None:
         self.name, self.kind = name, kind
         self.publish, self.asr, self.on_window = publish, asr_worker, on_window
-        self.partials, self.partial_interval = asr.partials, ms_to_samples(asr.partial_interval_ms)
+        self.partials, self.partial_interval_s = asr.partials and asr.partial_share > 0, asr.partial_interval_ms / 1000
+        self.partials_read = partials_read  # whether any client reads this stream's partials now
+        self.partials_unread = 0  # partials that were due but not decoded: nobody subscribed to them
         self.queue: asyncio.Queue[SourceItem] = asyncio.Queue(maxsize=audio.source_queue)
         self.ring = AudioRing(s_to_samples(audio.ring_seconds))
         self.level = LevelMeter(ms_to_samples(audio.level_interval_ms), audio.level_interval_ms / 1000)
@@ -187,7 +190,7 @@ class StreamPipeline:
         if isinstance(ev, SpeechStart):
             self.open_utterances.started(ev.index, ev.start)
             self.utterances += 1
-            self._partial_at = ev.start + self.partial_interval
+            self._partial_at = ev.start + s_to_samples(self.asr.partial_interval_s(self.partial_interval_s))
             self.publish(
                 SpeechStartEvent(
                     stream=self.name,
@@ -229,13 +232,20 @@ class StreamPipeline:
         return self._on_result
 
     def _maybe_partial(self) -> None:
+        """Ask for a partial when one is due: only while somebody reads them (MQTT and the store never do) and
+        overload has not turned them off. The interval stretches with the ASR's load
+        (`AsrWorker.partial_interval_s`)."""
         index, start = self.vad.open_index, self.vad.open_start
         if not self.partials or index is None or start is None or self.ring.end < self._partial_at:
             return
         if self.vad.in_silence:  # the speculative final covers what a partial would say
             return
-        self._partial_at = self.ring.end + self.partial_interval
-        self.asr.offer_partial(self._job(index, start, self.ring.end, None))
+        self._partial_at = self.ring.end + s_to_samples(self.asr.partial_interval_s(self.partial_interval_s))
+        if not self.partials_read():
+            self.partials_unread += 1
+            return
+        if self.asr.partials_allowed:
+            self.asr.offer_partial(self._job(index, start, self.ring.end, None))
 
     async def _flush(self) -> None:
         for ev in self.vad.flush():
@@ -312,6 +322,7 @@ class StreamPipeline:
             "utterances": self.utterances,
             "finals": self.finals,
             "speculative": dataclasses.asdict(self.open_utterances.speculation),
+            "partials_unread": self.partials_unread,
             "queue": self.queue.qsize(),
             "last_final_latency_s": self.last_latency_s,
             "windows": self.windower.index,

@@ -152,6 +152,12 @@ class EventBus:
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subs.discard(sub)
 
+    def wants(self, type: str, stream: str) -> bool:
+        """Whether any subscriber would receive an event of `type` on `stream` now (work nobody reads is skipped:
+        partial transcripts)."""
+        probe = Outgoing(type, stream, "")
+        return any(sub.filter.matches(probe) and not sub.overflowed for sub in self._subs)
+
     def tap(self, fn: Callable[[StreamEvent], object]) -> None:
         """Also hand every stamped event to `fn`, on the loop, after the subscribers (the store, alert rules,
         MQTT, metrics). `fn` must not block; an exception in it is logged and does not stop the others."""

@@ -77,10 +77,19 @@ class FinalEvent(_StreamEvent):
 StreamState = Literal["starting", "open", "lost", "reopening", "closed", "error"]
 
 
+AsrMode = Literal["normal", "no_partials", "fast_decode", "no_speculation"]
+
+
 class StatusEvent(_StreamEvent):
     type: Literal["stream.status"] = "stream.status"
     state: StreamState
     detail: str
+    asr_mode: AsrMode | None = Field(
+        None,
+        description="set when the speech recognizer changes how it works under load (it serves every stream, so "
+        "every stream gets the event): normal, no_partials, fast_decode (beam 1), no_speculation; null otherwise",
+    )
+    asr_lag_s: float | None = Field(None, description="with asr_mode: how long the oldest waiting final had waited, s")
 
 
 class GapEvent(_StreamEvent):

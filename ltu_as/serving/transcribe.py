@@ -108,14 +108,18 @@ def load_asr(
     device: str = "auto",
     compute_type: str = "default",
     cpu_threads: int = 0,
+    num_workers: int = 1,
 ) -> WhisperModel:
     """A `faster_whisper.WhisperModel` from a size name (`large-v2`), hub id, CTranslate2 folder or
-    `bundled:tiny.en`. `cpu_threads` 0 lets CTranslate2 choose."""
+    `bundled:tiny.en`. `cpu_threads` 0 lets CTranslate2 choose; `num_workers`: how many threads may decode on it at
+    once (CTranslate2's `inter_threads`; each uses `cpu_threads`)."""
     from faster_whisper import WhisperModel
 
     path = resolve_asr_model(model)
     try:
-        return WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=cpu_threads)
+        return WhisperModel(
+            path, device=device, compute_type=compute_type, cpu_threads=cpu_threads, num_workers=num_workers
+        )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelNotFoundError(
             f"cannot load the ASR model {model!r}: {e}. Give a CTranslate2 Whisper folder, or run once online "

@@ -59,6 +59,7 @@ def test_priorities_and_latest_wins(tiny, loop: asyncio.AbstractEventLoop) -> No
             beam_size=1,
             max_new_tokens=24,
             final_queue=2,
+            lanes=1,  # one lane: the order of results is the order of decodes
         )
     )
     worker.start()
@@ -140,3 +141,108 @@ def test_a_batch_decodes_like_one_by_one(loop: asyncio.AbstractEventLoop) -> Non
     assert list(got) == [f"s{k}" for k in range(len(clips))]
     assert all(wer(alone[k].text, got[f"s{k}"]) <= 0.15 for k in range(4)) and not got["s4"], got
     assert worker.batches < len(clips)  # some were decoded together
+
+
+def test_overload_degrades_in_order_loses_no_final_and_recovers(tiny, loop: asyncio.AbstractEventLoop) -> None:
+    """More finals than two lanes of the real tiny model can carry (each decode ~0.25 s here): the lag is reported,
+    the worker steps through no_partials → fast_decode → no_speculation one step at a time, sheds partials and
+    refuses speculation on the way, answers every final exactly once and not failed, then steps back to normal."""
+    changes: list[tuple[str, int, float]] = []
+    results: list[AsrResult] = []
+    done = threading.Event()
+    n = 16
+
+    def on_result(r: AsrResult) -> None:
+        results.append(r)
+        if sum(x.job.final for x in results) >= n:
+            done.set()
+
+    reply = Reply(loop, on_result)
+    worker = AsrWorker(
+        AsrConfig(
+            model=str(tiny.whisper_ct2),
+            device="cpu",
+            compute_type="float32",
+            beam_size=2,
+            max_new_tokens=24,
+            lanes=2,
+            overload_lag_s=0.3,
+            overload_escalate_s=0.2,
+            overload_recover_s=0.4,
+        )
+    )
+    worker.on_overload = lambda c: changes.append((c.mode, c.level, c.lag_s))  # called from a lane: just record
+    worker.start()
+    assert worker.ready.wait(60) and worker.error is None and worker.lanes == 2
+    rng = np.random.default_rng(0)
+    finals = [job(f"s{k % 4}", 1 + k // 4, 1, True, rng, reply) for k in range(n)]
+    for j in finals:
+        assert worker.offer_final(j)
+    # while it is behind: partials are shed, then speculation is refused
+    deadline = time.monotonic() + 30
+    while worker.overload.level < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.lag_s() > 0.3
+    worker.offer_partial(job("p", 9, 1, False, rng, reply))
+    assert worker.counts["partial_shed"] == 1 and not worker.partials_allowed
+    while worker.overload.level < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    spec = AsrJob("q", 9, 0, 16000, np.zeros(16000, np.float32), SpeechEnd(9, 0, 16000, 16000, "silence"),
+                  time.monotonic(), reply, speculative=True)  # fmt: skip
+    assert not worker.offer_speculative(spec) and worker.counts["speculative_refused"] == 1
+    assert done.wait(60)
+    # and back, one step at a time, once the lag stayed low
+    while worker.overload.level > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.stop(10)
+    assert [c[:2] for c in changes] == [
+        ("no_partials", 1), ("fast_decode", 2), ("no_speculation", 3),
+        ("fast_decode", 2), ("no_partials", 1), ("normal", 0),
+    ]  # fmt: skip
+    assert all(lag > 0.3 for _, level, lag in changes[:3])
+    got = [r for r in results if r.job.final]
+    assert sorted(id(r.job) for r in got) == sorted(id(j) for j in finals)  # each final answered exactly once
+    assert not any(r.failed for r in got)
+    assert max(r.wait_s for r in got) > 0.3  # they were late, not lost
+    assert worker.counts["final"] == n and worker.counts["partial"] == 0
+
+
+def test_partials_never_take_the_last_free_lane_nor_outrun_their_budget(tiny, loop: asyncio.AbstractEventLoop) -> None:
+    """Two lanes: at most one partial decodes at a time, so a final offered while partials keep coming starts at
+    once on the other lane; and partials spend at most `partial_share` of the lanes' time (plus one decode's
+    overdraft: the bucket starts empty)."""
+    results: list[AsrResult] = []
+    reply = Reply(loop, results.append)
+    share = 0.25
+    worker = AsrWorker(
+        AsrConfig(
+            model=str(tiny.whisper_ct2), device="cpu", compute_type="float32", beam_size=1, max_new_tokens=24,
+            lanes=2, partial_share=share,
+        )
+    )  # fmt: skip
+    worker.start()
+    assert worker.ready.wait(60) and worker.error is None
+    rng = np.random.default_rng(1)
+    t0 = time.monotonic()
+    peak = 0
+    index = 0
+    while time.monotonic() - t0 < 6.0:  # 6 streams ask for a partial every 50 ms: far more than the budget
+        index += 1
+        for k in range(6):
+            worker.offer_partial(job(f"s{k}", 1, 1, False, rng, reply))
+        peak = max(peak, worker._partials_running)
+        time.sleep(0.05)
+    final = job("f", 1, 1, True, rng, reply)
+    worker.offer_final(final)
+    while not any(r.job is final for r in results) and time.monotonic() - t0 < 30:
+        time.sleep(0.01)
+    wall = time.monotonic() - t0
+    worker.stop(10)
+    partial_s = sum(r.decode_s for r in results if not r.job.final)
+    one = max(r.decode_s for r in results)
+    assert peak <= 1
+    assert worker.counts["partial"] > 0 and worker.counts["partial_superseded"] > 0
+    # one lane alone could have spent the whole wall time on partials; the budget allows half of that
+    assert partial_s <= share * 2 * wall + one
+    r = next(r for r in results if r.job is final)
+    assert r.wait_s < 0.2  # a lane was free for it: it did not wait behind a partial
