@@ -68,6 +68,7 @@ class Service:
                 asr_worker=self.asr,
                 on_window=self._on_window if model_on else None,
                 partials_read=functools.partial(self.bus.wants, "transcript.partial", s.name),
+                live=not (isinstance(s, FileStream) and not s.realtime),
             )
             if isinstance(s, FileStream):
                 self.sources[s.name] = FileSource(s)

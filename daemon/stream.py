@@ -69,11 +69,13 @@ class StreamPipeline:
         asr_worker: AsrWorker,
         on_window: Callable[[Window, np.ndarray | None], None] | None = None,
         partials_read: Callable[[], bool] = lambda: True,
+        live: bool = True,
     ) -> None:
         self.name, self.kind = name, kind
         self.publish, self.asr, self.on_window = publish, asr_worker, on_window
         self.partials, self.partial_interval_s = asr.partials and asr.partial_share > 0, asr.partial_interval_ms / 1000
         self.partials_read = partials_read  # whether any client reads this stream's partials now
+        self.live = live  # real-time audio (not a file read as fast as it decodes): its finals' lag is overload
         self.partials_unread = 0  # partials that were due but not decoded: nobody subscribed to them
         self.queue: asyncio.Queue[SourceItem] = asyncio.Queue(maxsize=audio.source_queue)
         self.ring = AudioRing(s_to_samples(audio.ring_seconds))
@@ -215,7 +217,9 @@ class StreamPipeline:
     def _job(self, index: int, start: int, stop: int, end: SpeechEnd | None, speculative: bool = False) -> AsrJob:
         """A decode of samples [start, stop) of utterance `index`."""
         audio = self.ring.read(start, stop)
-        return AsrJob(self.name, index, start, stop, audio, end, time.monotonic(), self._reply(), speculative)
+        return AsrJob(
+            self.name, index, start, stop, audio, end, time.monotonic(), self._reply(), speculative, self.live
+        )
 
     def _speculate(self, ev: SilenceBegins) -> None:
         """Decode the utterance up to the silence ([start, at)) while the hangover decides whether it ended."""

@@ -70,6 +70,9 @@ class AsrJob:
     submitted: float  # time.monotonic()
     reply: Reply[AsrResult]
     speculative: bool = False  # decoded when silence began; the stream keeps it only if the end is confirmed
+    # somebody waits for it in real time (a live stream, a speech request); a faster-than-real-time file's backlog
+    # is its normal state, so its finals do not count towards the overload lag
+    live: bool = True
 
     @property
     def final(self) -> bool:
@@ -224,12 +227,13 @@ class AsrWorker:
             self.counts[f"partial_{why}"] += 1
 
     def lag_s(self) -> float:
-        """How long the oldest waiting final (or speculative final) has waited, s; 0 when none waits."""
+        """How long the oldest waiting live final (or speculative final) has waited, s; 0 when none waits."""
         with self._cv:
             return self._lag(time.monotonic())
 
     def _lag(self, now: float) -> float:
-        oldest = min((j.submitted for j in itertools.chain(self._finals, self._speculative.values())), default=now)
+        waiting = itertools.chain(self._finals, self._speculative.values())
+        oldest = min((j.submitted for j in waiting if j.live), default=now)
         return max(0.0, now - oldest)
 
     def stop(self, timeout: float | None = None) -> int:

@@ -127,3 +127,27 @@ def test_the_partial_cadence_stretches_with_the_streams_speaking() -> None:
     assert partial_interval_s(0.7, 8, 0.6, 0.3, 2) == 8.0
     assert partial_interval_s(0.7, 8, 0.6, 1.0, 16) == 0.7
     assert partial_interval_s(0.7, 1, 0.6, 0.0, 2) == math.inf
+
+
+def test_only_live_finals_count_towards_the_lag() -> None:
+    """A file read faster than real time queues finals by design: its backlog is not overload (it once switched a
+    whole batch transcription to beam 1). A live stream's or a speech request's waiting final is."""
+    import time
+
+    import numpy as np
+
+    from daemon.capture.vad import SpeechEnd
+    from daemon.config import AsrConfig
+    from daemon.speech.asr import AsrJob, AsrWorker
+
+    worker = AsrWorker(AsrConfig())  # its lanes never start: only the queues are used
+
+    def final(index: int, live: bool) -> AsrJob:
+        audio = np.zeros(1600, np.float32)
+        end = SpeechEnd(index, 0, 1600, 1600, "silence")
+        return AsrJob("s", index, 0, 1600, audio, end, time.monotonic() - 30, lambda _r: None, live=live)  # type: ignore[arg-type]
+
+    assert worker.offer_final(final(1, live=False))
+    assert worker.lag_s() == 0.0
+    assert worker.offer_final(final(2, live=True))
+    assert 29.0 < worker.lag_s() < 60.0
