@@ -121,7 +121,6 @@ class AsrWorker:
         self.lanes = 1  # set once the model is loaded (`asr.lanes`, or auto)
         self._busy = 0  # lanes decoding now
         self._partials_running = 0
-        self._level_logged = 0
         self.budget = PartialBudget(config.partial_share, 1)
         self.overload = Overload(config.overload_lag_s, config.overload_escalate_s, config.overload_recover_s)
         # Told of every change of degradation level (from a lane's thread, under the worker's lock: it must only
@@ -317,27 +316,25 @@ class AsrWorker:
 
     def _watch(self, now: float) -> None:
         """Feed the finals' lag to the overload state; log and report a change of level (under the lock)."""
-        lag = self._lag(now)
+        lag, before = self._lag(now), self.overload.level
         level = self.overload.observe(now, lag)
         if level is None:
             return
-        mode = LEVELS[level]
-        if level > 0 and not self.partials_allowed:
+        change = LoadChange(level, round(lag, 3))
+        if level > 0:  # partials are off from the first step: the pending ones would never start
             for stream in list(self._partials):
                 self._drop_partial(stream, "shed")
         if level == 0:
             log.warning("ASR caught up (the oldest final waits %.1f s): back to normal", lag)
-        elif level < self._level_logged:
-            log.warning("ASR is catching up (the oldest final waits %.1f s): one step back, to %s", lag, mode)
+        elif level < before:
+            log.warning("ASR is catching up (the oldest final waits %.1f s): one step back, to %s", lag, change.mode)
         else:
             log.warning(
                 "ASR is behind: the oldest final has waited %.1f s (asr.overload_lag_s = %.1f): %s (step %d of %d)",
-                lag, self.config.overload_lag_s, mode, level, len(LEVELS) - 1,
+                lag, self.config.overload_lag_s, change.mode, level, len(LEVELS) - 1,
             )  # fmt: skip
-        self._level_logged = level
-        self.counts[f"overload_{mode}"] += 1
         if self.on_overload is not None:
-            self.on_overload(LoadChange(mode, level, round(lag, 3)))
+            self.on_overload(change)
 
     def _run(self) -> None:
         try:
@@ -422,12 +419,15 @@ class AsrWorker:
 
 @dataclass(frozen=True)
 class LoadChange:
-    """The ASR's degradation level changed: `mode` (`daemon.speech.load.LEVELS`), its `level` (0 = normal) and
-    the finals' lag when it changed, s."""
+    """The ASR's degradation `level` changed (0 = normal); `lag_s`: the finals' lag when it changed, s."""
 
-    mode: str
     level: int
     lag_s: float
+
+    @property
+    def mode(self) -> str:
+        """The level's name (`daemon.speech.load.LEVELS`)."""
+        return LEVELS[self.level]
 
 
 def asr_device(device: str) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LEVELS = ("normal", "no_partials", "fast_decode", "no_speculation")
-Mode = str  # one of LEVELS
 ASR_MODE_DETAIL = {  # what each level means, for people (a stream.status's detail)
     "normal": "normal",
     "no_partials": "partial transcripts are off until it catches up",
@@ -88,16 +87,13 @@ class Overload:
     changed_at: float = 0.0
     over_since: float | None = None
     calm_since: float | None = None
-    lag_s: float = 0.0
-    peak_lag_s: float = 0.0  # the highest lag seen since the level last left normal (for the reports)
 
     @property
-    def mode(self) -> Mode:
+    def mode(self) -> str:
         return LEVELS[self.level]
 
     def observe(self, now: float, lag_s: float) -> int | None:
         """Record the lag at `now`; returns the new level when it changed, else None."""
-        self.lag_s = lag_s
         if lag_s > self.bound_s:
             self.calm_since = None
             if self.over_since is None:
@@ -109,8 +105,6 @@ class Overload:
                     self.calm_since = now
             else:
                 self.calm_since = None
-        if self.level > 0:
-            self.peak_lag_s = max(self.peak_lag_s, lag_s)
         since_change = now - self.changed_at
         if (
             self.over_since is not None
@@ -118,8 +112,6 @@ class Overload:
             and now - self.over_since >= self.escalate_s
             and since_change >= self.escalate_s
         ):
-            if self.level == 0:
-                self.peak_lag_s = lag_s
             return self._set(self.level + 1, now)
         if (
             self.calm_since is not None

@@ -41,6 +41,16 @@ def job(
     return AsrJob(stream, index, 0, len(audio), audio, end, time.monotonic(), reply)
 
 
+def tiny_worker(tiny, **config: object) -> AsrWorker:
+    """A started worker on the converted tiny model (fp32, short decodes), ready."""
+    worker = AsrWorker(
+        AsrConfig(model=str(tiny.whisper_ct2), device="cpu", compute_type="float32", max_new_tokens=24, **config)
+    )
+    worker.start()
+    assert worker.ready.wait(60) and worker.error is None
+    return worker
+
+
 def test_priorities_and_latest_wins(tiny, loop: asyncio.AbstractEventLoop) -> None:
     results: list[AsrResult] = []
     done = threading.Event()
@@ -51,19 +61,8 @@ def test_priorities_and_latest_wins(tiny, loop: asyncio.AbstractEventLoop) -> No
             done.set()
 
     reply = Reply(loop, on_result)
-    worker = AsrWorker(
-        AsrConfig(
-            model=str(tiny.whisper_ct2),
-            device="cpu",
-            compute_type="float32",
-            beam_size=1,
-            max_new_tokens=24,
-            final_queue=2,
-            lanes=1,  # one lane: the order of results is the order of decodes
-        )
-    )
-    worker.start()
-    assert worker.ready.wait(60) and worker.error is None
+    # one lane: the order of results is the order of decodes
+    worker = tiny_worker(tiny, beam_size=1, final_queue=2, lanes=1)
     rng = np.random.default_rng(0)
     # Keep the worker busy, then queue work behind it.
     assert worker.offer_final(job("b", 1, 20, True, rng, reply))
@@ -158,22 +157,11 @@ def test_overload_degrades_in_order_loses_no_final_and_recovers(tiny, loop: asyn
             done.set()
 
     reply = Reply(loop, on_result)
-    worker = AsrWorker(
-        AsrConfig(
-            model=str(tiny.whisper_ct2),
-            device="cpu",
-            compute_type="float32",
-            beam_size=2,
-            max_new_tokens=24,
-            lanes=2,
-            overload_lag_s=0.3,
-            overload_escalate_s=0.2,
-            overload_recover_s=0.4,
-        )
+    worker = tiny_worker(
+        tiny, beam_size=2, lanes=2, overload_lag_s=0.3, overload_escalate_s=0.2, overload_recover_s=0.4
     )
     worker.on_overload = lambda c: changes.append((c.mode, c.level, c.lag_s))  # called from a lane: just record
-    worker.start()
-    assert worker.ready.wait(60) and worker.error is None and worker.lanes == 2
+    assert worker.lanes == 2
     rng = np.random.default_rng(0)
     finals = [job(f"s{k % 4}", 1 + k // 4, 1, True, rng, reply) for k in range(n)]
     for j in finals:
@@ -214,20 +202,11 @@ def test_partials_never_take_the_last_free_lane_nor_outrun_their_budget(tiny, lo
     results: list[AsrResult] = []
     reply = Reply(loop, results.append)
     share = 0.25
-    worker = AsrWorker(
-        AsrConfig(
-            model=str(tiny.whisper_ct2), device="cpu", compute_type="float32", beam_size=1, max_new_tokens=24,
-            lanes=2, partial_share=share,
-        )
-    )  # fmt: skip
-    worker.start()
-    assert worker.ready.wait(60) and worker.error is None
+    worker = tiny_worker(tiny, beam_size=1, lanes=2, partial_share=share)
     rng = np.random.default_rng(1)
     t0 = time.monotonic()
     peak = 0
-    index = 0
     while time.monotonic() - t0 < 6.0:  # 6 streams ask for a partial every 50 ms: far more than the budget
-        index += 1
         for k in range(6):
             worker.offer_partial(job(f"s{k}", 1, 1, False, rng, reply))
         peak = max(peak, worker._partials_running)
