@@ -5,6 +5,8 @@
     ltu-daemon check [--config F] [--memory]  # config, model availability (and the memory plan), what to do
     ltu-daemon schema              # the protocol's JSON schema
 
+`kill -HUP` reloads the config while running (streams, alert rules, MQTT, retention; see docs/deploy.md).
+
 Exit status: 0 done (including a SIGTERM/SIGINT shutdown), 1 `check` found problems, 2 bad configuration,
 3 a model could not be loaded.
 """
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltu-daemon", description="real-time audio understanding daemon")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (overrides log.level)")
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_args(sub.add_parser("start", help="run the daemon until SIGTERM/SIGINT"))
+    _config_args(sub.add_parser("start", help="run the daemon until SIGTERM/SIGINT (SIGHUP reloads the config)"))
     sub.add_parser("devices", help="list audio input devices")
     check = sub.add_parser("check", help="check the configuration and model availability")
     _config_args(check)
@@ -118,7 +120,20 @@ def cmd_start(args: argparse.Namespace) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
-        await Service(config).run(stop)
+        service = Service(config)
+
+        def reread() -> DaemonConfig:  # the same files, environment and --set as at start
+            return prepare_demo(_load(args))
+
+        def on_hup() -> None:
+            log.info("SIGHUP received: reloading the config")
+            task = loop.create_task(service.reload_from(reread))  # reloads queue on the service's lock
+            reloads.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(reloads.discard)
+
+        reloads: set[asyncio.Task[object]] = set()
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        await service.run(stop)
 
     try:
         asyncio.run(main())

@@ -527,7 +527,7 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
             s["path"] = str(base / Path(s["path"]).expanduser())
 
 
-def _format_errors(e: ValidationError) -> str:
+def format_errors(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         parts: list[str] = []
@@ -582,7 +582,7 @@ def load_config(
         return DaemonConfig.model_validate(tree)
     except ValidationError as e:
         where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid configuration{where}:\n  {_format_errors(e)}") from None
+        raise ConfigError(f"invalid configuration{where}:\n  {format_errors(e)}") from None
 
 
 def demo_config_path() -> Path:

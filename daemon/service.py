@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,20 +22,21 @@ import numpy as np
 from . import __version__
 from .capture.sources import FileSource, MicSource, RemoteSource, RemoteStreams
 from .clock import SAMPLE_RATE, s_to_samples
-from .config import DaemonConfig, FileStream, MicStream
+from .config import ConfigError, DaemonConfig, FileStream, MicStream, RemoteStream
 from .delivery.bus import EventBus
 from .delivery.events import AlertEvent, AnswerDone, DigestEvent, HistoryHit, SceneEvent, StatusEvent
 from .delivery.server import Identity, WebsocketServer
 from .memory.alerts import AlertEngine
 from .memory.desk import MemoryDesk
 from .memory.store import AnswerRecord, Clip, Store
+from .reload import ReloadPlan, in_effect, plan
 from .reply import Reply
 from .rules import AlertRule
 from .speech.asr import AsrWorker, LoadChange
 from .speech.load import ASR_MODE_DETAIL
 from .stream import StreamPipeline
 from .understanding.scheduler import Busy, CheckJob, CheckResult, SceneJob
-from .understanding.windows import Window
+from .understanding.windows import StreamWindows, Window
 
 log = logging.getLogger(__name__)
 
@@ -50,32 +52,16 @@ class Service:
     def __init__(self, config: DaemonConfig) -> None:
         """Raises `StoreError` when the history store cannot be opened."""
         self.config = config
+        model_on = config.model.enabled
         self.bus = EventBus()
         self.asr = AsrWorker(config.asr_effective())
         self.pipelines: dict[str, StreamPipeline] = {}
         self.sources: dict[str, FileSource | MicSource | RemoteSource] = {}
-        remotes: dict[str, RemoteSource] = {}
-        model_on = config.model.enabled
+        # live views the server and the question desk read: a reload adds and removes streams in them
+        self._remotes: dict[str, RemoteSource] = {}
+        self._windows: dict[str, StreamWindows] = {}
         for s in config.streams:
-            self.pipelines[s.name] = StreamPipeline(
-                s.name,
-                s.source,
-                audio=config.audio,
-                vad=config.vad,
-                asr=config.asr,
-                windows=config.windows,
-                publish=self.bus.publish,
-                asr_worker=self.asr,
-                on_window=self._on_window if model_on else None,
-                partials_read=functools.partial(self.bus.wants, "transcript.partial", s.name),
-                live=not (isinstance(s, FileStream) and not s.realtime),
-            )
-            if isinstance(s, FileStream):
-                self.sources[s.name] = FileSource(s)
-            elif isinstance(s, MicStream):
-                self.sources[s.name] = MicSource(s)
-            else:
-                self.sources[s.name] = remotes[s.name] = RemoteSource(s.name, config.server.max_audio_ahead_s)
+            self._add_stream(s)
 
         # memory: the store (numbering continues after the last stored window and utterance) and the alert rules
         self.store: Store | None = None
@@ -112,14 +98,14 @@ class Service:
             from .delivery.mqtt import MqttBridge
 
             self.mqtt = MqttBridge(config.mqtt, list(self.pipelines), self.alerts.info, __version__)
-            self.bus.tap(self.mqtt.on_event)
+        self.bus.tap(self._to_mqtt)  # through the service: a reload may replace the bridge
 
-        self.understanding = _Understanding(config, self.pipelines, self.store, self._record) if model_on else None
-        self.memory = MemoryDesk(self.store, self.alerts, changed=self.mqtt.rules_changed if self.mqtt else None)
+        self.understanding = _Understanding(config, self._windows, self.store, self._record) if model_on else None
+        self.memory = MemoryDesk(self.store, self.alerts, changed=self._rules_changed)
         self.server = WebsocketServer(
             config.server,
             self.bus,
-            RemoteStreams(remotes),
+            RemoteStreams(self._remotes),
             self.understanding.desk if self.understanding else None,
             self.memory,
             streams=lambda: [p.info() for p in self.pipelines.values()],
@@ -152,17 +138,145 @@ class Service:
                 )
         self.started = time.time()
         self.ready = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # each stream's pipeline
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reload_lock = asyncio.Lock()
+        self.reloads: dict[str, Any] = {"count": 0, "refused": 0, "last": None}
         self._background: list[asyncio.Task[None]] = []
         self._stop_background = asyncio.Event()
         self._scene_reply: Reply[SceneEvent] | None = None
         self._check_reply: Reply[CheckResult] | None = None
 
+    # --- streams: built at start, added and removed by a reload ---
+
+    def _add_stream(self, s: MicStream | FileStream | RemoteStream) -> StreamPipeline:
+        config = self.config
+        pipeline = StreamPipeline(
+            s.name,
+            s.source,
+            audio=config.audio,
+            vad=config.vad,
+            asr=config.asr,
+            windows=config.windows,
+            publish=self.bus.publish,
+            asr_worker=self.asr,
+            on_window=self._on_window if config.model.enabled else None,
+            partials_read=functools.partial(self.bus.wants, "transcript.partial", s.name),
+            live=not (isinstance(s, FileStream) and not s.realtime),
+        )
+        self.pipelines[s.name] = pipeline
+        self._windows[s.name] = pipeline.windows
+        if isinstance(s, FileStream):
+            self.sources[s.name] = FileSource(s)
+        elif isinstance(s, MicStream):
+            self.sources[s.name] = MicSource(s)
+        else:
+            self.sources[s.name] = self._remotes[s.name] = RemoteSource(s.name, config.server.max_audio_ahead_s)
+        return pipeline
+
+    def _start_stream(self, name: str) -> None:
+        assert self._loop is not None, "streams start once the service runs"
+        pipeline = self.pipelines[name]
+        self._tasks[name] = asyncio.create_task(pipeline.run(), name=f"stream-{name}")
+        self.sources[name].start(self._loop, pipeline.queue)
+
+    async def _remove_stream(self, name: str, why: str) -> tuple[int, int]:
+        """Stop a stream's source and let its pipeline flush: its last utterance goes out as a final, as at
+        shutdown. Returns its (window, utterance) numbering, which a changed stream of that name continues."""
+        pipeline, source = self.pipelines.pop(name), self.sources.pop(name)
+        self._windows.pop(name, None)
+        self._remotes.pop(name, None)  # a satellite feeding it is told so at its next frame
+        source.stop()
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_DRAIN_S)
+            if not done:
+                task.cancel()
+        await asyncio.to_thread(source.join, 1.0)
+        self.bus.publish(StatusEvent(stream=name, state="closed", detail=why))
+        return pipeline.windower.index, pipeline.vad.index
+
+    # --- reload (SIGHUP) ---
+
+    async def reload_from(self, read: Callable[[], DaemonConfig]) -> ReloadPlan | None:
+        """Read the config again with `read` (in a thread) and apply it (`reload`). A config that cannot be read
+        or applied is refused: the reason is logged and counted in /healthz, and the running config stays."""
+        try:
+            new = await asyncio.to_thread(read)
+            return await self.reload(new)
+        except ConfigError as e:
+            self.reloads["refused"] += 1
+            self.reloads["last"] = {"at": round(time.time(), 3), "ok": False, "error": str(e)}
+            log.error("config reload refused; the running config stays: %s", e)
+            return None
+
+    async def reload(self, new: DaemonConfig) -> ReloadPlan:
+        """Apply `new`'s live parts (see `daemon.reload`) without dropping clients or other streams' windows.
+        Raises `ConfigError`, having changed nothing, when `new` cannot apply to the running daemon."""
+        async with self._reload_lock:
+            if not self.ready:
+                raise ConfigError("the daemon is still starting: reload once /healthz says ready")
+            p = plan(self.config, new)
+            effective = in_effect(self.config, new)
+            bridge = None
+            if p.mqtt and effective.mqtt.enabled:  # built first: a bad password file refuses the whole reload
+                from .delivery.mqtt import MqttBridge
+
+                bridge = MqttBridge(effective.mqtt, [s.name for s in effective.streams], self.alerts.info, __version__)
+            numbering = {}
+            for name in p.removed + p.changed:
+                why = "removed from the config" if name in p.removed else "restarting: its config changed"
+                numbering[name] = await self._remove_stream(name, why)
+            self.config = effective
+            for name in p.changed + p.added:
+                pipeline = self._add_stream(effective.stream(name))
+                pipeline.continue_from(*numbering.get(name, (0, 0)))
+                if self.store is not None:
+                    pipeline.continue_from(*await asyncio.to_thread(self.store.last_indices, name))
+                self._start_stream(name)
+            if p.rules:
+                runtime = await asyncio.to_thread(self.store.rules) if self.store else []
+                self.alerts.set_config_rules(effective.alerts.rules, runtime)
+            if p.mqtt:
+                old, self.mqtt = self.mqtt, bridge
+                if old is not None:
+                    await asyncio.to_thread(old.stop)
+                if bridge is not None:
+                    bridge.start()
+            elif (p.added or p.removed) and self.mqtt is not None:
+                self.mqtt.set_streams(list(self.pipelines))
+            if p.rules and not p.mqtt:
+                self._rules_changed()
+            if p.retention and self.store is not None:
+                st = effective.store
+                self.store.set_retention(st.retention_days, st.max_mb, st.clip_retention_days)
+            if p.log_level:
+                logging.getLogger().setLevel(effective.log.level.upper())
+            self.reloads["count"] += 1
+            self.reloads["last"] = {
+                "at": round(time.time(), 3),
+                "ok": True,
+                "applied": p.live,
+                "restart_needed": list(p.restart),
+            }
+            log.info("config reloaded: %s", ", ".join(p.live) or "nothing to apply")
+            if p.restart:
+                log.warning("config reload: these keys changed but apply only on restart: %s", ", ".join(p.restart))
+            return p
+
+    def _to_mqtt(self, event: object) -> None:
+        if self.mqtt is not None:
+            self.mqtt.on_event(event)
+
+    def _rules_changed(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.rules_changed()
+
     # --- lifecycle ---
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down in order. Raises `ModelLoadError` if a model cannot load."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._scene_reply = Reply(loop, self.bus.publish)
         self._check_reply = Reply(loop, lambda r: self.alerts.on_check(r.stream, r.window, r.wall, r.scores))
         if self.store is not None:
@@ -185,9 +299,8 @@ class Service:
             self._close_memory()
             raise ModelLoadError(str(error))
         if not stop.is_set():
-            for name, pipeline in self.pipelines.items():
-                self._tasks.append(asyncio.create_task(pipeline.run(), name=f"stream-{name}"))
-                self.sources[name].start(loop, pipeline.queue)
+            for name in self.pipelines:
+                self._start_stream(name)
             for endpoint in self.endpoints:
                 await endpoint.start()
             self._background.append(asyncio.create_task(self._tick_alerts(), name="alerts"))
@@ -226,7 +339,7 @@ class Service:
         for source in self.sources.values():
             source.stop()
         if self._tasks:
-            _, late = await asyncio.wait(self._tasks, timeout=max(0.1, deadline - time.monotonic()))
+            _, late = await asyncio.wait(self._tasks.values(), timeout=max(0.1, deadline - time.monotonic()))
             for t in late:
                 t.cancel()
         for endpoint in self.endpoints:  # no new requests; those in flight are cut off (their clients retry)
@@ -303,7 +416,7 @@ class Service:
             with contextlib.suppress(Busy):
                 scheduler.submit(job)
 
-        return Digests(cfg, list(self.pipelines), store.windows_after, submit, after=self._rowid_at_start)
+        return Digests(cfg, lambda: list(self.pipelines), store.windows_after, submit, after=self._rowid_at_start)
 
     # --- memory: answers kept, clips of alerts ---
 
@@ -465,6 +578,7 @@ class Service:
             "mqtt": self.mqtt.stats() if self.mqtt else {"enabled": False},
             **self.server.stats(),
             "events": dict(self.bus.published),
+            "reloads": self.reloads,
         }
 
 
@@ -473,7 +587,7 @@ class _Understanding:
     (Importing it loads torch and ltu_as, which a transcripts-only daemon never needs.)"""
 
     def __init__(
-        self, config: DaemonConfig, pipelines: dict[str, StreamPipeline], store: Store | None, record: Any
+        self, config: DaemonConfig, windows: dict[str, StreamWindows], store: Store | None, record: Any
     ) -> None:
         from .understanding.cache import FeatureCache
         from .understanding.desk import QuestionDesk
@@ -509,7 +623,7 @@ class _Understanding:
         self.desk = QuestionDesk(
             self.scheduler,
             self.cache,
-            {n: p.windows for n, p in pipelines.items()},
+            windows,
             config.questions,
             sc.question_deadline_s,
             history=config.history,

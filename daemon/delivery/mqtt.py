@@ -71,7 +71,7 @@ class MqttBridge:
         self._connected = False
         self._stopping = False
         self._rule_names = {info.rule.name for info in rules()}
-        self._announced_rules: set[str] = set()
+        self._announced: set[str] = set()  # discovery topics announced (a gone one is removed)
         self._active: dict[str, set[str]] = {}  # rule → streams with an active alert
         self._level_at: dict[str, float] = {}
         self.published = 0
@@ -208,6 +208,12 @@ class MqttBridge:
         if self.config.discovery and self._connected:
             self._announce()
 
+    def set_streams(self, streams: list[str]) -> None:
+        """The configured streams changed (a reload): announce the new ones' entities, remove the gone ones'."""
+        self.streams = list(streams)
+        if self.config.discovery and self._connected:
+            self._announce()
+
     # --- Home Assistant discovery ---
 
     def discovery(self) -> dict[str, dict[str, Any]]:
@@ -285,10 +291,9 @@ class MqttBridge:
         configs = self.discovery()
         for topic, payload in configs.items():
             self._client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=1, retain=True)
-        rules = {t for t in configs if "/binary_sensor/" in t}
-        for gone in self._announced_rules - rules:
+        for gone in sorted(self._announced - set(configs)):
             self._client.publish(gone, "", qos=1, retain=True)  # an empty retained config removes the entity
-        self._announced_rules = rules
+        self._announced = set(configs)
         log.info("MQTT: announced %d Home Assistant entities", len(configs))
 
     def stats(self) -> dict[str, Any]:

@@ -131,6 +131,25 @@ class AlertEngine:
         self._clear_all(r, time.time())
         del self._rules[name]
 
+    def set_config_rules(self, rules: Iterable[AlertRule], runtime: Iterable[AlertRule] = ()) -> None:
+        """Replace the config's rules (a reload). A rule that is unchanged keeps its state (an active alert stays
+        active); a removed or changed one clears its alerts first. A runtime rule named like a new config rule is
+        shadowed, as at start; one that a removed config rule shadowed comes back from `runtime` (the store's)."""
+        now = time.time()
+        new = {r.name: r for r in rules}
+        for name, r in list(self._rules.items()):
+            if (r.source == "config" and new.get(name) != r.rule) or (r.source == "runtime" and name in new):
+                if r.source == "runtime":
+                    log.warning("runtime alert rule %r is shadowed by the new config rule of that name", name)
+                self._clear_all(r, now)
+                del self._rules[name]
+        for name, rule in new.items():
+            if name not in self._rules:
+                self._rules[name] = _Rule(rule, "config", matcher(rule))
+        for rule in runtime:
+            if rule.name not in self._rules and self.runtime_count() < self.max_runtime:
+                self._rules[rule.name] = _Rule(rule, "runtime", matcher(rule))
+
     def source(self, name: str) -> Literal["config", "runtime"] | None:
         r = self._rules.get(name)
         return r.source if r else None

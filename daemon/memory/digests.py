@@ -21,26 +21,28 @@ class Digests:
     def __init__(
         self,
         config: DigestConfig,
-        streams: list[str],
+        streams: Callable[[], list[str]],
         windows_after: Callable[[str, int, int], tuple[list[HistoryHit], int]],
         submit: Submit,
         after: int = 0,
     ) -> None:
         """`windows_after(stream, rowid, limit)` reads the store (blocking: run in a thread): the windows stored
-        after a watermark, and the new one. The first digests cover what is stored after `after`."""
+        after a watermark, and the new one. The first digests cover what is stored after `after`. `streams()`: the
+        configured streams now (a reload may add some)."""
         self.config, self.streams, self.windows_after, self.submit = config, streams, windows_after, submit
         self.after = after
         self.made = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        after = dict.fromkeys(self.streams, self.after)
+        after: dict[str, int] = {}
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), self.config.every_s)
                 return
             except TimeoutError:
                 pass
-            for stream in self.streams:
+            for stream in self.streams():
+                after.setdefault(stream, self.after)
                 try:
                     hits, after[stream] = await asyncio.to_thread(
                         self.windows_after, stream, after[stream], self.config.max_windows

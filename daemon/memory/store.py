@@ -145,6 +145,7 @@ Op = (
     | RuleChange
 )
 _STOP = object()
+_RETAIN = object()  # a reload changed the retention limits: enforce them now
 
 
 def connect(path: Path) -> apsw.Connection:
@@ -241,6 +242,14 @@ class Store:
                 with contextlib.suppress(apsw.Error):
                     conn.close()
 
+    def set_retention(self, retention_days: float, max_mb: float, clip_retention_days: float) -> None:
+        """New retention limits (a reload), enforced by the writer at once and from then on."""
+        self.config = self.config.model_copy(
+            update={"retention_days": retention_days, "max_mb": max_mb, "clip_retention_days": clip_retention_days}
+        )  # one reference swap: the writer reads the limits from `config` each time
+        with contextlib.suppress(queue.Full):  # full: the writer is busy and enforces the limits within a minute
+            self._queue.put_nowait(_RETAIN)
+
     # --- writes (any thread; never blocks) ---
 
     def put(self, op: Op) -> None:
@@ -273,6 +282,8 @@ class Store:
                 op = None
             if op is _STOP:
                 stop = True
+            elif op is _RETAIN:
+                next_retention = time.monotonic()
             elif op is not None:
                 pending.append(op)
                 while len(pending) < 1000:  # take what is already queued: one transaction for all of it
@@ -283,6 +294,9 @@ class Store:
                     if nxt is _STOP:
                         stop = True
                         break
+                    if nxt is _RETAIN:
+                        next_retention = time.monotonic()
+                        continue
                     pending.append(nxt)
             now = time.monotonic()
             if pending and (now >= next_commit or stop or len(pending) >= 1000):
