@@ -40,6 +40,12 @@ def metrics_in(expr: str) -> set[str]:
     return set(re.findall(r"\b(ltu_[a-z_]+)\b", expr))
 
 
+def test_every_exported_metric_is_documented() -> None:
+    doc = (REPO / "docs" / "integrations.md").read_text()
+    families = {n for n in exported_metrics() if not n.endswith(("_bucket", "_sum", "_count"))}
+    assert len(families) >= 20 and {n for n in families if f"`{n}`" not in doc} == set()
+
+
 def test_the_service_unit_verifies_clean_and_is_hardened(tmp_path: Path) -> None:
     unit = (DEPLOY / "systemd" / "ltu-daemon.service").read_text()
     keys = dict(re.findall(r"^(\w+)=(.*)$", unit, re.M))
