@@ -4,6 +4,7 @@
     ltu-daemon devices             # audio input devices (for `device = ...` in a mic stream)
     ltu-daemon check [--config F] [--memory]  # config, model availability (and the memory plan), what to do
     ltu-daemon schema              # the protocol's JSON schema
+    ltu-daemon store export [--since T] [--until T] [--out F] | store import F | store backup DEST
 
 `kill -HUP` reloads the config while running (streams, alert rules, MQTT, retention; see docs/deploy.md).
 
@@ -54,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory", action="store_true", help="print the memory plan (weights, ASR, KV slots against free memory)"
     )
     sub.add_parser("schema", help="print the websocket protocol's JSON schema")
+    store = sub.add_parser("store", help="export, import or back up the history store (store.path of the config)")
+    actions = store.add_subparsers(dest="action", required=True)
+    export = actions.add_parser("export", help="write the history as JSON Lines (a header, then one row per line)")
+    _config_args(export)
+    export.add_argument("--since", help="only what was recorded from then: Unix seconds or ISO 8601 (local time)")
+    export.add_argument("--until", help="only what was recorded before then")
+    export.add_argument("--out", type=Path, help="file to write (default: stdout)")
+    imp = actions.add_parser("import", help="add an export's rows the store does not have (stop the daemon first)")
+    _config_args(imp)
+    imp.add_argument("file", help="an export (JSON Lines), or - for stdin")
+    backup = actions.add_parser("backup", help="copy the store to a new file, safely while the daemon runs")
+    _config_args(backup)
+    backup.add_argument("dest", type=Path, help="the new file (must not exist)")
     return parser
 
 
@@ -339,6 +353,65 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    """`store export|import|backup`: exit 0 done, 1 the store or the input refused it (the message says why)."""
+    import apsw
+
+    from .memory import archive
+    from .memory.schema import StoreError, connect
+
+    config = _load(args)
+    path = config.store.path
+    try:
+        if args.action == "backup":
+            pages = archive.backup(path, args.dest)
+            print(f"backed up {path} to {args.dest} ({pages} pages, integrity ok)", file=sys.stderr)
+            return 0
+        if args.action == "export":
+            try:
+                since = archive.parse_time(args.since) if args.since else None
+                until = archive.parse_time(args.until) if args.until else None
+            except ValueError as e:
+                raise ConfigError(f"store export: {e}") from None
+            if not path.is_file():
+                raise StoreError(f"no store at {path} (store.path)")
+            conn = connect(path)
+            counts: dict[str, int] = {}
+            out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 (closed below unless stdout)
+            try:
+                for row in archive.export_rows(conn, since, until):
+                    out.write(json.dumps(row, separators=(",", ":")) + "\n")
+                    if "table" in row:
+                        counts[row["table"]] = counts.get(row["table"], 0) + 1
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+                conn.close()
+            summary = ", ".join(f"{n} {t}" for t, n in counts.items()) or "nothing"
+            print(f"exported {summary} from {path}", file=sys.stderr)
+            return 0
+        from ltu_as.serving.embedding import Embedder
+
+        from .memory.store import Store
+
+        device = config.store.embed_device
+        store = Store(config.store, lambda: Embedder(device))
+        store.open()
+        try:
+            source = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115 (closed below)
+            with source:
+                result = store.import_export(source)
+        finally:
+            store.stop()
+        added = ", ".join(f"{n} {t}" for t, n in result.added.items()) or "nothing"
+        skipped = sum(result.skipped.values())
+        print(f"imported {added} into {path} ({skipped} rows it already had skipped)", file=sys.stderr)
+        return 0
+    except (StoreError, OSError, apsw.Error) as e:
+        print(f"ltu-daemon store {args.action}: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ltu_as.logs import quiet_imports
@@ -351,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_devices(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "store":
+            return cmd_store(args)
         from .delivery.protocol import json_schema
 
         print(json.dumps(json_schema(), indent=2))
