@@ -22,7 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ConfigError, DaemonConfig, FileStream, MicStream, demo_config_path, load_config
+from .config import ConfigError, DaemonConfig, FileStream, MicStream, RtspStream, demo_config_path, load_config
 
 log = logging.getLogger("daemon.cli")
 
@@ -247,6 +247,19 @@ def _check_model(config: DaemonConfig) -> list[str]:
 
 
 def _check_stream(s: object) -> str | None:
+    if isinstance(s, RtspStream):
+        import av
+
+        try:
+            url, timeout = s.resolved_url(), (s.timeout_s, s.timeout_s)
+            with av.open(url, options={"rtsp_transport": s.transport}, timeout=timeout) as c:
+                if not c.streams.audio:
+                    return f"stream {s.name}: {s.redacted_url()} has no audio stream"
+        except (OSError, av.error.FFmpegError) as e:
+            return (
+                f"stream {s.name}: cannot open {s.redacted_url()}: {s.scrub(str(e))} (the daemon would retry with "
+                "backoff; check the URL, the credentials and that the camera serves RTSP)"
+            )
     if isinstance(s, FileStream):
         import av
 

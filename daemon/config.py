@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import (
     AfterValidator,
@@ -392,11 +393,70 @@ class FileStream(_Stream):
     chunk_ms: int = Field(100, ge=10, le=2000)
 
 
+class RtspStream(_Stream):
+    """A network camera's (or any RTSP server's) audio: reconnects with backoff, the time away reported as a gap.
+    Credentials may be in the URL (`rtsp://user:pass@cam/stream`) or the password in `password_file`; either way
+    they never appear in logs, events or /healthz (`redacted_url`)."""
+
+    source: Literal["rtsp"]
+    url: str
+    username: str | None = None
+    password_file: PathField | None = None
+    transport: Literal["tcp", "udp"] = "tcp"  # tcp: through NAT and firewalls, and no lost packets
+    timeout_s: float = Field(5.0, gt=0, le=120)  # to connect, and between packets: longer silence is a lost stream
+    reopen_min_s: float = Field(1.0, gt=0)
+    reopen_max_s: float = Field(30.0, gt=0)
+    chunk_ms: int = Field(100, ge=10, le=2000)
+
+    @field_validator("url")
+    @classmethod
+    def _rtsp_url(cls, v: str) -> str:
+        if not re.match(r"^rtsps?://[^/\s]+(/\S*)?$", v):
+            raise ValueError("use rtsp://[user[:password]@]HOST[:PORT]/PATH (or rtsps://)")
+        return v
+
+    def resolved_url(self) -> str:
+        """The URL to connect to, with `username` and the `password_file`'s first line put in when given."""
+        if self.username is None and self.password_file is None:
+            return self.url
+        parts = urlsplit(self.url)
+        user = quote(self.username or unquote(parts.username or ""), safe="")
+        password = parts.password and unquote(parts.password)
+        if self.password_file is not None:
+            try:
+                password = self.password_file.read_text().splitlines()[0].strip()
+            except (OSError, IndexError) as e:
+                raise ConfigError(f"streams {self.name}: cannot read password_file {self.password_file}: {e}") from e
+        host = parts.hostname or ""
+        netloc = f"{user}{':' + quote(password, safe='') if password else ''}@{host}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    def scrub(self, text: str) -> str:
+        """`text` (an FFmpeg error, say) with the URL and any password in it replaced."""
+        for url in {self.url, self.resolved_url()}:
+            text = text.replace(url, self.redacted_url())
+            password = urlsplit(url).password
+            if password:
+                text = text.replace(password, "***").replace(unquote(password), "***")
+        return text
+
+    def redacted_url(self) -> str:
+        """The URL without its credentials, for logs and events: rtsp://***@cam:554/stream."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        netloc = ("***@" if parts.username or self.username or self.password_file else "") + host
+        if parts.port:
+            netloc += f":{parts.port}"
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 class RemoteStream(_Stream):
     source: Literal["remote"]
 
 
-StreamConfig = Annotated[MicStream | FileStream | RemoteStream, Field(discriminator="source")]
+StreamConfig = Annotated[MicStream | FileStream | RtspStream | RemoteStream, Field(discriminator="source")]
 
 
 class DaemonConfig(_Section):
@@ -472,7 +532,7 @@ class DaemonConfig(_Section):
             return self.asr.model_copy(update={"compute_type": "int8"})
         return self.asr
 
-    def stream(self, name: str) -> MicStream | FileStream | RemoteStream:
+    def stream(self, name: str) -> MicStream | FileStream | RtspStream | RemoteStream:
         for s in self.streams:
             if s.name == name:
                 return s
@@ -525,6 +585,8 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     for s in tree.get("streams", []) if isinstance(tree.get("streams"), list) else []:
         if isinstance(s, dict) and s.get("source") == "file" and isinstance(s.get("path"), str):
             s["path"] = str(base / Path(s["path"]).expanduser())
+        if isinstance(s, dict) and s.get("source") == "rtsp" and isinstance(s.get("password_file"), str):
+            s["password_file"] = str(base / Path(s["password_file"]).expanduser())
 
 
 def format_errors(e: ValidationError) -> str:
@@ -534,7 +596,7 @@ def format_errors(e: ValidationError) -> str:
         for p in err["loc"]:
             if isinstance(p, int):
                 parts.append(f"[{p}]")
-            elif parts and parts[-1].startswith("[") and p in ("mic", "file", "remote"):
+            elif parts and parts[-1].startswith("[") and p in ("mic", "file", "rtsp", "remote"):
                 continue  # the union tag pydantic inserts after a list index
             else:
                 parts.append(("." if parts else "") + str(p))

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .capture.sources import FileSource, MicSource, RemoteSource, RemoteStreams
+from .capture.sources import FileSource, MicSource, RemoteSource, RemoteStreams, RtspSource
 from .clock import SAMPLE_RATE, s_to_samples
-from .config import ConfigError, DaemonConfig, FileStream, MicStream, RemoteStream
+from .config import ConfigError, DaemonConfig, FileStream, MicStream, RemoteStream, RtspStream
 from .delivery.bus import EventBus
 from .delivery.events import AlertEvent, AnswerDone, DigestEvent, HistoryHit, SceneEvent, StatusEvent
 from .delivery.server import Identity, WebsocketServer
@@ -56,7 +56,7 @@ class Service:
         self.bus = EventBus()
         self.asr = AsrWorker(config.asr_effective())
         self.pipelines: dict[str, StreamPipeline] = {}
-        self.sources: dict[str, FileSource | MicSource | RemoteSource] = {}
+        self.sources: dict[str, FileSource | MicSource | RtspSource | RemoteSource] = {}
         # live views the server and the question desk read: a reload adds and removes streams in them
         self._remotes: dict[str, RemoteSource] = {}
         self._windows: dict[str, StreamWindows] = {}
@@ -149,7 +149,7 @@ class Service:
 
     # --- streams: built at start, added and removed by a reload ---
 
-    def _add_stream(self, s: MicStream | FileStream | RemoteStream) -> StreamPipeline:
+    def _add_stream(self, s: MicStream | FileStream | RtspStream | RemoteStream) -> StreamPipeline:
         config = self.config
         pipeline = StreamPipeline(
             s.name,
@@ -170,6 +170,8 @@ class Service:
             self.sources[s.name] = FileSource(s)
         elif isinstance(s, MicStream):
             self.sources[s.name] = MicSource(s)
+        elif isinstance(s, RtspStream):
+            self.sources[s.name] = RtspSource(s)
         else:
             self.sources[s.name] = self._remotes[s.name] = RemoteSource(s.name, config.server.max_audio_ahead_s)
         return pipeline

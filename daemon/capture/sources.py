@@ -4,6 +4,7 @@
 - `FileSource`: anything PyAV decodes, in a thread; real-time pacing or as fast as the pipeline takes it; loop.
 - `MicSource`: a sounddevice input stream; the PortAudio callback only copies. A supervisor thread reopens a
   vanished or stalled device with exponential backoff and reports the lost time as a gap.
+- `RtspSource`: a camera's audio over RTSP (AAC, Opus, ...), reconnecting with backoff; gaps reported.
 - `RemoteSource`: PCM pushed by a satellite over the websocket (see `server`), any rate, channels and format.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..clock import SAMPLE_RATE, ms_to_samples
-from ..config import FileStream, MicStream
+from ..config import FileStream, MicStream, RtspStream
 from .audio import END, PCM_FORMATS, AudioChunk, AudioFormatError, Gap, Resampler, SourceItem, Status, decode_pcm
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,85 @@ class MicSource(_ThreadSource):
                     stream.close()
                 except sd.PortAudioError:
                     pass
+        self._put(Status("closed", "stopped"))
+
+
+class RtspSource(_ThreadSource):
+    """A network camera's audio over RTSP (PyAV/FFmpeg), decoded and resampled to 16 kHz mono in this thread.
+
+    Connecting and every read are bounded by `timeout_s`, so a camera that vanishes (or stops sending) is noticed
+    within that time: the stream goes `lost`, and the source reconnects with exponential backoff between
+    `reopen_min_s` and `reopen_max_s` (`reopening` while it fails). When audio flows again, the time away is
+    reported as a gap, as for a vanished microphone. The URL's credentials never leave this class: every message
+    names `redacted_url()`, and FFmpeg's own error texts are scrubbed of the URL and password."""
+
+    def __init__(self, cfg: RtspStream) -> None:
+        super().__init__(cfg.name)
+        self.cfg = cfg
+        self.where = cfg.redacted_url()
+        self.connects = 0
+
+    def run(self) -> None:
+        import av
+
+        cfg = self.cfg
+        url = cfg.resolved_url()
+        chunk = ms_to_samples(cfg.chunk_ms)
+        backoff = cfg.reopen_min_s
+        lost_at: float | None = None
+        options: dict[str, str] = {"rtsp_transport": cfg.transport}
+        while not self._stop.is_set():
+            try:
+                container = av.open(url, options=options, timeout=(cfg.timeout_s, cfg.timeout_s))
+            except (OSError, av.error.FFmpegError) as e:
+                why = cfg.scrub(str(e))
+                self._put(
+                    Status(
+                        "reopening" if lost_at else "error",
+                        f"cannot open {self.where}: {why}; retrying in {backoff:g} s",
+                    )
+                )
+                log.warning("stream %s: cannot open %s: %s", self.name, self.where, why)
+                lost_at = lost_at or time.time()
+                if self._stop.wait(backoff):
+                    break
+                backoff = min(backoff * 2, cfg.reopen_max_s)
+                continue
+            why = "the stream ended"
+            with container:
+                if not container.streams.audio:
+                    self._put(Status("error", f"{self.where} has no audio stream; retrying in {backoff:g} s"))
+                    lost_at = lost_at or time.time()
+                    if self._stop.wait(backoff):
+                        break
+                    backoff = min(backoff * 2, cfg.reopen_max_s)
+                    continue
+                self.connects += 1
+                audio = container.streams.audio[0]
+                if lost_at is not None:
+                    self._put(Gap(time.time() - lost_at, f"RTSP stream lost ({self.where})"))
+                    lost_at = None
+                self._put(Status("open", f"{self.where}: {audio.codec_context.name} {audio.rate} Hz"))
+                backoff = cfg.reopen_min_s
+                resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+                buf = np.zeros(0, dtype=np.float32)
+                try:
+                    for frame in container.decode(audio):
+                        for out in resampler.resample(frame):
+                            buf = np.concatenate([buf, out.to_ndarray().reshape(-1)])
+                        while len(buf) >= chunk:  # live audio: stamped with its arrival, never paced
+                            if not self._put(AudioChunk(buf[:chunk].copy(), time.time() - len(buf) / SAMPLE_RATE)):
+                                return
+                            buf = buf[chunk:]
+                        if self._stop.is_set():
+                            break
+                except (OSError, av.error.FFmpegError) as e:
+                    why = cfg.scrub(str(e))
+            if self._stop.is_set():
+                break
+            lost_at = time.time()
+            self._put(Status("lost", f"{self.where}: {why}; reconnecting"))
+            log.warning("stream %s: %s: %s; reconnecting", self.name, self.where, why)
         self._put(Status("closed", "stopped"))
 
 

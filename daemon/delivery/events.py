@@ -232,7 +232,7 @@ class AnswerDone(_Out):
     timings: AnswerTimings
 
 
-StreamKind = Literal["mic", "file", "remote"]
+StreamKind = Literal["mic", "file", "rtsp", "remote"]
 
 
 class StreamInfo(BaseModel):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import PROFILES, ConfigError, DaemonConfig, FileStream, RemoteStream, load_config
+from daemon.config import PROFILES, ConfigError, DaemonConfig, FileStream, RemoteStream, RtspStream, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -106,3 +106,34 @@ def test_environment_and_set_overrides(tmp_path: Path) -> None:
         load_config(None, environ={"LTU_DAEMON__SERVER__PORT": "many"})
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(None, overrides=["vad.aggressiveness"], environ={})
+
+
+def test_rtsp_streams_keep_their_credentials_out_of_sight(tmp_path: Path) -> None:
+    (tmp_path / "cam.pw").write_text("p@ss:w/rd\nignored\n")
+    path = write(
+        tmp_path,
+        """
+[[streams]]
+name = "inline"
+source = "rtsp"
+url = "rtsp://admin:hunter2@cam.lan:8554/live?channel=1"
+
+[[streams]]
+name = "filed"
+source = "rtsp"
+url = "rtsp://cam.lan/live"
+username = "viewer"
+password_file = "cam.pw"
+""",
+    )
+    inline, filed = load_config(path).streams
+    assert isinstance(inline, RtspStream) and isinstance(filed, RtspStream)
+    assert inline.resolved_url() == inline.url and inline.redacted_url() == "rtsp://***@cam.lan:8554/live"
+    assert filed.password_file == tmp_path / "cam.pw"  # relative to the config file
+    assert filed.resolved_url() == "rtsp://viewer:p%40ss%3Aw%2Frd@cam.lan/live"
+    assert filed.redacted_url() == "rtsp://***@cam.lan/live"
+    error = f"Server returned 401 Unauthorized: '{filed.resolved_url()}' (password p@ss:w/rd)"
+    assert filed.scrub(error) == "Server returned 401 Unauthorized: 'rtsp://***@cam.lan/live' (password ***)"
+    assert "hunter2" not in inline.scrub(f"failed: {inline.url}")
+    with pytest.raises(ConfigError, match=r"streams\[0\].url: Value error, use rtsp://"):
+        load_config(write(tmp_path, '[[streams]]\nname = "x"\nsource = "rtsp"\nurl = "http://cam/x"\n'))
