@@ -112,6 +112,7 @@ class Service:
             identity=Identity(demo=config.demo.enabled, model=model_on),
             health=self.health,
             extra_routes={"/metrics": self.metrics.render} if self.metrics else None,
+            clips=self.store.clip_bytes if self.store else None,
         )
         # speech endpoints: whole clips through the same ASR, published as finals of their own streams
         self.endpoints: list[Any] = []

@@ -315,6 +315,36 @@ class HistoryResults(_Out):
     )
 
 
+class TimelineMark(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["speech", "scene", "alert", "gap"]
+    at: float = Field(description="Unix time it began, s")
+    end: float | None = Field(description="Unix time it ended, s (speech, gap, a cleared alert), or null")
+    text: str = Field(
+        description="speech: the transcript; scene: the description; alert: its rule and evidence; gap: why"
+    )
+    id: str | None = Field(description="the final's, window's or alert's id")
+    clip: str | None = Field(description="alert: its clip's file name, served at /clips/<name> (with the token)")
+
+
+class TimelineStream(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stream: str
+    rms_dbfs: list[float | None] = Field(description="per bucket: the mean RMS level heard, dBFS (null: nothing heard)")
+    peak_dbfs: list[float | None] = Field(description="per bucket: the highest peak, dBFS")
+    marks: list[TimelineMark] = Field(description="in time order; at most `timeline.max_marks` (the newest kept)")
+    truncated: bool = Field(description="more marks fell in the span than were sent")
+
+
+class TimelineData(_Out):
+    type: Literal["timeline.data"] = "timeline.data"
+    re: MessageId | None
+    since: float = Field(description="Unix time of the first bucket's start, s")
+    until: float
+    bucket_s: float = Field(description="each level bucket's length, s")
+    streams: list[TimelineStream]
+
+
 class RuleInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     rule: AlertRule
@@ -355,6 +385,7 @@ Reply = (
     | ErrorEvent
     | Dropped
     | HistoryResults
+    | TimelineData
     | AlertRules
     | AlertAdded
     | AlertRemoved

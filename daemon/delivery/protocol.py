@@ -132,6 +132,20 @@ class HistorySearch(_Msg):
     )
 
 
+class Timeline(_Msg):
+    type: Literal["timeline"]
+    since: UnixTime = Field(description="from this wall-clock time")
+    until: UnixTime = Field(description="to this wall-clock time; at most 31 days after since")
+    streams: list[Glob] = Field(["*"], min_length=1, max_length=64)
+    buckets: int = Field(120, ge=10, le=1000, description="level values per stream over the span")
+
+    @model_validator(mode="after")
+    def _span(self) -> Timeline:
+        if not 0 < self.until - self.since <= 31 * 86400:
+            raise ValueError("until must be after since, by at most 31 days")
+        return self
+
+
 class AlertList(_Msg):
     type: Literal["alert.list"]
 
@@ -160,6 +174,7 @@ ClientMessage = (
     | Ask
     | Cancel
     | HistorySearch
+    | Timeline
     | AlertList
     | AlertAdd
     | AlertRemove

@@ -50,6 +50,7 @@ from .events import (
     ServerMessage,
     StreamInfo,
     Subscribed,
+    TimelineData,
     Welcome,
 )
 from .floodlog import EveryFew
@@ -67,6 +68,7 @@ from .protocol import (
     HistorySearch,
     ProtocolError,
     Subscribe,
+    Timeline,
     parse_client_message,
 )
 from .wire import PROTOCOL_VERSION, CloseCode, ErrorCode, MessageId
@@ -115,6 +117,7 @@ class Memory(Protocol):
     """What the server needs from the memory desk (`memory.desk.MemoryDesk`)."""
 
     async def search(self, msg: HistorySearch) -> HistoryResults: ...
+    async def timeline(self, msg: Timeline) -> TimelineData: ...
     def rules(self, msg: AlertList) -> AlertRules: ...
     def add(self, msg: AlertAdd) -> AlertAdded: ...
     def remove(self, msg: AlertRemove) -> AlertRemoved: ...
@@ -188,11 +191,14 @@ class WebsocketServer:
         identity: Identity,
         health: Callable[[], dict[str, Any]],
         extra_routes: dict[str, Callable[[], tuple[str, bytes]]] | None = None,
+        clips: Callable[[str], bytes | None] | None = None,
     ) -> None:
-        """`extra_routes`: GET paths answered over HTTP, each by a function giving (content type, body)."""
+        """`extra_routes`: GET paths answered over HTTP, each by a function giving (content type, body); `clips`:
+        an alert clip's WAV bytes by file name (None: no such clip), served at /clips/<name> with the token."""
         self.config = config
         self.bus, self.remotes, self.desk, self.memory = bus, remotes, desk, memory
         self.routes = extra_routes or {}
+        self.clips = clips
         self.web = _web_page() if config.web else {}
         self.streams, self.identity, self.health = streams, identity, health
         self.token = config.resolved_token()
@@ -274,6 +280,14 @@ class WebsocketServer:
             status = http.HTTPStatus.OK if health["ready"] else http.HTTPStatus.SERVICE_UNAVAILABLE
             public = self.token is None or authorized
             return _json_response(conn, status, health if public else {k: health[k] for k in ("live", "ready")})
+        if path.startswith("/clips/") and self.clips is not None:
+            if self.token is not None and not authorized:
+                self.rejected["unauthorized"] += 1
+                return conn.respond(http.HTTPStatus.UNAUTHORIZED, "send 'Authorization: Bearer <server.token>'\n")
+            clip = self.clips(path.removeprefix("/clips/"))  # a name check, then one small bounded file read
+            if clip is None:
+                return conn.respond(http.HTTPStatus.NOT_FOUND, "no such clip\n")
+            return _body(conn, "audio/wav", clip)
         if path in self.routes:
             if self.token is not None and not authorized:
                 self.rejected["unauthorized"] += 1
@@ -487,6 +501,8 @@ class WebsocketServer:
             return None
         if isinstance(msg, HistorySearch):
             return await self.memory.search(msg)
+        if isinstance(msg, Timeline):
+            return await self.memory.timeline(msg)
         if isinstance(msg, AlertList):
             return self.memory.rules(msg)
         if isinstance(msg, AlertAdd):

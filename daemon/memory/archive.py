@@ -24,7 +24,7 @@ import apsw
 from .schema import SCHEMA_VERSION, StoreError, connect, query
 
 FORMAT = "ltu-daemon-store"
-TABLES = ("windows", "finals", "answers", "alerts", "gaps", "digests", "rules")
+TABLES = ("windows", "finals", "answers", "alerts", "gaps", "digests", "rules", "levels")
 # What makes a row the same row when importing: a unique id where the table has one, else its content.
 _SAME: dict[str, tuple[str, ...]] = {
     "windows": ("id",),
@@ -34,6 +34,7 @@ _SAME: dict[str, tuple[str, ...]] = {
     "finals": ("id", "stream", "created"),
     "answers": ("question", "created"),
     "gaps": ("stream", "at", "created"),
+    "levels": ("stream", "at"),
 }
 BATCH = 1000  # rows per import transaction: a daemon writing the same file waits at most that long for its turn
 

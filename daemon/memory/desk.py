@@ -1,14 +1,14 @@
-"""The memory desk: what clients ask of the daemon's memory besides questions: `history.search` and the alert
-rules (`alert.list`, `alert.add`, `alert.remove`). It receives the history store (None without one) and the alert
-engine; rules added or removed here are kept in the store, so they survive a restart."""
+"""The memory desk: what clients ask of the daemon's memory besides questions: `history.search`, `timeline` and
+the alert rules (`alert.list`, `alert.add`, `alert.remove`). It receives the history store (None without one) and
+the alert engine; rules added or removed here are kept in the store, so they survive a restart."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 
-from ..delivery.events import AlertAdded, AlertRemoved, AlertRules, HistoryResults
-from ..delivery.protocol import AlertAdd, AlertList, AlertRemove, HistorySearch, ProtocolError
+from ..delivery.events import AlertAdded, AlertRemoved, AlertRules, HistoryResults, TimelineData
+from ..delivery.protocol import AlertAdd, AlertList, AlertRemove, HistorySearch, ProtocolError, Timeline
 from ..delivery.wire import ErrorCode
 from .alerts import AlertEngine, RuleLimit
 from .store import RuleChange, Store
@@ -34,6 +34,20 @@ class MemoryDesk:
             mode=msg.mode,
         )
         return HistoryResults(re=msg.id, hits=hits, mode=mode)
+
+    async def timeline(self, msg: Timeline) -> TimelineData:
+        if self.store is None:
+            raise ProtocolError(
+                ErrorCode.HISTORY_DISABLED, "this daemon keeps no history (store.enabled = false)", msg.id
+            )
+        streams = await asyncio.to_thread(self.store.timeline, msg.since, msg.until, msg.streams, msg.buckets)
+        return TimelineData(
+            re=msg.id,
+            since=msg.since,
+            until=msg.until,
+            bucket_s=round((msg.until - msg.since) / msg.buckets, 3),
+            streams=streams,
+        )
 
     def rules(self, msg: AlertList) -> AlertRules:
         return AlertRules(re=msg.id, rules=self.alerts.info())

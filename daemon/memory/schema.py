@@ -60,6 +60,13 @@ MIGRATIONS: list[str] = [
         until REAL NOT NULL, text TEXT NOT NULL, windows INTEGER NOT NULL, created REAL NOT NULL);
     CREATE TABLE rules(name TEXT PRIMARY KEY, rule TEXT NOT NULL, created REAL NOT NULL);
     """,
+    # 2: level history for the page's timeline, one row per stream per 10 s
+    """
+    CREATE TABLE levels(
+        rowid INTEGER PRIMARY KEY, stream TEXT NOT NULL, at REAL NOT NULL, rms_dbfs REAL NOT NULL,
+        peak_dbfs REAL NOT NULL, created REAL NOT NULL, UNIQUE(stream, at));
+    CREATE INDEX levels_at ON levels(at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

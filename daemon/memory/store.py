@@ -44,13 +44,16 @@ from ..delivery.events import (
     FinalEvent,
     GapEvent,
     HistoryHit,
+    LevelEvent,
     SceneEvent,
+    TimelineStream,
     WindowEvent,
 )
 from ..rules import AlertRule
 from .archive import ImportResult, import_rows
 from .schema import EMBED_DIM, SCHEMA_VERSION, StoreError, connect, migrate
 from .schema import query as _q
+from .timeline import LevelBuckets, LevelRow, read_timeline
 
 __all__ = ["EMBED_DIM", "SCHEMA_VERSION", "AnswerRecord", "Clip", "RuleChange", "Store", "StoreError", "connect"]
 
@@ -60,7 +63,7 @@ RETRY_S = 3.0  # how often a failing write (full disk) is retried
 RETENTION_EVERY_S = 60.0
 DAY_S = 86400  # the vector index is partitioned by day (UTC) of a window's end: time-bounded searches scan less
 
-_OLD = ("finals", "answers", "alerts", "gaps", "digests")  # besides windows, what retention deletes by age
+_OLD = ("finals", "answers", "alerts", "gaps", "digests", "levels")  # besides windows, what retention deletes by age
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ Op = (
     | AnswerRecord
     | Clip
     | RuleChange
+    | LevelRow
 )
 _STOP = object()
 _RETAIN = object()  # a reload changed the retention limits: enforce them now
@@ -129,6 +133,7 @@ class Store:
         self._read_lock = threading.Lock()
         self.degraded: str | None = None  # why writes fail now, or None
         self.dropped = 0  # operations lost to a full queue
+        self._levels = LevelBuckets()
         self.written = 0
         self.last_commit = 0.0
 
@@ -166,7 +171,9 @@ class Store:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Write what is queued, then close."""
+        """Write what is queued (with the level buckets still open), then close."""
+        for row in self._levels.flush():
+            self.put(row)
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
@@ -199,6 +206,10 @@ class Store:
             event, WindowEvent | SceneEvent | FinalEvent | GapEvent | AlertEvent | AlertClearedEvent | DigestEvent
         ):
             self.put(event)
+        elif isinstance(event, LevelEvent):  # folded into 10 s buckets here: one write per stream per bucket
+            row = self._levels.feed(event)
+            if row is not None:
+                self.put(row)
 
     # --- the writer thread ---
 
@@ -385,6 +396,13 @@ class Store:
                     "INSERT OR REPLACE INTO rules(name, rule, created) VALUES (?,?,?)",
                     (op.name, op.rule.model_dump_json(), now),
                 )
+        elif isinstance(op, LevelRow):
+            conn.execute(
+                "INSERT INTO levels(stream, at, rms_dbfs, peak_dbfs, created) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(stream, at) DO UPDATE SET rms_dbfs = excluded.rms_dbfs, "
+                "peak_dbfs = max(peak_dbfs, excluded.peak_dbfs)",
+                (op.stream, op.at, op.rms_dbfs, op.peak_dbfs, now),
+            )
         elif isinstance(op, Clip):
             self._write_clip(op)
             conn.execute("UPDATE alerts SET clip = ? WHERE id = ?", (op.name, op.alert_id))
@@ -470,6 +488,25 @@ class Store:
         with self._read_lock:
             c = self._reader()
             return {t: int(_q(c, f"SELECT count(*) FROM {t}")[0][0]) for t in ("windows", *_OLD, "rules")}
+
+    def timeline(
+        self, since: float, until: float, streams: Sequence[str], buckets: int, max_marks: int = 500
+    ) -> list[TimelineStream]:
+        """Level history and marks per stream over [since, until) (blocking: run in a thread)."""
+        with self._read_lock:
+            return read_timeline(self._reader(), since, until, streams, buckets, max_marks)
+
+    def clip_bytes(self, name: str, limit: int = 4 << 20) -> bytes | None:
+        """An alert clip's WAV file by name (None if absent, not a clip name, or over `limit` bytes)."""
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}\.wav", name) or name.startswith("."):
+            return None
+        path = self.clips_dir / name
+        try:
+            if path.stat().st_size > limit:
+                return None
+            return path.read_bytes()
+        except OSError:
+            return None
 
     def last_indices(self, stream: str) -> tuple[int, int]:
         """(last window index, last utterance index) stored for `stream`: numbering continues after a restart."""

@@ -184,3 +184,35 @@ def test_the_online_backup_is_consistent_while_a_writer_writes(tmp_path: Path) -
     finally:
         b.stop()
         live.stop()
+
+
+def test_the_timeline_folds_levels_and_orders_marks(tmp_path: Path) -> None:
+    import math
+
+    s = Store(StoreConfig(path=written_at(tmp_path, 2), embeddings=False), None)
+    s.open()
+    try:
+        (kitchen,) = s.timeline(NOW, NOW + 30, ["kitch*"], buckets=3)
+        assert kitchen.stream == "kitchen"
+        assert kitchen.rms_dbfs == [-60.0, -26.99, -60.0] and kitchen.peak_dbfs == [-50.0, -6.0, -50.0]
+        (fine,) = s.timeline(NOW, NOW + 30, ["kitchen"], buckets=10)  # 3 s buckets: each 10 s row lands in one
+        assert [i for i, x in enumerate(fine.rms_dbfs) if x is not None] == [0, 3, 6]
+        (early,) = s.timeline(NOW - 10, NOW + 30, ["kitchen"], buckets=10)
+        assert early.rms_dbfs[:2] == [None, None] and early.rms_dbfs[2] == -60.0  # 4 s buckets: none before NOW
+        # one bucket over all three rows: the mean power, computed here independently
+        (one,) = s.timeline(NOW, NOW + 30, ["kitchen"], buckets=1)
+        mean = sum(10 ** (x / 10) for x in (-60.0, -26.99, -60.0)) / 3
+        assert one.rms_dbfs == [round(10 * math.log10(mean), 2)] and one.peak_dbfs == [-6.0]
+
+        (marks,) = s.timeline(NOW, NOW + 60, ["kitchen"], buckets=10)
+        kinds = [(m.kind, m.id) for m in marks.marks]
+        assert kinds[:3] == [("speech", "kitchen/1"), ("alert", "kettle/kitchen/3"), ("scene", "kitchen:w1")]
+        assert [m.at for m in marks.marks] == sorted(m.at for m in marks.marks)
+        alert = marks.marks[1]
+        assert alert.text == "kettle: the kettle is boiling" and alert.end is not None and alert.clip is None
+        (few,) = s.timeline(NOW, NOW + 60, ["kitchen"], buckets=10, max_marks=2)
+        assert few.truncated and [m.id for m in few.marks] == [m.id for m in marks.marks[-2:]]
+        assert [t.stream for t in s.timeline(NOW + 100, NOW + 200, ["*"], buckets=10)] == ["porch"]
+        assert s.timeline(NOW + 5000, NOW + 6000, ["*"], buckets=10) == []
+    finally:
+        s.stop()
