@@ -132,6 +132,7 @@ function handle(msg) {
     case "answer.delta":
     case "answer.done": return answer(msg);
     case "history.results": return results(msg);
+    case "timeline.data": return timeline(msg);
     default: return undefined;
   }
 }
@@ -146,12 +147,20 @@ function welcome(msg) {
   const select = $("ask-stream");
   select.replaceChildren(el("option", "any"));
   select.firstChild.value = "";
+  const filter = $("tl-stream");
+  const chosen = filter.value;
+  filter.replaceChildren(el("option", "all"));
+  filter.firstChild.value = "";
   for (const s of msg.streams) {
     streamStatus(s.name, s.state, s.kind);
-    const o = el("option", s.name);
-    o.value = s.name;
-    select.append(o);
+    for (const list of [select, filter]) {
+      const o = el("option", s.name);
+      o.value = s.name;
+      list.append(o);
+    }
   }
+  filter.value = chosen;
+  requestTimeline();
 }
 
 async function privacy() {
@@ -287,6 +296,109 @@ function results(msg) {
   if (!msg.hits.length) list.append(el("li", "nothing found"));
 }
 
+// --- timeline: levels and marks from the store (docs/protocol.md, Timeline) -----------------------------------
+
+const SVG = "http://www.w3.org/2000/svg";
+const MARK_COLOURS = { speech: "#1d3557", scene: "#2d6a4f", alert: "#c1121f", gap: "#b08900" };
+
+function svg(tag, attrs) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  return node;
+}
+
+function requestTimeline() {
+  const span = Number($("tl-span").value);
+  const until = Date.now() / 1000;
+  const stream = $("tl-stream").value;
+  if (send({ type: "timeline", since: until - span, until, streams: [stream || "*"], buckets: 120 })) {
+    $("timeline-note").textContent = "loading…";
+  }
+}
+
+function timeline(msg) {
+  const box = $("timeline");
+  box.replaceChildren();
+  const span = msg.until - msg.since;
+  const x = (t) => Math.min(1000, Math.max(0, ((t - msg.since) / span) * 1000));
+  const y = (db) => Math.min(100, Math.max(0, (-db / 90) * 100)); // 0 dBFS at the top, -90 at the bottom
+  $("timeline-note").textContent = msg.streams.length
+    ? `${wall(msg.since)} – ${wall(msg.until)}, level in dBFS (-90 to 0)`
+    : "nothing stored in this span";
+  for (const s of msg.streams) {
+    const lane = el("figure", null, "lane");
+    lane.dataset.stream = s.stream;
+    const caption = el("figcaption", s.stream);
+    const picture = svg("svg", { viewBox: "0 0 1000 100", preserveAspectRatio: "none", role: "img" });
+    const heard = s.rms_dbfs.filter((v) => v !== null);
+    const loudest = heard.length ? Math.max(...heard).toFixed(0) : null;
+    picture.setAttribute(
+      "aria-label",
+      `${s.stream}: ${heard.length ? `level up to ${loudest} dBFS` : "no level stored"}, ${s.marks.length} events`,
+    );
+    // the level as bars (one per bucket; none where nothing was heard): a lone bucket still shows
+    const step = 1000 / s.rms_dbfs.length;
+    s.rms_dbfs.forEach((db, i) => {
+      if (db === null) return;
+      const top = y(db);
+      picture.append(svg("rect", { class: "level", x: (i * step).toFixed(1), y: top.toFixed(1), width: Math.max(step, 1).toFixed(1), height: (100 - top).toFixed(1), fill: "#457b9d" }));
+    });
+    for (const m of s.marks) {
+      const start = x(m.at);
+      const width = Math.max(2, (m.end ? x(m.end) : start) - start);
+      const mark = svg("rect", { x: start.toFixed(1), y: m.kind === "alert" ? 0 : 80, width: width.toFixed(1), height: m.kind === "alert" ? 100 : 20, fill: MARK_COLOURS[m.kind], "fill-opacity": m.kind === "alert" ? 0.35 : 0.8 });
+      mark.append(svg("title", {}));
+      mark.lastChild.textContent = `${m.kind} ${wall(m.at)}: ${m.text}`;
+      picture.append(mark);
+    }
+    const axis = el("div", null, "axis");
+    axis.append(el("span", wall(msg.since)), el("span", wall(msg.until)));
+    lane.append(caption, picture, axis, marksList(s));
+    box.append(lane);
+  }
+}
+
+function marksList(s) {
+  const list = el("ol", null, "marks");
+  list.tabIndex = 0;
+  list.setAttribute("aria-label", `${s.stream}: events`);
+  for (const m of [...s.marks].reverse()) { // newest first, as the live lists
+    const li = el("li", null, `mark kind-${m.kind}`);
+    li.append(el("span", wall(m.at), "when"), el("span", m.kind, "kind"), el("span", m.text));
+    if (m.clip) {
+      const play = el("button", "Play clip");
+      play.type = "button";
+      play.dataset.clip = m.clip;
+      play.addEventListener("click", () => playClip(li, m.clip, play));
+      li.append(play);
+    }
+    list.append(li);
+  }
+  if (s.truncated) list.append(el("li", "older events in this span are not shown", "missed"));
+  if (!s.marks.length) list.append(el("li", "no events"));
+  return list;
+}
+
+async function playClip(li, name, button) {
+  // fetched with the token (an <audio src> could not send it), played from memory
+  button.disabled = true;
+  try {
+    const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
+    const reply = await fetch(`/clips/${encodeURIComponent(name)}`, { headers });
+    if (!reply.ok) throw new Error(`${reply.status}`);
+    const audio = document.createElement("audio");
+    audio.controls = true;
+    audio.src = URL.createObjectURL(await reply.blob());
+    audio.setAttribute("aria-label", `clip ${name}`);
+    li.append(audio);
+    button.remove();
+    audio.play().catch(() => undefined); // autoplay may be refused: the controls are there
+  } catch (err) {
+    button.disabled = false;
+    li.append(el("span", ` the clip could not be loaded (${err.message})`, "missed"));
+  }
+}
+
 // --- controls ---------------------------------------------------------------------------------------------
 
 $("ask-form").addEventListener("submit", (e) => {
@@ -302,6 +414,11 @@ $("ask-form").addEventListener("submit", (e) => {
     state.asking = id;
     $("answer").textContent = "…";
   }
+});
+
+$("timeline-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  requestTimeline();
 });
 
 $("search-form").addEventListener("submit", (e) => {

@@ -75,12 +75,15 @@ models_dir = "{tmp / "demo"}"
 [store]
 path = "{tmp / "history.db"}"
 embeddings = false
+clips = true
+commit_interval_s = 0.2
 
 [alerts]
 [[alerts.rules]]
 name = "kettle"
 kind = "phrase"
 match = "kettle"
+clip = true
 
 [[streams]]
 name = "demo"
@@ -169,21 +172,76 @@ def test_live_views_ask_alert_and_hostile_text(browser: Any, daemon: Daemon) -> 
     print(f"screenshots: {SHOTS}")
 
 
-def test_accessibility_has_no_serious_violations(browser: Any, daemon: Daemon) -> None:
-    """axe-core (the engine behind Lighthouse's accessibility audit) on the connected page, with live content."""
+def axe_serious(browser: Any) -> list[Any]:
+    """axe-core's serious and critical violations on the page as it is now."""
     if not AXE.is_file():
         pytest.fail(f"{AXE} is missing: run `npm ci` (scripts/setup.sh does when npm is installed)")
-    log_in(browser, daemon, TOKEN)
-    assert wait_for(lambda: "kitchen" in text(browser, "transcript").lower(), 90, "live content")
     browser.execute_script(AXE.read_text())  # through the driver, not the page: the page's CSP allows no inline code
     result = browser.execute_async_script("const done = arguments[0]; axe.run(document).then(done);")
-    serious = [
+    print("axe violations:", [(v["id"], v["impact"]) for v in result["violations"]])
+    return [
         (v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3])
         for v in result["violations"]
         if v["impact"] in ("serious", "critical")
     ]
-    print("axe violations:", [(v["id"], v["impact"]) for v in result["violations"]])
+
+
+def test_accessibility_has_no_serious_violations(browser: Any, daemon: Daemon) -> None:
+    """axe-core (the engine behind Lighthouse's accessibility audit) on the connected page, with live content."""
+    log_in(browser, daemon, TOKEN)
+    assert wait_for(lambda: "kitchen" in text(browser, "transcript").lower(), 90, "live content")
+    serious = axe_serious(browser)
     assert not serious, serious
+
+
+def test_timeline_shows_levels_and_events_filters_by_stream_and_plays_an_alert_clip(
+    browser: Any, daemon: Daemon
+) -> None:
+    log_in(browser, daemon, TOKEN)
+    assert wait_for(lambda: text(browser, "connection") == "connected", 30, "connected")
+    assert wait_for(lambda: "kettle" in text(browser, "alerts"), 90, "the alert")
+
+    def shown() -> Any:  # ask again until the store has a level bucket and the alert with its clip
+        browser.find_element("css selector", "#timeline-form button").click()
+        time.sleep(1.0)
+        lane = browser.find_element("css selector", '#timeline figure[data-stream="demo"]')
+        ready = lane.find_elements("css selector", "rect.level") and lane.find_elements("css selector", "li button")
+        return lane if ready else None
+
+    lane = wait_for(shown, 90, "a timeline lane with levels and an alert clip")
+    assert lane.find_element("css selector", "figcaption").text == "demo"
+    label = lane.find_element("css selector", "svg").get_attribute("aria-label")
+    assert label.startswith("demo: level up to ") and "events" in label
+    kinds = {li.find_element("css selector", ".kind").text for li in lane.find_elements("css selector", "li.mark")}
+    assert {"speech", "alert"} <= kinds
+    # stored before this daemon started: the "old" stream's window has its own lane under "all"
+    assert browser.find_elements("css selector", '#timeline figure[data-stream="old"]')
+    # the clip: fetched with the token, playable
+    mark = lane.find_element("css selector", "li.kind-alert")
+    assert "kettle:" in mark.text
+    mark.find_element("css selector", "button").click()
+    audio = wait_for(lambda: mark.find_element("css selector", "audio"), 30, "the clip's player")
+    assert audio.get_attribute("src").startswith("blob:")
+    wait_for(lambda: browser.execute_script("return arguments[0].readyState >= 1", audio), 30, "the clip's length")
+    assert 1.0 < browser.execute_script("return arguments[0].duration", audio) <= 12.0
+    # a filter: one stream only
+    Select = __import__("selenium.webdriver.support.select", fromlist=["Select"]).Select
+    Select(browser.find_element("id", "tl-stream")).select_by_value("demo")
+    browser.find_element("css selector", "#timeline-form button").click()
+    wait_for(lambda: not browser.find_elements("css selector", '#timeline figure[data-stream="old"]'), 30, "filtered")
+    assert [f.get_attribute("data-stream") for f in browser.find_elements("css selector", "#timeline figure")] == [
+        "demo"
+    ]
+    serious = axe_serious(browser)
+    assert not serious, serious
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    section = browser.find_element("id", "timeline-view")
+    for name, (width, height) in {"timeline-desktop": (1280, 900), "timeline-phone": (390, 844)}.items():
+        browser.set_window_size(width, height)
+        browser.execute_script("arguments[0].scrollIntoView()", section)
+        time.sleep(0.5)
+        section.screenshot(str(SHOTS / f"{name}.png"))
+    browser.set_window_size(1280, 900)
 
 
 def test_survives_a_daemon_restart(browser: Any, daemon: Daemon, tmp_path: Path) -> None:
