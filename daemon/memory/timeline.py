@@ -113,7 +113,7 @@ def read_timeline(
                 rms[i].append(float(r))
                 peak[i].append(float(p))
         levels = _fold(rms, peak)
-        marks = _marks(conn, name, since, until)
+        marks = _marks(conn, name, since, until, max_marks + 1)
         out.append(
             TimelineStream(
                 stream=name,
@@ -126,34 +126,38 @@ def read_timeline(
     return out
 
 
-def _marks(conn: apsw.Connection, stream: str, since: float, until: float) -> list[TimelineMark]:
+def _marks(conn: apsw.Connection, stream: str, since: float, until: float, limit: int) -> list[TimelineMark]:
+    """The newest `limit` marks of each kind, merged in time order (so a month of speech costs `limit` rows)."""
     rows: list[dict[str, Any]] = []
     for fid, start, end, text in query(
         conn,
         "SELECT id, wall_start, wall_end, text FROM finals WHERE stream = ? AND text != '' "
-        "AND coalesce(wall_start, created) >= ? AND coalesce(wall_start, created) < ?",
-        (stream, since, until),
+        "AND coalesce(wall_start, created) >= ? AND coalesce(wall_start, created) < ? "
+        "ORDER BY coalesce(wall_start, created) DESC LIMIT ?",
+        (stream, since, until, limit),
     ):
         rows.append({"kind": "speech", "at": start, "end": end, "text": text, "id": fid, "clip": None})
     for wid, end, scene in query(
         conn,
         "SELECT id, wall_end, scene FROM windows WHERE stream = ? AND scene IS NOT NULL AND wall_end >= ? "
-        "AND wall_end < ?",
-        (stream, since, until),
+        "AND wall_end < ? ORDER BY wall_end DESC LIMIT ?",
+        (stream, since, until, limit),
     ):
         rows.append({"kind": "scene", "at": end, "end": None, "text": scene, "id": wid, "clip": None})
     for aid, rule, wall, evidence, clip, cleared in query(
         conn,
-        "SELECT id, rule, wall, evidence, clip, cleared FROM alerts WHERE stream = ? AND wall >= ? AND wall < ?",
-        (stream, since, until),
+        "SELECT id, rule, wall, evidence, clip, cleared FROM alerts WHERE stream = ? AND wall >= ? AND wall < ? "
+        "ORDER BY wall DESC LIMIT ?",
+        (stream, since, until, limit),
     ):
         rows.append(
             {"kind": "alert", "at": wall, "end": cleared, "text": f"{rule}: {evidence}", "id": aid, "clip": clip}
         )
     for created, duration, reason in query(
         conn,
-        "SELECT created, duration_s, reason FROM gaps WHERE stream = ? AND created >= ? AND created < ?",
-        (stream, since, until),
+        "SELECT created, duration_s, reason FROM gaps WHERE stream = ? AND created >= ? AND created < ? "
+        "ORDER BY created DESC LIMIT ?",
+        (stream, since, until, limit),
     ):
         rows.append({"kind": "gap", "at": created - duration, "end": created, "text": reason, "id": None, "clip": None})
     rows.sort(key=lambda m: (m["at"] is None, m["at"] or 0.0))
