@@ -105,3 +105,26 @@ def test_the_grafana_dashboard_queries_parse_and_name_exported_metrics(tmp_path:
         [tool("promtool"), "check", "rules", str(tmp_path / "dashboard.rules.yml")], capture_output=True, text=True
     )
     assert r.returncode == 0 and f"SUCCESS: {len(exprs)} rules found" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_compose_file_matches_the_image() -> None:
+    """The compose file cannot be brought up here (its mosquitto image needs a registry): its parts are checked
+    against the Containerfile instead: the image's volumes, port, config folder and health check."""
+    import yaml
+
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    containerfile = (DEPLOY / "container" / "Containerfile").read_text()
+    daemon = compose["services"]["ltu-daemon"]
+    assert set(compose["services"]) == {"ltu-daemon", "mosquitto"} and daemon["depends_on"] == ["mosquitto"]
+    mounts = {v.split(":")[1] for v in daemon["volumes"]}
+    volumes = set(json.loads(re.search(r"^VOLUME (\[.*\])$", containerfile, re.M).group(1)))  # type: ignore[union-attr]
+    assert volumes | {"/etc/ltu-daemon"} == mounts
+    entrypoint = (DEPLOY / "container" / "entrypoint.sh").read_text()
+    assert daemon["volumes"][0].endswith(":/etc/ltu-daemon:ro") and "config=/etc/ltu-daemon/config.toml" in entrypoint
+    assert daemon["ports"] == ["8765:8765"] and "EXPOSE 8765" in containerfile
+    assert "/healthz" in " ".join(daemon["healthcheck"]["test"]) and "start-period=120s" in containerfile
+    assert daemon["healthcheck"]["start_period"] == "120s" and daemon["stop_grace_period"] == "30s"
+    named = {
+        v.split(":")[0] for s in compose["services"].values() for v in s.get("volumes", []) if not v.startswith(".")
+    }
+    assert named == set(compose["volumes"])
