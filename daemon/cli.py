@@ -226,24 +226,58 @@ def _asr_in_use(config: DaemonConfig) -> str:
 
 
 def _check_model(config: DaemonConfig) -> list[str]:
-    """Local LTU-AS paths must exist; hub ids, URLs and authors' names are fetched (once) on start."""
+    """Local LTU-AS paths must exist, the checkpoint's recorded Whisper and LLM folders included; hub ids, URLs
+    and authors' names are fetched (once) on start."""
     m = config.model
     if not m.enabled or config.demo.enabled:
         return []
-    problems = []
-    for key in ("checkpoint", "whisper", "llm"):
-        value = getattr(m, key)
-        if (
-            value
-            and not value.startswith(("authors:", "http://", "https://"))
-            and (value.startswith((".", "/", "~")) or Path(value).suffix == ".bin")
-            and not Path(value).expanduser().exists()
-        ):
-            problems.append(
-                f"model.{key} {value} does not exist (a path, hub id, URL or authors:NAME; "
-                "or model.enabled = false for transcripts only)"
-            )
-    return problems
+    from .understanding.memory import missing_sources
+
+    return [
+        f"{what} does not exist (a path, hub id, URL or authors:NAME; or model.enabled = false for transcripts only)"
+        for what in missing_sources(config)
+    ]
+
+
+def _scenes(config: DaemonConfig) -> tuple[str, list[str]]:
+    """The question scenes ask, and what a fine-tuned checkpoint's card (`ltu_as_trained.json`) says about the
+    scene settings and label rules: a scene prompt it was not trained on, a closed-set scene without an answer
+    set, a label rule naming no answer it knows. Warnings, not problems: the daemon runs, but its scenes may not
+    be what the user expects."""
+    from ltu_as.errors import CheckpointError
+    from ltu_as.loading.card import TrainedOn
+
+    from .config import DEFAULT_SCENE_PROMPT
+
+    m = config.model
+    prompt = config.scene.prompt
+    if not m.enabled or config.demo.enabled or not Path(m.checkpoint).expanduser().is_dir():
+        return prompt or DEFAULT_SCENE_PROMPT, []
+    try:
+        trained = TrainedOn.load(Path(m.checkpoint).expanduser())
+    except CheckpointError as e:
+        return prompt or DEFAULT_SCENE_PROMPT, [str(e)]
+    asks = prompt or (f"{trained.question} (the checkpoint's)" if trained else DEFAULT_SCENE_PROMPT)
+    out = []
+    if trained and prompt and prompt not in trained.questions:
+        out.append(
+            f"scene.prompt {prompt!r} differs from what {m.checkpoint} was trained on "
+            f"({' / '.join(repr(q) for q in trained.questions[:3])}); leave scene.prompt unset to ask that"
+        )
+    if config.scene.answers == "closed" and not (trained and trained.answers):
+        out.append(
+            f'scene.answers = "closed" but {m.checkpoint} records no answer set (ltu_as_trained.json, written by '
+            "ltu-as train): scenes will be generated text"
+        )
+    if trained and trained.answers:
+        known = " ".join(trained.answers).lower()
+        for rule in config.alerts.rules:
+            if rule.kind == "label" and rule.match and rule.match.lower() not in known:
+                out.append(
+                    f"alert rule {rule.name!r} looks for {rule.match!r}, which none of the answers {m.checkpoint} "
+                    f"was trained on contains ({', '.join(repr(a) for a in trained.answers[:8])})"
+                )
+    return asks, out
 
 
 def _check_stream(s: object) -> str | None:
@@ -360,6 +394,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("  " + plan.table().replace("\n", "\n  "))
         if not plan.fits:
             problems.append(f"LTU-AS does not fit in memory: {plan.problem}")
+    asks, warnings = _scenes(config)
+    print(f"scenes ask: {asks}" + (" (closed set)" if config.scene.answers == "closed" else ""))
+    for w in warnings:
+        print(f"WARNING: {w}")
     for p in problems:
         print(f"PROBLEM: {p}")
     print("all checks passed" if not problems else f"{len(problems)} problem(s)")

@@ -200,9 +200,18 @@ class FeaturesConfig(_Section):
     cache_mb: float = Field(512.0, gt=0)
 
 
+DEFAULT_SCENE_PROMPT = "Describe the audio scene: what sounds are there and what is said?"
+
+
 class SceneConfig(_Section):
+    """What each window's `scene` asks. `prompt` unset: the question the checkpoint was trained on (its
+    `ltu_as_trained.json`, written by `ltu-as train`), else `DEFAULT_SCENE_PROMPT`. `answers = "closed"`: with a
+    checkpoint that records an answer set (a fine-tune on your own sounds), the scene is the most probable of those
+    answers, scored (not generated), with its probability as the event's `confidence`."""
+
     enabled: bool = True
-    prompt: str = "Describe the audio scene: what sounds are there and what is said?"
+    prompt: str | None = Field(None, min_length=1, max_length=2000)
+    answers: Literal["free", "closed"] = "free"
     every: int = Field(1, ge=1)
     max_new_tokens: int = Field(96, ge=1, le=1024)
 

@@ -592,13 +592,18 @@ class _Understanding:
     def __init__(
         self, config: DaemonConfig, windows: dict[str, StreamWindows], store: Store | None, record: Any
     ) -> None:
+        from ltu_as.errors import ModelNotFoundError
+
         from .understanding.cache import FeatureCache
         from .understanding.desk import QuestionDesk
         from .understanding.memory import memory_plan
         from .understanding.scheduler import Scheduler
         from .understanding.worker import ModelWorker
 
-        plan = memory_plan(config)
+        try:
+            plan = memory_plan(config)
+        except ModelNotFoundError as e:
+            raise ModelLoadError(str(e)) from None
         if not plan.fits:
             raise ModelLoadError(
                 f"LTU-AS does not fit in memory: {plan.problem}\n  `ltu-daemon check --memory` prints the whole plan"

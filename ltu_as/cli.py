@@ -34,7 +34,10 @@ log = logging.getLogger("ltu_as.cli")
 def _ask_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ask", help="ask a question about an audio file; the answer streams to stdout")
     p.add_argument("--audio", required=True, type=Path, help="audio file (anything PyAV decodes)")
-    p.add_argument("--question", required=True)
+    p.add_argument(
+        "--question",
+        help="what to ask (default: the question a fine-tuned checkpoint was trained on, from its ltu_as_trained.json)",
+    )
     t = p.add_mutually_exclusive_group()
     t.add_argument("--transcript", help="use this transcript instead of running faster-whisper")
     t.add_argument("--no-transcript", action="store_true", help="ask without a transcript")
@@ -346,6 +349,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         return 130 if "SIGINT" in (trainer.stop_reason or "") else 143
     folder, official = trainer.finish()
+    if os.environ.get("RANK", "0") == "0":
+        from .loading.card import TrainedOn
+
+        used = {e.audio_id for e in examples}
+        trained = TrainedOn.from_records([r for r in records if r.audio_id in used], trainer.total_steps, cfg.eos)
+        trained.save(folder)
     if losses:
         log.info("final loss %.4f", losses[-1])
     if os.environ.get("RANK", "0") == "0":
@@ -403,6 +412,21 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     if not args.audio.is_file():
         print(f"ltu-as ask: no such audio file: {args.audio}", file=sys.stderr)
         return 2
+    from .loading.card import TrainedOn
+
+    trained = TrainedOn.load(args.checkpoint) if args.checkpoint and Path(args.checkpoint).is_dir() else None
+    question = args.question or (trained.question if trained else None)
+    if question is None:
+        print(
+            "ltu-as ask: --question is needed (this checkpoint records no question it was trained on)", file=sys.stderr
+        )
+        return 2
+    if trained and question not in trained.questions:
+        log.warning(
+            "%s was trained on %s; a small fine-tune answers other questions badly",
+            args.checkpoint,
+            " / ".join(repr(q) for q in trained.questions[:3]),
+        )
     try:
         audio = decode_audio(str(args.audio), sampling_rate=16000)
     except Exception as e:  # PyAV raises many error types for unreadable files
@@ -430,7 +454,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         quantization=args.quantization,
         encoder_quantization=args.encoder_quantization,
     )
-    for piece in ask_stream(loaded, audio, args.question, transcript, options):
+    for piece in ask_stream(loaded, audio, question, transcript, options):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -78,9 +78,10 @@ CORPUS = [
     "male female happy sad angry neutral yes no one two three four five six seven eight nine ten",
     "Someone says they will check the router in the kitchen, then a smoke alarm beeps three times.",
     "0123456789 .,;:!?'\"()-_/ ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz",
-    # the learning test's class names, often enough to become single tokens (as real labels mostly are)
-    "\n".join(["tone", "chirp", "noise", "clicks", "silence"] * 8),
 ]
+# the learning test's class names, often enough to become single tokens (as real labels mostly are); a user's
+# `make-tiny --labels` answers take their place, as often
+TEST_LABELS = ["tone", "chirp", "noise", "clicks", "silence"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def save_llama_tokenizer(folder: Path, vocab_size: int = 400, labels: list[str] 
     folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 4 + ["\n".join(labels)] * 8 if labels else CORPUS * 4),
+        sentence_iterator=iter([*CORPUS, "\n".join((labels or TEST_LABELS) * 8)] * 4),
         model_writer=buf,
         vocab_size=vocab_size,
         model_type="bpe",
@@ -176,7 +177,9 @@ def _whisper_tokenizer(vocab_size: int = 400) -> WhisperTokenizer:
     from transformers import AddedToken, WhisperTokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1, show_progress=False)
+    bpe.train_from_iterator(
+        [*CORPUS, "\n".join(TEST_LABELS * 8)] * 4, vocab_size=vocab_size, min_frequency=1, show_progress=False
+    )
     vocab = bpe.get_vocab()
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]

@@ -136,6 +136,12 @@ class SceneEvent(_StreamEvent):
     tokens: int
     skipped: int = Field(description="older windows of this stream not described because the model was behind")
     timings: SceneTimings
+    label: str | None = Field(
+        None, description='scene.answers = "closed": the known answer chosen (also the text); else null'
+    )
+    confidence: float | None = Field(
+        None, ge=0, le=1, description="closed-set scenes: the label's probability among the checkpoint's answers"
+    )
 
 
 class Evidence(BaseModel):
@@ -159,7 +165,10 @@ class AlertEvent(_StreamEvent):
     at: float = Field(description="stream clock where the condition was seen, s")
     wall: float | None = Field(description="Unix time of that moment")
     evidence: str = Field(description="what matched: the transcript, the scene text, the question, the level")
-    score: float | None = Field(description="question rules: P(yes); level rules: the RMS dBFS; else null")
+    score: float | None = Field(
+        description="question rules: P(yes); level rules: the RMS dBFS; label rules: the closed-set scene's "
+        "confidence (null for free text)"
+    )
     clip: str | None = Field(description="file name of the kept audio (store.clips), or null")
 
 

@@ -189,7 +189,7 @@ class AlertEngine:
             text = event.text[:MAX_MATCH_CHARS]
             for r in self._rules.values():
                 if r.rule.kind == "label" and r.pattern and r.watches(event.stream) and r.pattern.search(text):
-                    self._hit(r, Hit(event.stream, event.time, w.start, event.text, window=ev))
+                    self._hit(r, Hit(event.stream, event.time, w.start, event.text, score=event.confidence, window=ev))
         elif isinstance(event, LevelEvent):
             for r in self._rules.values():
                 if r.rule.kind != "level" or not r.watches(event.stream):

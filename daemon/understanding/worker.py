@@ -41,7 +41,7 @@ from ltu_as.serving.engine import (
 )
 
 from ..clock import SAMPLE_RATE, WINDOW_SAMPLES
-from ..config import EngineConfig, LlmConfig, ModelConfig, SceneConfig
+from ..config import DEFAULT_SCENE_PROMPT, EngineConfig, LlmConfig, ModelConfig, SceneConfig
 from ..delivery.events import (
     AnswerDelta,
     AnswerDone,
@@ -131,6 +131,9 @@ class ModelWorker:
             "llm_unavailable": 0,
         }
         self._yes_no: dict[str, tuple[list[int], list[int]]] = {}  # question → first-token ids of yes / no
+        # what scenes ask, and the answers a closed-set scene scores: settled once the checkpoint is loaded
+        self.scene_prompt = scene.prompt or DEFAULT_SCENE_PROMPT
+        self.scene_answers: tuple[str, ...] = ()
 
     def start(self) -> None:
         self._thread.start()
@@ -181,6 +184,7 @@ class ModelWorker:
             llm_weights="embeddings" if remote else "all",
             progress=True,
         )
+        self._settle_scenes(loaded, remote)
         arch = loaded.model.config
         if (arch.sampling_rate, arch.clip_samples) != (SAMPLE_RATE, WINDOW_SAMPLES):
             raise ValueError(
@@ -251,6 +255,38 @@ class ModelWorker:
         if engine.warm():
             log.info("decode engine: %d CUDA graphs captured in %.1f s", engine.counts["graphs"], time.monotonic() - t0)
         return engine
+
+    def _settle_scenes(self, loaded: LoadedModel, remote: bool) -> None:
+        """The scene question: `scene.prompt`, else the one the checkpoint was trained on (a small fine-tune
+        answers only that one well), else the default. The closed answer set when `scene.answers = "closed"`."""
+        trained = loaded.trained
+        self.scene_prompt = self.scene.prompt or (trained.question if trained else DEFAULT_SCENE_PROMPT)
+        if self.scene.prompt and trained and self.scene.prompt not in trained.questions:
+            log.warning(
+                "scene.prompt %r is not a question the checkpoint was trained on (%s): its scenes may be poor; "
+                "leave scene.prompt unset to ask the trained one",
+                self.scene.prompt,
+                " / ".join(repr(q) for q in trained.questions[:3]),
+            )
+        if self.scene.answers == "closed":
+            if trained is None or not trained.answers:
+                log.warning(
+                    'scene.answers = "closed" needs a checkpoint trained on a set of answers (ltu-as train writes '
+                    "them to ltu_as_trained.json); %s has none: scenes are generated text",
+                    self.model_config.checkpoint,
+                )
+            elif remote:
+                log.warning(
+                    'scene.answers = "closed" scores answers in this process; with llm.backend = "vllm" '
+                    "scenes are generated text"
+                )
+            else:
+                self.scene_answers = trained.answers
+        log.info(
+            "scenes ask %r%s",
+            self.scene_prompt,
+            f" and choose among {len(self.scene_answers)} answers" if self.scene_answers else "",
+        )
 
     def _run(self) -> None:
         try:
@@ -444,22 +480,52 @@ class ModelWorker:
             log.warning("scene skipped: %s", e)
             return
         t1 = time.monotonic()
+        if self.scene_answers:
+            self._closed_scenes(jobs, audio, t0, _ms(t1 - t0))
+            return
         options = GenerationOptions(max_new_tokens=self.scene.max_new_tokens).greedy()
         for j, a in zip(jobs, audio, strict=True):
-            ids = processor.encode(self.scene.prompt, j.window.transcript)
+            ids = processor.encode(self.scene_prompt, j.window.transcript)
             live = _Live(j, popped=t0, features_ms=_ms(t1 - t0), batch=len(jobs))
             self._submit(self._window_request(ids, a, j.window.id, options, SCENE), live)
 
+    def _closed_scenes(self, jobs: list[SceneJob], audio: torch.Tensor, t0: float, features_ms: float) -> None:
+        """Scenes as the most probable of the checkpoint's answers: each answer's log-likelihood after the prompt
+        (teacher-forced, `answer_log_likelihoods`), normalised over the set into the event's `confidence`. Runs
+        here, beside the engine: K short prefills per window and no decoding."""
+        assert self.loaded is not None and self.loaded.trained is not None
+        model, processor = self.loaded.model, self.loaded.processor
+        eos = self.loaded.trained.eos
+        for j, a in zip(jobs, audio, strict=True):
+            rows = processor.answer_rows(self.scene_prompt, self.scene_answers, j.window.transcript, eos)
+            probs = model.answer_log_likelihoods(a[None], rows).softmax(0)
+            k = int(probs.argmax())
+            label = self.scene_answers[k]
+            live = _Live(j, popped=t0, features_ms=features_ms, batch=len(jobs))
+            self._reply_scene(j, live, label, rows[k][1], time.monotonic(), label, round(float(probs[k]), 4))
+
     def _scene_done(self, job: SceneJob, live: _Live, tokens: list[int], now: float) -> None:
         assert self.loaded is not None
+        self._reply_scene(job, live, self.loaded.processor.decode(tokens).strip(), len(tokens), now)
+
+    def _reply_scene(
+        self,
+        job: SceneJob,
+        live: _Live,
+        text: str,
+        tokens: int,
+        now: float,
+        label: str | None = None,
+        confidence: float | None = None,
+    ) -> None:
         self.counts["scenes"] += 1
         generate_ms = _ms(now - live.popped) - live.features_ms
         job.reply(
             SceneEvent(
                 stream=job.window.stream,
                 window=job.window.ref(),
-                text=self.loaded.processor.decode(tokens).strip(),
-                tokens=len(tokens),
+                text=text,
+                tokens=tokens,
                 skipped=job.skipped,
                 timings=SceneTimings(
                     queue_ms=_ms(live.popped - job.submitted),
@@ -467,17 +533,20 @@ class ModelWorker:
                     generate_ms=round(generate_ms, 1),
                     batch=live.batch,
                 ),
+                label=label,
+                confidence=confidence,
             )
         )
         self.stats["scene_ms"] = _ms(now - live.popped)
         log.info(
-            "described %s in %.0f ms (features %.0f, generate %.0f; %d tokens; queue %s)",
+            "described %s in %.0f ms (features %.0f, generate %.0f; %d tokens; queue %s)%s",
             job.window.id,
             (now - live.popped) * 1000,
             live.features_ms,
             generate_ms,
-            len(tokens),
+            tokens,
             self.scheduler.depth,
+            f": {label!r} ({confidence:.2f})" if label is not None and confidence is not None else "",
         )
 
     def _questions(self, jobs: list[QuestionJob]) -> None:

@@ -17,10 +17,11 @@ from ..model.config import DEFAULT_CHECKPOINT_SOURCE, LtuAsConfig
 from ..model.encoder import load_whisper_encoder, read_whisper_config
 from ..model.modeling import CONFIG_NAME, WEIGHTS_NAME, LtuAsForConditionalGeneration
 from ..model.processor import LtuAsProcessor
+from .card import TrainedOn
 from .checkpoint import load_official_checkpoint, report_mismatch
 from .precision import resolve_device, resolve_dtype
 from .quantize import ENCODER_MODES, MODES, compute_dtype, quantize_linears
-from .sources import resolve
+from .sources import anchored, recordable, resolve
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,8 @@ def load_components(
     found = base.replace(
         whisper={**base.whisper, **read_whisper_config(whisper_dir)},
         llm={**base.llm, **read_llm_config(llm_dir)},
-        whisper_source=whisper_src,
-        llm_source=llm_src,
+        whisper_source=recordable(whisper_src),
+        llm_source=recordable(llm_src),
     )
     if config is not None:
         for name, a, b in (("whisper", config.whisper, found.whisper), ("llm", config.llm, found.llm)):
@@ -162,6 +163,10 @@ def load_pretrained(
     if not cfg_path.is_file():
         raise ModelNotFoundError(f"{directory} is not an ltu_as checkpoint: no {CONFIG_NAME}")
     config = LtuAsConfig.load(cfg_path)
+    # sources recorded as relative paths are found beside the checkpoint first (`anchored`)
+    config = config.replace(
+        whisper_source=anchored(config.whisper_source, directory), llm_source=anchored(config.llm_source, directory)
+    )
     model = load_components(
         config,
         whisper=whisper,
@@ -182,6 +187,7 @@ class LoadedModel:
 
     model: LtuAsForConditionalGeneration
     processor: LtuAsProcessor
+    trained: TrainedOn | None = None  # what the checkpoint was trained to answer (`ltu_as.loading.card`)
 
 
 def quantize_for_inference(
@@ -257,9 +263,11 @@ def load_model(
         llm_weights=llm_weights,
         llm_dtype=llm_dtype,
     )
+    trained = None
     if local.is_dir():
         if not (local / CONFIG_NAME).is_file():
             raise ModelNotFoundError(f"{local} is not an ltu_as checkpoint folder (no {CONFIG_NAME})")
+        trained = TrainedOn.load(local)
         model = load_pretrained(local, **sources)
     else:
         model = load_components(**sources)
@@ -270,4 +278,4 @@ def load_model(
     processor = LtuAsProcessor.from_pretrained(model.llm.name_or_path, model.config)
     if quantization != "none" or encoder_quantization != "none":
         quantize_for_inference(model, quantization, encoder_quantization, int8_kernel)
-    return LoadedModel(model, processor)
+    return LoadedModel(model, processor, trained)

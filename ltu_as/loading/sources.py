@@ -76,6 +76,42 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def is_remote(source: str) -> bool:
+    """Whether `source` names something fetched rather than a local path: `authors:NAME`, an http(s) URL or a hub
+    id `org/name` (exactly one slash, no leading `.`, `/` or `~`)."""
+    if source.startswith(("authors:", "http://", "https://")):
+        return True
+    if Path(source).suffix in (".bin", ".pt", ".safetensors"):  # a weights file, never a hub repo's name
+        return False
+    return not source.startswith((".", "/", "~")) and source.count("/") == 1
+
+
+def recordable(source: str | Path) -> str:
+    """How a checkpoint records a component's source: an existing local path as an absolute path (so the
+    checkpoint loads from any working directory), anything else (hub id, URL, `authors:` name) as given."""
+    path = Path(str(source)).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def anchored(source: str, checkpoint: Path) -> str:
+    """A source recorded in the checkpoint folder `checkpoint`, as found from here.
+
+    An absolute path stays as it is. A relative path (older checkpoints recorded paths as typed on the command
+    line) is taken relative to the checkpoint folder when it exists there, else relative to the working
+    directory when it exists there; a path found in neither place is returned relative to the checkpoint, so the
+    error names where it was looked for. Hub ids, URLs and `authors:` names are returned as they are, unless a
+    folder of that name lies beside the checkpoint or in the working directory."""
+    path = Path(source).expanduser()
+    if path.is_absolute():
+        return str(path)
+    beside = checkpoint / path
+    if beside.exists():
+        return str(beside.resolve())
+    if path.exists():
+        return str(path.resolve())
+    return source if is_remote(source) else str(beside)
+
+
 def resolve(source: str | Path, what: str, *, cache: Path | None = None, progress: bool = True) -> Path:
     """Return a local path for `source`, downloading it once if needed.
 
@@ -101,7 +137,7 @@ def resolve(source: str | Path, what: str, *, cache: Path | None = None, progres
         url, _, frag = source.partition("#sha256=")
         target = cache / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16] / _url_filename(url)
         return download_url(url, target, what, sha256=frag or None, progress=progress)
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if not is_remote(source):
         raise ModelNotFoundError(
             f"the {what} path {source} does not exist; give an existing path, a hub id like org/name, "
             "an http(s) URL or an authors: release name"

@@ -315,6 +315,31 @@ class LtuAsForConditionalGeneration(nn.Module):
         return out.logits[:, -1, :].float()
 
     @torch.no_grad()
+    def answer_log_likelihoods(
+        self, audio: torch.Tensor, rows: Sequence[tuple[Sequence[int], int]], chunk: int = 16
+    ) -> torch.Tensor:
+        """`[K]` float32 log P(answer | audio, prompt), teacher-forced, for one clip's audio tokens `audio`
+        `[1, T, d_llm]` (`audio_embeddings`) and K `rows` of (prompt + answer ids, answer length)
+        (`LtuAsProcessor.answer_rows`): the sum of the answer tokens' log-probabilities. `chunk` rows go through
+        the LLM at once; only the answer positions' logits are kept (`logits_to_keep`), so K answers cost K short
+        prefills and no decoding."""
+        out: list[torch.Tensor] = []
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            keep = max(n for _, n in part) + 1
+            embeds, mask, positions = self.assemble(audio.expand(len(part), -1, -1), [ids for ids, _ in part])
+            logits = self.llm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+            ).logits.float()  # [k, keep, vocab]: the last `keep` positions of each (right-aligned) row
+            logp = logits.log_softmax(-1)
+            for i, (ids, n) in enumerate(part):
+                target = torch.as_tensor(list(ids)[-n:], dtype=torch.long, device=logp.device)
+                # position j predicts token j + 1: the answer's n tokens come from the n positions before the last
+                picked = logp[i, keep - n - 1 : keep - 1].gather(-1, target[:, None])
+                out.append(picked.sum())
+        return torch.stack(out)
+
+    @torch.no_grad()
     def generate(
         self,
         features: torch.Tensor,

@@ -73,6 +73,19 @@ class LtuAsProcessor:
         ]
         return full, len(self.encode(question, transcript))
 
+    def answer_rows(
+        self, question: str, answers: Sequence[str], transcript: str | None = None, eos: bool = True
+    ) -> list[tuple[list[int], int]]:
+        """Each answer as a scored row: (BOS + prompt + answer [+ EOS] tokenized as in training, the number of
+        answer tokens at its end). `eos`: the answer ends with EOS, as a `eos = true` fine-tune learned it."""
+        rows = []
+        for a in answers:
+            full, n = self.encode_example(question, transcript, a)
+            if eos:
+                full = [*full, self.eos_token_id]
+            rows.append((full, len(full) - n))
+        return rows
+
     def answer_first_tokens(self, question: str, answers: Sequence[str], transcript: str | None = None) -> list[int]:
         """The first token of each answer as the model would produce it after this prompt (tokenized together
         with the prompt, as in training), deduplicated: the ids a yes/no decision compares."""

@@ -95,6 +95,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     epochs: float = 2.0
     max_steps: int = 0  # > 0 overrides epochs
+    min_steps: int = 0  # > 0: a small set trains more epochs, until the run has at least this many steps
     cutoff_len: int = 108
     batch_size: int = 256  # effective, across accumulation and processes
     micro_batch_size: int = 8
@@ -285,6 +286,19 @@ class Trainer:
         self.rows_per_step = cfg.micro_batch_size * world * self.accum
         self.steps_per_epoch = max(1, math.ceil(len(examples) / self.rows_per_step))
         self.total_steps = cfg.max_steps or max(1, round(cfg.epochs * self.steps_per_epoch))
+        if not cfg.max_steps and self.total_steps < cfg.min_steps:
+            # a few dozen clips per class give a few steps per epoch: size the run in steps, whole epochs
+            epochs = math.ceil(cfg.min_steps / self.steps_per_epoch)
+            log.info(
+                "%d examples give %d steps in %g epochs, under min_steps=%d: training %d epochs (%d steps)",
+                len(examples),
+                self.total_steps,
+                cfg.epochs,
+                cfg.min_steps,
+                epochs,
+                epochs * self.steps_per_epoch,
+            )
+            self.total_steps = epochs * self.steps_per_epoch
         from transformers import get_linear_schedule_with_warmup
 
         self.warmup = round(cfg.warmup_ratio * self.total_steps) if cfg.warmup_ratio else cfg.warmup_steps
@@ -372,7 +386,11 @@ class Trainer:
                 log.warning("%s cannot be read (%s): falling back to the previous checkpoint", folder.name, e)
                 continue
             ours = dataclasses.asdict(self.cfg)
-            changed = sorted(k for k in ours if k not in RESUMABLE and _plain(recorded.get(k)) != _plain(ours[k]))
+            # a key added since the checkpoint was written counts as its default
+            defaults = dataclasses.asdict(TrainConfig())
+            changed = sorted(
+                k for k in ours if k not in RESUMABLE and _plain(recorded.get(k, defaults[k])) != _plain(ours[k])
+            )
             if changed:
                 diff = ", ".join(f"{k}: {recorded.get(k)!r} → {ours[k]!r}" for k in changed)
                 raise RunError(

@@ -53,7 +53,9 @@ class Daemon:
         env: dict[str, str] | None = None,
         wait_ready: bool = True,
         port: int | None = None,
+        cwd: Path = REPO,
     ) -> None:
+        """`cwd`: the daemon's working directory (the repository, unless a test starts it elsewhere)."""
         self.port = port or free_port()
         self.token = tomllib.loads(config).get("server", {}).get("token")  # sent for the full /healthz
         self.config_path = tmp / f"daemon-{self.port}.toml"
@@ -76,7 +78,7 @@ class Daemon:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=cwd,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "XDG_DATA_HOME": str(tmp / "data"), **store, **(env or {})},
         )
         if wait_ready:
