@@ -591,6 +591,14 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
         node = tree.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str):
             node[key] = str(base / Path(node[key]).expanduser())
+    model = tree.get("model")
+    if isinstance(model, dict):
+        from ltu_as.loading.sources import is_remote
+
+        for key in ("checkpoint", "whisper", "llm"):  # local paths only: hub ids, URLs and authors: names stay
+            value = model.get(key)
+            if isinstance(value, str) and not is_remote(value) and not Path(value).expanduser().is_absolute():
+                model[key] = str(base / value)
     for s in tree.get("streams", []) if isinstance(tree.get("streams"), list) else []:
         if isinstance(s, dict) and s.get("source") == "file" and isinstance(s.get("path"), str):
             s["path"] = str(base / Path(s["path"]).expanduser())

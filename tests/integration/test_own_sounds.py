@@ -144,11 +144,11 @@ def test_own_sounds_from_folders_to_the_daemon_with_defaults(tmp_path: Path) -> 
     clips = [read_wav(home / "sounds" / first[kind]["audio_id"]) for kind in order]
     # the stream's last window waits for the end of the file (the issue on lost finals): one more clip after them
     stream = write_wav(tmp_path / "held-out.wav", np.concatenate([*clips, clips[0]]))
-    etc = tmp_path / "etc"
-    etc.mkdir()
+    etc = tmp_path / "etc" / "ltu"  # from here "../../home/runs/mine"; from `elsewhere` it would miss
+    etc.mkdir(parents=True)
     config = f"""
 [model]
-checkpoint = "../home/runs/mine"
+checkpoint = "../../home/runs/mine"
 device = "cpu"
 dtype = "fp32"
 
@@ -207,4 +207,5 @@ realtime = true
     assert "WARNING: alert rule 'beep' looks for 'doorbell', which none of the answers" in plain
     assert "WARNING: scene.prompt" not in plain
     other = check("--set", 'scene.prompt="Describe the audio"')
-    assert "WARNING: scene.prompt 'Describe the audio' differs from what ../home/runs/mine was trained on" in other
+    ckpt = etc.resolve() / "../../home/runs/mine"  # as the config file's folder resolves it
+    assert f"WARNING: scene.prompt 'Describe the audio' differs from what {ckpt} was trained on" in other
