@@ -272,6 +272,46 @@ class StoreConfig(_Section):
     clips_with_speech: bool = True
 
 
+class LearnConfig(_Section):
+    """Teaching it your sounds from the page (docs/training.md): clients label windows (`label`); their audio is
+    kept as a folder dataset under `dir`; a fine-tune job (`learn`, or daily at `at` when labels changed) trains
+    a checkpoint from the one in use, scores it and the one in use on the held-out clips, and swaps it in only if
+    it is not worse, keeping the previous ones for `learn.rollback`."""
+
+    enabled: bool = False
+    dir: PathField | None = None  # None: "learn" beside the history store (store.path's folder)
+    at: str | None = Field(None, pattern=r"^\d\d:\d\d$")  # HH:MM local: a daily run when the labels changed
+    background: str = Field("nothing unusual", min_length=1, max_length=60)  # the class of "not <label>" clips
+    max_clips: int = Field(2000, ge=1)
+    max_mb: float = Field(1024.0, gt=0)
+    min_clips: int = Field(5, ge=2)  # per class, before a job may start (a fifth of them are held out)
+    held_out: float = Field(0.2, gt=0, lt=1)
+    base: str | None = None  # the checkpoint a first job starts from (None: model.checkpoint)
+    device: str = "auto"  # where the job trains: it loads a second copy of the model there
+    dtype: str = "auto"
+    train_set: list[str] = []  # extra `ltu-as train --set key=value` of every job (e.g. "max_steps=300")
+    keep: int = Field(3, ge=1, le=50)  # learned checkpoints kept (the one in use and those to roll back to)
+
+    @field_validator("at")
+    @classmethod
+    def _clock(cls, v: str | None) -> str | None:
+        if v is not None and not (0 <= int(v[:2]) <= 23 and 0 <= int(v[3:]) <= 59):
+            raise ValueError(f"learn.at {v!r}: hours 00-23, minutes 00-59")
+        return v
+
+    @model_validator(mode="after")
+    def _held_out(self) -> LearnConfig:
+        if round(self.min_clips * self.held_out) < 1:
+            raise ValueError(
+                f"learn.min_clips {self.min_clips} with learn.held_out {self.held_out} holds no clip out: raise "
+                "either (each label needs a held-out clip to score the new checkpoint)"
+            )
+        return self
+
+    def folder(self, store: StoreConfig) -> Path:
+        return self.dir or store.path.parent / "learn"
+
+
 class HistoryConfig(_Section):
     """Questions about the past (`ask` with scope history or auto) and `history.search`."""
 
@@ -482,6 +522,7 @@ class DaemonConfig(_Section):
     engine: EngineConfig = EngineConfig()
     questions: QuestionsConfig = QuestionsConfig()
     store: StoreConfig = StoreConfig()
+    learn: LearnConfig = LearnConfig()
     history: HistoryConfig = HistoryConfig()
     digests: DigestConfig = DigestConfig()
     alerts: AlertsConfig = AlertsConfig()
@@ -502,6 +543,8 @@ class DaemonConfig(_Section):
         need = self.vad.max_utterance_s + self.vad.pre_roll_ms / 1000 + 5
         if self.audio.ring_seconds < need:
             raise ValueError(f"audio.ring_seconds must be at least vad.max_utterance_s + pre-roll + 5 s = {need:g}")
+        if self.learn.enabled and not self.model.enabled:
+            raise ValueError("learn.enabled needs model.enabled: learning fine-tunes the LTU-AS model")
         rules = [r.name for r in self.alerts.rules]
         dup_rules = sorted({n for n in rules if rules.count(n) > 1})
         if dup_rules:
@@ -585,6 +628,7 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
         ("server", "token_file"),
         ("store", "path"),
         ("store", "clips_dir"),
+        ("learn", "dir"),
         ("mqtt", "password_file"),
         ("mqtt", "tls_ca"),
     ):

@@ -100,7 +100,32 @@ class Service:
             self.mqtt = MqttBridge(config.mqtt, list(self.pipelines), self.alerts.info, __version__)
         self.bus.tap(self._to_mqtt)  # through the service: a reload may replace the bridge
 
-        self.understanding = _Understanding(config, self._windows, self.store, self._record) if model_on else None
+        # learning: a learned checkpoint in use (learn/active.json) replaces model.checkpoint for the model only;
+        # the config itself stays as written, so a reload compares like with like
+        self.learning = None
+        model_config = config
+        if config.learn.enabled and model_on:
+            from .learning.active import Active
+
+            learned = Active.load(config.learn.folder(config.store)).usable()
+            if learned is not None:
+                log.info("starting on the learned checkpoint %s (learn.rollback goes back)", learned)
+                model_config = config.model_copy(
+                    update={"model": config.model.model_copy(update={"checkpoint": learned})}
+                )
+        self.understanding = _Understanding(model_config, self._windows, self.store, self._record) if model_on else None
+        if config.learn.enabled and self.understanding is not None:
+            from .learning.desk import LearnDesk
+
+            self.learning = LearnDesk(
+                config.learn,
+                config.learn.folder(config.store),
+                config.learn.base or config.model.checkpoint,
+                (config.model.whisper, config.model.llm),
+                self._window_audio,
+                self.understanding.swap,
+                self.bus.publish,
+            )
         self.memory = MemoryDesk(self.store, self.alerts, changed=self._rules_changed)
         self.server = WebsocketServer(
             config.server,
@@ -113,6 +138,7 @@ class Service:
             health=self.health,
             extra_routes={"/metrics": self.metrics.render} if self.metrics else None,
             clips=self.store.clip_bytes if self.store else None,
+            learning=self.learning,
         )
         # speech endpoints: whole clips through the same ASR, published as finals of their own streams
         self.endpoints: list[Any] = []
@@ -271,6 +297,15 @@ class Service:
         if self.mqtt is not None:
             self.mqtt.on_event(event)
 
+    def _window_audio(self, window_id: str) -> Any:
+        """A window's `[WINDOW_SAMPLES]` float32 audio for a label; None once the ring dropped it; False when no
+        stream has that window."""
+        windows = self._windows.get(window_id.split(":w")[0])
+        w = windows.get(window_id) if windows is not None else None
+        if windows is None or w is None:
+            return False
+        return windows.audio(w)
+
     def _rules_changed(self) -> None:
         if self.mqtt is not None:
             self.mqtt.rules_changed()
@@ -310,6 +345,10 @@ class Service:
             digests = self._digests()
             if digests is not None:
                 self._background.append(asyncio.create_task(digests.run(self._stop_background), name="digests"))
+            if self.learning is not None:
+                self._background.append(
+                    asyncio.create_task(self.learning.run_daily(self._stop_background), name="learn")
+                )
             self.ready = True
             log.info("ready: %d stream(s): %s", len(self.pipelines), ", ".join(self.pipelines) or "none")
         await stopper
@@ -348,6 +387,8 @@ class Service:
         for endpoint in self.endpoints:  # no new requests; those in flight are cut off (their clients retry)
             await endpoint.close()
         await asyncio.to_thread(self.asr.stop, max(0.1, deadline - time.monotonic()))
+        if self.learning is not None:  # a job in progress is cut off: its run folder stays, nothing is swapped
+            await self.learning.close()
         if self.understanding is not None:  # answers in flight end as cancelled; waiting work is dropped
             self.understanding.desk.cancel_all()
             await asyncio.to_thread(self.understanding.worker.stop, max(0.1, deadline - time.monotonic()))
@@ -582,6 +623,7 @@ class Service:
             **self.server.stats(),
             "events": dict(self.bus.published),
             "reloads": self.reloads,
+            "learn": self.learning.health() if self.learning else {"enabled": False},
         }
 
 
@@ -638,6 +680,19 @@ class _Understanding:
             search=search,
             record=record,
         )
+
+    async def swap(self, checkpoint: str) -> str | None:
+        """Load `checkpoint`'s trainable weights into the running model (between batches); None when it is in
+        use, else why not."""
+        from .reply import Reply
+        from .understanding.scheduler import SwapJob
+
+        done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.scheduler.submit(SwapJob(checkpoint=checkpoint, reply=Reply.here(done.set_result), deadline=float("inf")))
+        why = await done
+        if why is None:
+            self.checkpoint = checkpoint
+        return why
 
     def health(self) -> dict[str, Any]:
         w, c = self.worker, self.cache

@@ -129,7 +129,7 @@ class EventBus:
         self._subs: set[Subscriber] = set()
         self._taps: list[Callable[[StreamEvent], object]] = []
         self.losses = Shedding()
-        self._seq: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._seq: collections.Counter[tuple[str | None, str]] = collections.Counter()
         self.published: collections.Counter[str] = collections.Counter()
 
     @property

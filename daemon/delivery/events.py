@@ -188,6 +188,36 @@ class DigestEvent(_StreamEvent):
     windows: int = Field(description="stored windows summarised")
 
 
+class _DaemonEvent(_Out):
+    """An event of the daemon itself rather than of one stream (a learning job): every subscriber's stream filter
+    passes it; its `seq` counts per type."""
+
+    stream: None = Field(None, description="always null: not a stream's event")
+    seq: int = Field(0, ge=0, description="per type, from 1 for the daemon's lifetime")
+
+
+class LearnProgress(_DaemonEvent):
+    type: Literal["learn.progress"] = "learn.progress"
+    job: str
+    phase: Literal["dataset", "features", "train", "eval", "swap"]
+    done: int = Field(ge=0, description="units of the phase done: clips (features, eval) or steps (train)")
+    total: int = Field(ge=0, description="units in the phase (0: not known yet)")
+    detail: str
+
+
+class LearnDone(_DaemonEvent):
+    type: Literal["learn.done"] = "learn.done"
+    job: str
+    outcome: Literal["swapped", "refused", "failed"] = Field(
+        description="swapped: the new checkpoint describes from now on; refused: it scored worse than the one in "
+        "use on the held-out clips; failed: a step failed (reason)"
+    )
+    accuracy: float | None = Field(description="the new checkpoint's held-out accuracy (null: not evaluated)")
+    previous_accuracy: float | None = Field(description="the checkpoint in use, on the same clips")
+    checkpoint: str | None = Field(description="the new checkpoint's folder (null: none was written)")
+    reason: str
+
+
 StreamEvent = (
     LevelEvent
     | SpeechStartEvent
@@ -200,6 +230,8 @@ StreamEvent = (
     | AlertEvent
     | AlertClearedEvent
     | DigestEvent
+    | LearnProgress
+    | LearnDone
 )
 EVENT_TYPES = type_names(StreamEvent)  # in the order the docs list them
 
@@ -379,6 +411,61 @@ class AlertRemoved(_Out):
     name: str
 
 
+class Labelled(_Out):
+    type: Literal["labelled"] = "labelled"
+    re: MessageId | None = None
+    label: str = Field(description="the class the clip went to: the label, or the background class for a negative")
+    clip: str = Field(description="the clip's file name in the label's folder")
+    clips: int = Field(description="clips of that class now")
+
+
+class LabelClip(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    window: str | None = Field(description="the window it was cut from")
+    bytes: int
+    added: float = Field(description="Unix time, s")
+
+
+class LabelClass(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    label: str
+    folder: str
+    clips: list[LabelClip]
+
+
+class Labels(_Out):
+    type: Literal["labels"] = "labels"
+    re: MessageId | None = None
+    classes: list[LabelClass]
+    clips: int
+    bytes: int
+    max_clips: int = Field(description="learn.max_clips: a label beyond it is refused (labels_full)")
+    max_bytes: int = Field(description="learn.max_mb in bytes")
+    min_clips: int = Field(description="learn.min_clips: clips each class needs before learn can start")
+    job: str | None = Field(description="the learning job running now, or null")
+    active: str | None = Field(description="the learned checkpoint in use, or null (model.checkpoint)")
+
+
+class LabelRemoved(_Out):
+    type: Literal["label.removed"] = "label.removed"
+    re: MessageId | None = None
+    label: str
+    removed: int = Field(description="clips deleted")
+
+
+class LearnStarted(_Out):
+    type: Literal["learn.started"] = "learn.started"
+    re: MessageId | None = None
+    job: str = Field(description="its progress and result come as learn.progress and learn.done events")
+
+
+class LearnRolledBack(_Out):
+    type: Literal["learn.rolled_back"] = "learn.rolled_back"
+    re: MessageId | None = None
+    checkpoint: str = Field(description="the checkpoint in use again")
+
+
 class Dropped(_Out):
     type: Literal["dropped"] = "dropped"
     counts: dict[str, int] = Field(description="events shed from this client's queue since the last notice, by type")
@@ -398,6 +485,11 @@ Reply = (
     | AlertRules
     | AlertAdded
     | AlertRemoved
+    | Labelled
+    | Labels
+    | LabelRemoved
+    | LearnStarted
+    | LearnRolledBack
 )
 Answer = AnswerStart | AnswerDelta | AnswerDone | ErrorEvent
 ServerMessage = StreamEvent | Reply | AnswerStart | AnswerDelta | AnswerDone

@@ -27,8 +27,10 @@ from .wire import (
     MAX_JSON_DEPTH,
     MAX_QUESTION_CHARS,
     PROTOCOL_VERSION,
+    ClipName,
     CloseCode,
     ErrorCode,
+    LabelText,
     MessageId,
     StreamName,
     Subscription,
@@ -160,6 +162,33 @@ class AlertRemove(_Msg):
     name: RuleName = Field(description="a rule added with alert.add (config rules are removed in the config)")
 
 
+class Label(_Msg):
+    type: Literal["label"]
+    window: WindowId = Field(description="the window whose audio becomes an example (an alert's: its window.id)")
+    label: LabelText = Field(description="what the sound is: the answer the model learns")
+    negative: bool = Field(
+        False, description="true: the window is *not* `label`; it becomes an example of the background class"
+    )
+
+
+class LabelList(_Msg):
+    type: Literal["label.list"]
+
+
+class LabelRemove(_Msg):
+    type: Literal["label.remove"]
+    label: LabelText
+    clip: ClipName | None = Field(None, description="one clip of the label; null: every clip of it")
+
+
+class Learn(_Msg):
+    type: Literal["learn"]
+
+
+class LearnRollback(_Msg):
+    type: Literal["learn.rollback"]
+
+
 class Cancel(_Msg):
     type: Literal["cancel"]
     target: MessageId = Field(description="the id of the question to cancel")
@@ -178,6 +207,11 @@ ClientMessage = (
     | AlertList
     | AlertAdd
     | AlertRemove
+    | Label
+    | LabelList
+    | LabelRemove
+    | Learn
+    | LearnRollback
 )
 _client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(Annotated[ClientMessage, Field(discriminator="type")])
 

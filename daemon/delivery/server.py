@@ -46,6 +46,11 @@ from .events import (
     Cancelled,
     ErrorEvent,
     HistoryResults,
+    Labelled,
+    LabelRemoved,
+    Labels,
+    LearnRolledBack,
+    LearnStarted,
     Pong,
     ServerMessage,
     StreamInfo,
@@ -66,6 +71,11 @@ from .protocol import (
     ClientMessage,
     Hello,
     HistorySearch,
+    Label,
+    LabelList,
+    LabelRemove,
+    Learn,
+    LearnRollback,
     ProtocolError,
     Subscribe,
     Timeline,
@@ -121,6 +131,16 @@ class Memory(Protocol):
     def rules(self, msg: AlertList) -> AlertRules: ...
     def add(self, msg: AlertAdd) -> AlertAdded: ...
     def remove(self, msg: AlertRemove) -> AlertRemoved: ...
+
+
+class Learning(Protocol):
+    """What the server needs from the learning desk (`learning.desk.LearnDesk`)."""
+
+    async def label(self, msg: Label) -> Labelled: ...
+    async def list(self, msg: LabelList) -> Labels: ...
+    async def remove(self, msg: LabelRemove) -> LabelRemoved: ...
+    async def learn(self, msg: Learn) -> LearnStarted: ...
+    async def rollback(self, msg: LearnRollback) -> LearnRolledBack: ...
 
 
 @dataclass(frozen=True)
@@ -192,10 +212,13 @@ class WebsocketServer:
         health: Callable[[], dict[str, Any]],
         extra_routes: dict[str, Callable[[], tuple[str, bytes]]] | None = None,
         clips: Callable[[str], bytes | None] | None = None,
+        learning: Learning | None = None,
     ) -> None:
         """`extra_routes`: GET paths answered over HTTP, each by a function giving (content type, body); `clips`:
-        an alert clip's WAV bytes by file name (None: no such clip), served at /clips/<name> with the token."""
+        an alert clip's WAV bytes by file name (None: no such clip), served at /clips/<name> with the token;
+        `learning`: the learning desk (None: `learn.enabled = false`)."""
         self.config = config
+        self.learning = learning
         self.bus, self.remotes, self.desk, self.memory = bus, remotes, desk, memory
         self.routes = extra_routes or {}
         self.clips = clips
@@ -509,6 +532,8 @@ class WebsocketServer:
             return self.memory.add(msg)
         if isinstance(msg, AlertRemove):
             return self.memory.remove(msg)
+        if isinstance(msg, Label | LabelList | LabelRemove | Learn | LearnRollback):
+            return await self._learning(msg)
         if isinstance(msg, Cancel):
             if self.desk is None or not self.desk.cancel(client, msg.target):
                 raise ProtocolError(ErrorCode.UNKNOWN_QUESTION, f"no question {msg.target!r} in progress", msg.id)
@@ -542,6 +567,22 @@ class WebsocketServer:
         if isinstance(msg, AudioStop):
             return AudioStopped(re=msg.id, stream=await self.remotes.release(client))
         return Pong(re=msg.id)
+
+    async def _learning(self, msg: Label | LabelList | LabelRemove | Learn | LearnRollback) -> ServerMessage:
+        d = self.learning
+        if d is None:
+            raise ProtocolError(
+                ErrorCode.LEARN_DISABLED, "learning is off in this daemon (learn.enabled = false)", msg.id
+            )
+        if isinstance(msg, Label):
+            return await d.label(msg)
+        if isinstance(msg, LabelList):
+            return await d.list(msg)
+        if isinstance(msg, LabelRemove):
+            return await d.remove(msg)
+        if isinstance(msg, Learn):
+            return await d.learn(msg)
+        return await d.rollback(msg)
 
     async def _audio(self, client: Client, data: bytes) -> None:
         """One binary frame: paced first (frames per second), then decoded and queued, then held while the audio

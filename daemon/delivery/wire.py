@@ -58,6 +58,11 @@ class ErrorCode(StrEnum):
     UNKNOWN_RULE = "unknown_rule"
     RULE_EXISTS = "rule_exists"
     RULE_LIMIT = "rule_limit"
+    LEARN_DISABLED = "learn_disabled"
+    LEARN_BUSY = "learn_busy"
+    TOO_FEW_CLIPS = "too_few_clips"
+    LABELS_FULL = "labels_full"
+    UNKNOWN_LABEL = "unknown_label"
     INTERNAL = "internal"
 
 
@@ -66,6 +71,10 @@ StreamName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")]
 WindowId = Annotated[
     str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}:w[1-9][0-9]{0,17}$", description="`<stream>:w<n>`, n = 1, 2, …")
 ]
+# what a user calls a sound ("doorbell", "the kettle's whistle"): the answer the model learns; no control
+# characters or path separators (its folder name is derived from it, `daemon.learning.labels`)
+LabelText = Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f/\\]{1,60}$", description="1-60 characters, no / or \\")]
+ClipName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,100}\.wav$")]
 UnixTime = Annotated[float, Field(ge=0, le=1e11, description="Unix time, s")]
 
 

@@ -1,6 +1,7 @@
 """The one queue in front of the model worker.
 
-- Priorities: questions (about a live window, or about the past), then alert checks (the yes/no rules asked of each
+- Priorities: a model swap (a learned checkpoint), then questions (about a live window, or about the past), then
+  alert checks (the yes/no rules asked of each
   window), then scene descriptions, then digests. (ASR runs on its own worker; on a shared GPU its finals would
   come first.) The worker moves jobs into the decode engine's running batch, where questions take free slots
   first and preempt scene rows when none is free.
@@ -142,9 +143,21 @@ class DigestJob(_Job):
         return f"digest {self.id}"
 
 
+@dataclass(eq=False, kw_only=True)
+class SwapJob(_Job):
+    """Load the trainable weights of `checkpoint` into the running model (a learned checkpoint, or back to an
+    older one), once the rows decoding now have finished; `reply` gets None when done, else the reason."""
+
+    checkpoint: str
+    reply: Reply[str | None]
+
+    def describe(self) -> str:
+        return f"swap to {self.checkpoint}"
+
+
 Asked = QuestionJob | HistoryJob
-Job = SceneJob | QuestionJob | CheckJob | HistoryJob | DigestJob
-Batch = list[QuestionJob] | list[HistoryJob] | list[CheckJob] | list[SceneJob] | list[DigestJob]
+Job = SceneJob | QuestionJob | CheckJob | HistoryJob | DigestJob | SwapJob
+Batch = list[QuestionJob] | list[HistoryJob] | list[CheckJob] | list[SceneJob] | list[DigestJob] | list[SwapJob]
 
 
 class Scheduler:
@@ -154,6 +167,7 @@ class Scheduler:
         self._checks: collections.deque[CheckJob] = collections.deque()
         self._scenes: dict[str, SceneJob] = {}  # stream → the one waiting scene job
         self._digests: dict[str, DigestJob] = {}  # stream → the one waiting digest
+        self._swaps: collections.deque[SwapJob] = collections.deque()  # before anything else
         self._cv = threading.Condition()
         self._closed = False
         self.expired: list[Job] = []  # cancelled or past their deadline before they ran; the worker reports them
@@ -191,6 +205,8 @@ class Scheduler:
                 self._checks.append(job)
             elif isinstance(job, DigestJob):
                 self._digests[job.stream] = job
+            elif isinstance(job, SwapJob):
+                self._swaps.append(job)
             else:
                 old = self._scenes.get(job.window.stream)
                 if old is not None:
@@ -227,6 +243,8 @@ class Scheduler:
             while True:
                 if self._expire():
                     return []  # let the worker report them now
+                if self._swaps:
+                    return [self._swaps.popleft()]
                 if self._questions:
                     head = self._questions.popleft()
                     if isinstance(head, HistoryJob):

@@ -57,7 +57,19 @@ from ..delivery.events import (
 from ..delivery.wire import ErrorCode
 from ..memory.retrieval import evidence, fit, history_input
 from .cache import FeatureCache
-from .scheduler import Asked, Batch, CheckJob, CheckResult, DigestJob, HistoryJob, Job, QuestionJob, SceneJob, Scheduler
+from .scheduler import (
+    Asked,
+    Batch,
+    CheckJob,
+    CheckResult,
+    DigestJob,
+    HistoryJob,
+    Job,
+    QuestionJob,
+    SceneJob,
+    Scheduler,
+    SwapJob,
+)
 from .vllm_engine import LlmUnavailable, VllmEngine
 
 log = logging.getLogger(__name__)
@@ -340,6 +352,8 @@ class ModelWorker:
                     self._check(first)
                 elif isinstance(first, DigestJob):
                     self._digest(first)
+                elif isinstance(first, SwapJob):
+                    self._swap(first)
                 else:
                     self._scenes(batch)  # type: ignore[arg-type]
         except Exception as e:
@@ -488,6 +502,52 @@ class ModelWorker:
             ids = processor.encode(self.scene_prompt, j.window.transcript)
             live = _Live(j, popped=t0, features_ms=_ms(t1 - t0), batch=len(jobs))
             self._submit(self._window_request(ids, a, j.window.id, options, SCENE), live)
+
+    def _swap(self, job: SwapJob) -> None:
+        """Finish every row in the engine (they were started with the old weights), then load the checkpoint's
+        TLTR, projector and LoRA into the model: LoRA unmerged, replaced, merged again; the frozen Whisper and LLM
+        stay. Cached prefixes (KV computed with the old LoRA) are dropped, and scenes settle on the checkpoint's
+        question and answers. A checkpoint that does not fit the model changes nothing (`load_trainable` checks
+        every tensor first)."""
+        from pathlib import Path
+
+        from ltu_as.loading.card import TrainedOn
+        from ltu_as.loading.checkpoint import load_official_checkpoint
+        from ltu_as.loading.load import load_trainable
+        from ltu_as.loading.sources import resolve
+        from ltu_as.model.modeling import WEIGHTS_NAME
+
+        assert self.loaded is not None and self.engine is not None
+        engine, model = self.engine, self.loaded.model
+        if isinstance(engine, VllmEngine):
+            job.reply('the LLM runs on the vLLM server (llm.backend = "vllm"): export the checkpoint and restart it')
+            return
+        if model.quantization != "none":
+            job.reply(f"the LLM is quantized ({model.quantization}): LoRA cannot be swapped; restart to load it")
+            return
+        while engine.has_work():
+            self._step(engine)
+        folder = Path(job.checkpoint)
+        try:
+            trained = TrainedOn.load(folder) if folder.is_dir() else None
+            official = None if folder.is_dir() else resolve(job.checkpoint, "LTU-AS checkpoint")
+            model.unmerge_lora()
+            try:
+                if official is None:
+                    load_trainable(model, folder / WEIGHTS_NAME)
+                else:  # back to an authors'-layout .bin (model.checkpoint)
+                    load_official_checkpoint(model, official)
+            finally:
+                model.merge_lora()
+        except Exception as e:  # a bad checkpoint: the model keeps its weights (nothing was copied)
+            job.reply(f"{folder} cannot be loaded: {e}")
+            return
+        engine.prefixes.clear()
+        self.loaded.trained = trained
+        self._settle_scenes(self.loaded, remote=False)
+        self.counts["swaps"] = self.counts.get("swaps", 0) + 1
+        log.info("model swapped to %s", folder)
+        job.reply(None)
 
     def _closed_scenes(self, jobs: list[SceneJob], audio: torch.Tensor, t0: float, features_ms: float) -> None:
         """Scenes as the most probable of the checkpoint's answers: each answer's log-likelihood after the prompt

@@ -15,6 +15,8 @@ const state = {
   missed: 0,
   nextId: 0,
   asking: null, // the id of the question being answered
+  learning: false, // the daemon answers label.list: labelling controls are shown
+  learnIds: new Set(), // ids of our learning messages, whose errors go to the learning section
   streams: new Map(), // name → {item, meter, state}
 };
 
@@ -133,6 +135,15 @@ function handle(msg) {
     case "answer.done": return answer(msg);
     case "history.results": return results(msg);
     case "timeline.data": return timeline(msg);
+    case "labels": return labels(msg);
+    case "labelled":
+    case "label.removed": return send({ type: "label.list" });
+    case "learn.started": return learnStatus(`learning started (${msg.job})`, 0, 0);
+    case "learn.progress": return learnStatus(`${msg.phase}: ${msg.detail}`, msg.done, msg.total);
+    case "learn.done": return learnDone(msg);
+    case "learn.rolled_back":
+      learnStatus(`back to ${msg.checkpoint}`);
+      return send({ type: "label.list" });
     default: return undefined;
   }
 }
@@ -161,6 +172,7 @@ function welcome(msg) {
   }
   filter.value = chosen;
   requestTimeline();
+  if (msg.model) state.learnIds.add(send({ type: "label.list" }));
 }
 
 async function privacy() {
@@ -184,6 +196,12 @@ function error(msg) {
     $("token-form").hidden = false;
     $("token").focus();
     return;
+  }
+  if (msg.re && state.learnIds.has(msg.re)) {
+    state.learnIds.delete(msg.re);
+    if (msg.code === "learn_disabled") return undefined; // learning is off: its controls stay hidden
+    $("learn-now").disabled = false;
+    return learnStatus(`${msg.code}: ${msg.message}`);
   }
   const where = msg.re && msg.re === state.asking ? $("answer") : null;
   if (where) where.textContent = `error: ${msg.code}: ${msg.message}`;
@@ -236,10 +254,98 @@ function transcript(msg) {
 function scene(msg) {
   const card = el("li", null, "card");
   card.id = `win-${msg.window.id}`;
+  card.dataset.time = String(msg.time);
   card.append(el("span", `${msg.stream} ${msg.window.id} ${clock(msg.window.start)}`, "when"));
-  card.append(el("p", msg.text));
+  const text = el("p", msg.text);
+  if (msg.confidence !== null && msg.confidence !== undefined) {
+    text.append(el("span", ` (${Math.round(msg.confidence * 100)} % sure)`, "heard"));
+  }
+  card.append(text);
   if (msg.window.transcript) card.append(el("p", `heard: ${msg.window.transcript}`, "heard"));
+  if (state.learning) card.append(teachForm(msg.window.id));
   prepend($("scenes"), card, 50);
+}
+
+// --- learning (docs/protocol.md, Learning) ----------------------------------------------------------------
+
+function teachForm(windowId) {
+  // "This is <label>" / "Not this": the window's audio becomes an example of the label (or of the background)
+  const form = el("form", null, "teach");
+  form.dataset.window = windowId;
+  const input = el("input");
+  input.name = "label";
+  input.setAttribute("list", "known-labels");
+  input.maxLength = 60;
+  input.setAttribute("aria-label", `What ${windowId} is`);
+  input.placeholder = "what is it?";
+  const yes = el("button", "This is");
+  yes.type = "submit";
+  const no = el("button", "Not this");
+  no.type = "button";
+  const sendLabel = (negative) => {
+    const label = input.value.trim();
+    if (!label) return input.focus();
+    state.learnIds.add(send({ type: "label", window: windowId, label, negative }));
+    form.replaceChildren(el("span", negative ? `marked: not ${label}` : `marked: ${label}`, "heard"));
+    return undefined;
+  };
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    sendLabel(false);
+  });
+  no.addEventListener("click", () => sendLabel(true));
+  form.append(input, yes, no);
+  return form;
+}
+
+function labels(msg) {
+  state.learning = true;
+  $("learn-view").hidden = false;
+  const list = $("labels");
+  const known = $("known-labels");
+  list.replaceChildren();
+  known.replaceChildren();
+  for (const c of msg.classes) {
+    const item = el("li", `${c.label}: ${c.clips.length} example${c.clips.length === 1 ? "" : "s"}`);
+    if (c.clips.length < msg.min_clips) item.append(el("span", ` (needs ${msg.min_clips})`, "heard"));
+    const del = el("button", "Delete");
+    del.type = "button";
+    del.setAttribute("aria-label", `Delete every example of ${c.label}`);
+    del.addEventListener("click", () => state.learnIds.add(send({ type: "label.remove", label: c.label })));
+    item.append(" ", del);
+    list.append(item);
+    const o = el("option");
+    o.value = c.label;
+    known.append(o);
+  }
+  $("labels-note").textContent = `${msg.clips} of at most ${msg.max_clips} examples, ` +
+    `${(msg.bytes / 2 ** 20).toFixed(1)} of ${(msg.max_bytes / 2 ** 20).toFixed(0)} MB` +
+    (msg.active ? `; in use: a model you taught (${msg.active})` : "; in use: the original model");
+  $("learn-back").hidden = !msg.active;
+  $("learn-now").disabled = Boolean(msg.job);
+  if (msg.job) learnStatus(`learning: ${msg.job}`);
+}
+
+function learnStatus(text, done, total) {
+  $("learn-status").textContent = text;
+  const bar = $("learn-progress");
+  if (done === undefined) return;
+  bar.hidden = false;
+  bar.max = total || 1;
+  bar.value = total ? done : 0;
+}
+
+function learnDone(msg) {
+  $("learn-progress").hidden = true;
+  $("learn-now").disabled = false;
+  const pct = (x) => (x === null || x === undefined ? "?" : `${Math.round(x * 100)} %`);
+  const what = {
+    swapped: "the new model is in use",
+    refused: "the new model did worse: the one in use stays",
+    failed: "learning failed",
+  }[msg.outcome];
+  learnStatus(`${what} (new ${pct(msg.accuracy)}, before ${pct(msg.previous_accuracy)}): ${msg.reason}`);
+  send({ type: "label.list" });
 }
 
 function alert(msg) {
@@ -247,6 +353,7 @@ function alert(msg) {
   item.dataset.alert = msg.id;
   item.append(el("strong", msg.rule), el("span", ` ${msg.stream} ${wall(msg.wall)} `), el("q", msg.evidence));
   if (msg.score !== null && msg.score !== undefined) item.append(el("span", ` score ${Number(msg.score).toFixed(2)}`));
+  if (state.learning && msg.window) item.append(teachForm(msg.window.id));
   const ack = el("button", "Acknowledge");
   ack.type = "button";
   ack.addEventListener("click", () => item.classList.add("acknowledged"));
@@ -420,6 +527,13 @@ $("timeline-form").addEventListener("submit", (e) => {
   e.preventDefault();
   requestTimeline();
 });
+
+$("learn-now").addEventListener("click", () => {
+  $("learn-now").disabled = true;
+  state.learnIds.add(send({ type: "learn" }));
+});
+
+$("learn-back").addEventListener("click", () => state.learnIds.add(send({ type: "learn.rollback" })));
 
 $("search-form").addEventListener("submit", (e) => {
   e.preventDefault();

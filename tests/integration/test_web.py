@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import ASSET
-from daemon_harness import REPO, Daemon
+from daemon_harness import Daemon
+from web_harness import SHOTS, axe_serious, wait_for
 
 from daemon.config import StoreConfig
 from daemon.delivery.events import WindowEvent
@@ -29,38 +30,7 @@ pytestmark = [
 ]
 
 TOKEN = "web-test-token"
-AXE = REPO / "node_modules" / "axe-core" / "axe.min.js"  # npm ci (scripts/setup.sh), pinned in package-lock.json
 HOSTILE = '<img src=x onerror="window.__pwned=1">kettle <b>bold</b>'
-SHOTS = REPO / "artifacts" / "web"
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            got = check()
-        except Exception:  # the element is not there yet, or went stale while the page updated it
-            got = None
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout} s for {what}")
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium") or ""
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver") or ""), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
 
 
 def daemon_config(tmp: Path) -> str:
@@ -170,20 +140,6 @@ def test_live_views_ask_alert_and_hostile_text(browser: Any, daemon: Daemon) -> 
     browser.save_screenshot(str(SHOTS / "phone.png"))
     browser.set_window_size(1280, 900)
     print(f"screenshots: {SHOTS}")
-
-
-def axe_serious(browser: Any) -> list[Any]:
-    """axe-core's serious and critical violations on the page as it is now."""
-    if not AXE.is_file():
-        pytest.fail(f"{AXE} is missing: run `npm ci` (scripts/setup.sh does when npm is installed)")
-    browser.execute_script(AXE.read_text())  # through the driver, not the page: the page's CSP allows no inline code
-    result = browser.execute_async_script("const done = arguments[0]; axe.run(document).then(done);")
-    print("axe violations:", [(v["id"], v["impact"]) for v in result["violations"]])
-    return [
-        (v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3])
-        for v in result["violations"]
-        if v["impact"] in ("serious", "critical")
-    ]
 
 
 def test_accessibility_has_no_serious_violations(browser: Any, daemon: Daemon) -> None:

@@ -163,7 +163,7 @@ def _names(union: object) -> set[str]:
 
 def test_docs_schema_and_models_agree() -> None:
     doc = (DOCS / "protocol.md").read_text()
-    assert set(EVENT_TYPES) == _names(StreamEvent) and len(EVENT_TYPES) == 11
+    assert set(EVENT_TYPES) == _names(StreamEvent) and len(EVENT_TYPES) == 13
     for name in _names(ServerMessage) | set(EVENT_TYPES):
         assert f"`{name}`" in doc, f"docs/protocol.md does not describe {name}"
     documented_codes = set(re.findall(r"^\| `([a-z_]+)` \|", doc, re.M))
