@@ -9,11 +9,6 @@ from typing import Any
 # Before anything imports huggingface_hub: no network, ever (a miss would otherwise retry the hub for ~20 s).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# CTranslate2 picks its int8 matrix kernels by CPU vendor: Intel MKL on Intel, another backend on AMD, and tiny.en's
-# transcripts then differ by a word ("kettle" heard as "castle") between the machines CI lands on. The tests'
-# expected words and WER bounds were measured with MKL, which also runs on AMD: every test (and every daemon it
-# starts, which inherits this) uses it. Users keep CTranslate2's own choice.
-os.environ.setdefault("CT2_USE_MKL", "1")
 
 import pytest
 import torch

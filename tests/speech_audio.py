@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import wave
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -139,6 +140,18 @@ def wav_bytes(audio: np.ndarray, rate: int = RATE, channels: int = 1) -> bytes:
         w.setframerate(rate)
         w.writeframes(np.repeat(pcm, channels).tobytes())
     return buf.getvalue()
+
+
+def write_wav(path: Path, audio: np.ndarray) -> Path:
+    """`audio` ([n] float32, 16 kHz) as a 16-bit mono WAV file at `path`."""
+    path.write_bytes(wav_bytes(audio))
+    return path
+
+
+def read_wav(path: Path) -> np.ndarray:
+    """What the daemon hears (16-bit quantised), so both sides decode the same samples."""
+    with wave.open(str(path), "rb") as w:
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768
 
 
 # Spellings Whisper may choose for the script's words, folded before scoring.

@@ -66,8 +66,9 @@ realtime = false
         assert d.stop() == 0, d.log()
     spoken = " ".join(texts).lower()
     # the clip's espeak-ng sentences: "... office needs a restart", "I will check the kitchen, the kettle is
-    # boiling", "someone left the back door open again" (tiny.en hears "mark door")
-    for word in ("office", "restart", "kitchen", "kettle", "boiling", "door", "open", "again"):
+    # boiling", "someone left the back door open again" (tiny.en hears "mark door"). Not "kettle": CTranslate2's
+    # int8 kernels follow the CPU (MKL on Intel, another backend on AMD), and on an AMD EPYC tiny.en hears "castle"
+    for word in ("office", "restart", "kitchen", "boiling", "door", "open", "again"):
         assert word in spoken, (word, texts)
     log = d.log()
     assert "ASR: REAL" in log and "LTU-AS: tiny and RANDOMLY initialised" in log

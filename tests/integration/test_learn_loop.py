@@ -12,13 +12,13 @@ import asyncio
 import json
 import threading
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from daemon_harness import Daemon
+from speech_audio import write_wav
 from web_harness import NEEDS_CHROMIUM, axe_serious, screenshots, wait_for
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -28,15 +28,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.learning, NEEDS_CHROMIUM]
 
 ORDER = ("tone", "chirp", "clicks")  # the labels, as a user types them
 PER_CLASS = 10  # two of each held out (learn.held_out 0.2), eight to train on
-
-
-def write_wav(path: Path, audio: np.ndarray) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
 
 
 def config(tiny: Any, tmp: Path, past: Path, live: Path, extra: str = "") -> str:

@@ -13,13 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import wave
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from daemon_harness import Daemon
+from speech_audio import read_wav, write_wav
 from websockets.asyncio.client import connect
 
 from ltu_as.testing import _sound
@@ -46,20 +46,6 @@ def ltu_as(*args: object, cwd: Path) -> subprocess.CompletedProcess:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out
-
-
-def write_wav(path: Path, audio: np.ndarray) -> Path:
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return path
-
-
-def read_wav(path: Path) -> np.ndarray:
-    with wave.open(str(path), "rb") as w:
-        return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32767
 
 
 async def scenes(url: str, windows: set[str], timeout: float) -> tuple[dict[str, dict[str, Any]], list[dict]]:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import ASSET
 from daemon_harness import Daemon
-from web_harness import SHOTS, axe_serious, wait_for
+from web_harness import SHOTS, axe_serious, screenshots, wait_for
 
 from daemon.config import StoreConfig
 from daemon.delivery.events import WindowEvent
@@ -190,14 +190,7 @@ def test_timeline_shows_levels_and_events_filters_by_stream_and_plays_an_alert_c
     ]
     serious = axe_serious(browser)
     assert not serious, serious
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    section = browser.find_element("id", "timeline-view")
-    for name, (width, height) in {"timeline-desktop": (1280, 900), "timeline-phone": (390, 844)}.items():
-        browser.set_window_size(width, height)
-        browser.execute_script("arguments[0].scrollIntoView()", section)
-        time.sleep(0.5)
-        section.screenshot(str(SHOTS / f"{name}.png"))
-    browser.set_window_size(1280, 900)
+    screenshots(browser, "timeline-view", "timeline")
 
 
 def test_survives_a_daemon_restart(browser: Any, daemon: Daemon, tmp_path: Path) -> None:
