@@ -54,11 +54,12 @@ SPEECH = ("clean", "snr20", "snr10", "music", "tones", "short_pauses")
 # 0.326/0.416, music 0.056/0.180, tones 0.157/0.169, short_pauses 0.135/0.180. tiny.en mishears espeak-ng
 # ("kettle" → "cattle", "heating" → "feeding") whatever the segmentation, so the absolute bounds are those figures
 # plus ~5 points (4-5 words of 89: int8 decoding on threads varies by a word or two between runs). The comparison
-# that catches segmentation losses is the second: never more than 4.5 points (4 words) worse than the same
-# model on the whole clip. (3 points held on an Intel CPU; on an AMD EPYC, where CTranslate2's int8 kernels are not
-# MKL's, the tones clip came out 3 words worse: 0.146 against 0.112.)
+# that catches segmentation losses is the second: never more than 6 points (5 words) worse than the same model on
+# the whole clip, less than the shortest sentence (6 words), so one lost utterance still fails it. (3 points held
+# on an Intel CPU; on an AMD EPYC, where CTranslate2's int8 kernels are not MKL's, the tones clip came out 3 to 4
+# words worse from run to run: 0.146 against 0.112.)
 WER_BOUND = {"clean": 0.22, "snr20": 0.30, "snr10": 0.40, "music": 0.12, "tones": 0.22, "short_pauses": 0.20}
-WORSE_THAN_WHOLE = 0.045
+WORSE_THAN_WHOLE = 0.06
 
 
 def speech_clips() -> dict[str, tuple[np.ndarray, list[Placed]]]:
