@@ -511,9 +511,9 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 
 def _missing_local(source: str) -> bool:
     """A checkpoint argument that can only be a local path (as `resolve` decides), and that does not exist."""
-    if source.startswith(("authors:", "http://", "https://")) or Path(source).expanduser().exists():
-        return False
-    return source.startswith((".", "/", "~")) or source.count("/") != 1
+    from .loading.sources import is_remote
+
+    return not is_remote(source) and not Path(source).expanduser().exists()
 
 
 def _cmd_export_llm(args: argparse.Namespace) -> int:

@@ -252,15 +252,14 @@ class LearnDesk:
 
     async def run_daily(self, stop: asyncio.Event) -> None:
         """At `learn.at` (local time) each day, a job when the labels changed since the last one."""
+        if not self.config.at:
+            return
         while not stop.is_set():
-            wait = seconds_until(self.config.at, dt.datetime.now()) if self.config.at else 3600.0
             try:
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+                await asyncio.wait_for(stop.wait(), timeout=seconds_until(self.config.at, dt.datetime.now()))
                 return
             except TimeoutError:
                 pass
-            if not self.config.at:
-                continue
             if await asyncio.to_thread(self.labels.signature) == self._last_signature:
                 log.info("learn.at: no label changed since the last job; nothing to learn")
                 continue
